@@ -1,0 +1,629 @@
+//! The mock provider, seen from the wire: JSON shape, SSE framing and order, include_usage, auth,
+//! the control API and every scripted behaviour.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use freerelay_testkit::client::{sse_data, timed_frames, Conn};
+use freerelay_testkit::{Behaviour, MockConfig, MockHandle, MockProvider};
+use http::Method;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEY: &str = "sk-mock-test";
+const CHAT: &str = "/openai/v1/chat/completions";
+
+async fn mock() -> MockHandle {
+    MockProvider::start(MockConfig::new("groq", KEY))
+        .await
+        .expect("mock starts")
+}
+
+async fn conn(m: &MockHandle) -> Conn {
+    Conn::connect(m.addr()).await.expect("connects")
+}
+
+fn auth() -> String {
+    format!("Bearer {KEY}")
+}
+
+async fn post_chat(m: &MockHandle, path: &str, body: Value) -> freerelay_testkit::client::Fetched {
+    let a = auth();
+    conn(m)
+        .await
+        .fetch(
+            Method::POST,
+            path,
+            &[("authorization", &a), ("content-type", "application/json")],
+            Bytes::from(body.to_string()),
+        )
+        .await
+        .expect("request completes")
+}
+
+fn simple(content: &str) -> Value {
+    json!({"model": "llama-3.1-8b-instant", "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": content}
+    ]})
+}
+
+fn streaming(content: &str, include_usage: bool) -> Value {
+    let mut b = simple(content);
+    b["stream"] = json!(true);
+    if include_usage {
+        b["stream_options"] = json!({"include_usage": true});
+    }
+    b
+}
+
+fn events(body: &Bytes) -> Vec<String> {
+    sse_data(std::str::from_utf8(body).expect("utf-8"))
+}
+
+#[tokio::test]
+async fn json_completion_has_openai_shape() {
+    let m = mock().await;
+    let r = post_chat(&m, CHAT, simple("hello big world")).await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/json"));
+    let v = r.json();
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(v["model"], "llama-3.1-8b-instant");
+    assert!(v["system_fingerprint"].is_string());
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], "mock(groq): hello big world");
+    assert!(choice["message"]["refusal"].is_null());
+    assert!(choice["message"].get("tool_calls").is_none());
+    assert!(choice["logprobs"].is_null());
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 6);
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert_eq!(v["usage"]["total_tokens"], 10);
+}
+
+#[tokio::test]
+async fn array_content_parts_are_joined() {
+    let m = mock().await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "first part"}, {"type": "text", "text": "second"}
+    ]}]});
+    let v = post_chat(&m, "/v1/chat/completions", body).await.json();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "mock(groq): first part second"
+    );
+}
+
+#[tokio::test]
+async fn any_prefix_is_served() {
+    let m = mock().await;
+    for path in [
+        "/openai/v1/chat/completions",
+        "/v1/chat/completions",
+        "/api/v1/chat/completions",
+        "/v1beta/openai/chat/completions",
+    ] {
+        assert_eq!(
+            post_chat(&m, path, simple("hi")).await.status,
+            200,
+            "{path}"
+        );
+    }
+    let a = auth();
+    let r = conn(&m)
+        .await
+        .fetch(
+            Method::GET,
+            "/api/v1/models",
+            &[("authorization", &a)],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["object"], "model");
+    assert!(v["data"][0]["id"].is_string());
+    assert_eq!(v["data"][0]["owned_by"], "groq");
+}
+
+#[tokio::test]
+async fn wrong_or_missing_key_is_401_openai_shaped() {
+    let m = mock().await;
+    for headers in [
+        vec![("authorization", "Bearer wrong")],
+        vec![],
+        vec![("authorization", KEY)],
+    ] {
+        let r = conn(&m)
+            .await
+            .fetch(
+                Method::POST,
+                CHAT,
+                &headers,
+                Bytes::from(simple("hi").to_string()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401);
+        let e = &r.json()["error"];
+        assert_eq!(e["type"], "invalid_request_error");
+        assert_eq!(e["code"], "invalid_api_key");
+        assert!(e["param"].is_null());
+        assert!(e["message"].is_string());
+    }
+    let r = conn(&m)
+        .await
+        .fetch(Method::GET, "/v1/models", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+}
+
+#[tokio::test]
+async fn bad_body_is_400_and_unknown_path_404() {
+    let m = mock().await;
+    let a = auth();
+    let mut c = conn(&m).await;
+    let r = c
+        .fetch(
+            Method::POST,
+            CHAT,
+            &[("authorization", &a)],
+            Bytes::from_static(b"{not json"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    let r = c
+        .fetch(
+            Method::GET,
+            "/v1/other",
+            &[("authorization", &a)],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    let r = c
+        .fetch(Method::GET, CHAT, &[("authorization", &a)], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 405);
+}
+
+#[tokio::test]
+async fn stream_framing_and_order() {
+    let m = mock().await;
+    let r = post_chat(&m, CHAT, streaming("one two three", false)).await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .contains("text/event-stream"));
+    let text = std::str::from_utf8(&r.body).unwrap();
+    assert!(text.starts_with("data: {"));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let ev = events(&r.body);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    // role chunk, 4 words ("mock(groq):", " one", " two", " three"), finish chunk
+    assert_eq!(chunks.len(), 6);
+    let id = chunks[0]["id"].as_str().unwrap();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], id);
+        assert_eq!(c["model"], "llama-3.1-8b-instant");
+        assert!(c.get("usage").is_none(), "no usage without include_usage");
+    }
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": "", "refusal": null})
+    );
+    assert!(chunks[0]["choices"][0]["finish_reason"].is_null());
+    let content: String = chunks[1..5]
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(content, "mock(groq): one two three");
+    assert_eq!(chunks[5]["choices"][0]["delta"], json!({}));
+    assert_eq!(chunks[5]["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn stream_include_usage() {
+    let m = mock().await;
+    let r = post_chat(&m, CHAT, streaming("one two", true)).await;
+    let ev = events(&r.body);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let (last, rest) = chunks.split_last().unwrap();
+    for c in rest {
+        assert!(c["usage"].is_null() && c.get("usage").is_some());
+        assert_eq!(c["choices"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["prompt_tokens"], 5);
+    assert_eq!(last["usage"]["completion_tokens"], 3);
+    assert_eq!(last["usage"]["total_tokens"], 8);
+    assert_eq!(rest.last().unwrap()["choices"][0]["finish_reason"], "stop");
+}
+
+fn weather_request(stream: bool) -> Value {
+    json!({"model": "m", "stream": stream, "messages": [
+        {"role": "user", "content": "What's the weather in Oslo?"}
+    ], "tools": [{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]})
+}
+
+#[tokio::test]
+async fn tool_call_json() {
+    let m = mock().await;
+    let v = post_chat(&m, CHAT, weather_request(false)).await.json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert!(choice["message"]["content"].is_null());
+    let call = &choice["message"]["tool_calls"][0];
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Oslo"}));
+    // Without the word "weather", tools do not trigger a call.
+    let mut plain = weather_request(false);
+    plain["messages"][0]["content"] = json!("weathering heights");
+    let v = post_chat(&m, CHAT, plain).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn tool_call_stream() {
+    let m = mock().await;
+    let r = post_chat(&m, CHAT, weather_request(true)).await;
+    let ev = events(&r.body);
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let first = &chunks[0]["choices"][0]["delta"];
+    assert_eq!(first["role"], "assistant");
+    let tc = &first["tool_calls"][0];
+    assert_eq!(tc["index"], 0);
+    assert!(tc["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(tc["type"], "function");
+    assert_eq!(tc["function"]["name"], "get_weather");
+    let mut args = String::new();
+    let mut pieces = 0;
+    for c in &chunks[1..chunks.len() - 1] {
+        let tc = &c["choices"][0]["delta"]["tool_calls"][0];
+        assert_eq!(tc["index"], 0);
+        args.push_str(tc["function"]["arguments"].as_str().unwrap());
+        pieces += 1;
+    }
+    assert!(pieces >= 2, "arguments split over chunks");
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).unwrap(),
+        json!({"city": "Oslo"})
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+}
+
+#[tokio::test]
+async fn requests_are_recorded_and_reset() {
+    let m = mock().await;
+    let mut body = simple("record me");
+    body["unknown_field"] = json!({"kept": true});
+    post_chat(&m, "/v1/chat/completions", body.clone()).await;
+    let mut c = conn(&m).await;
+    let r = c
+        .fetch(Method::GET, "/_mock/requests", &[], Bytes::new())
+        .await
+        .unwrap();
+    let list = r.json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["method"], "POST");
+    assert_eq!(list[0]["path"], "/v1/chat/completions");
+    assert_eq!(list[0]["headers"]["authorization"], auth());
+    assert_eq!(list[0]["body"], body);
+    assert_eq!(m.requests().len(), 1);
+    c.fetch(Method::POST, "/_mock/reset", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert!(m.requests().is_empty());
+}
+
+async fn script(m: &MockHandle, script: Value) {
+    let r = conn(m)
+        .await
+        .fetch(
+            Method::POST,
+            "/_mock/script",
+            &[("content-type", "application/json")],
+            Bytes::from(script.to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+#[tokio::test]
+async fn script_is_fifo_then_default() {
+    let m = mock().await;
+    script(
+        &m,
+        json!([{"kind": "status", "status": 500}, {"kind": "ok", "content": "scripted"}]),
+    )
+    .await;
+    assert_eq!(post_chat(&m, CHAT, simple("a")).await.status, 500);
+    let v = post_chat(&m, CHAT, simple("a")).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "scripted");
+    let v = post_chat(&m, CHAT, simple("a")).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "mock(groq): a");
+    let r = conn(&m)
+        .await
+        .fetch(
+            Method::POST,
+            "/_mock/script",
+            &[],
+            Bytes::from_static(br#"[{"kind":"bogus"}]"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn status_429_carries_retry_after_and_ratelimit_headers() {
+    let m = mock().await;
+    script(
+        &m,
+        json!([{"kind": "status", "status": 429, "retry_after": "7"}]),
+    )
+    .await;
+    let r = post_chat(&m, CHAT, simple("a")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("7"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(r.header("x-ratelimit-reset-requests"), Some("7s"));
+    assert!(r.header("x-ratelimit-limit-requests").is_some());
+    let e = &r.json()["error"];
+    assert_eq!(e["code"], "rate_limit_exceeded");
+    assert!(e["message"].is_string());
+    assert!(e.get("param").is_some());
+
+    let custom = json!({"error": {"message": "custom", "type": "x", "param": null, "code": "y"}});
+    script(
+        &m,
+        json!([{"kind": "status", "status": 422, "body": custom}]),
+    )
+    .await;
+    let r = post_chat(&m, CHAT, simple("a")).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json(), custom);
+}
+
+#[tokio::test]
+async fn latency_delays_headers() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "ok", "latency_ms": 300}])).await;
+    let start = Instant::now();
+    assert_eq!(post_chat(&m, CHAT, simple("a")).await.status, 200);
+    assert!(start.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn chunk_delay_spaces_out_stream_chunks() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "ok", "chunk_delay_ms": 100}])).await;
+    let a = auth();
+    let mut c = conn(&m).await;
+    let start = Instant::now();
+    let resp = c
+        .send(
+            Method::POST,
+            CHAT,
+            &[("authorization", &a)],
+            Bytes::from(streaming("one two three four five", false).to_string()),
+        )
+        .await
+        .unwrap();
+    let (frames, end) = timed_frames(resp.into_body(), start, Duration::from_secs(10)).await;
+    assert!(end.is_ok());
+    // role + 6 words + finish + [DONE] = 9 events, 8 gaps of 100 ms
+    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    assert_eq!(events(&Bytes::from(all)).len(), 9);
+    let first = frames.first().unwrap().0;
+    let last = frames.last().unwrap().0;
+    assert!(
+        first < Duration::from_millis(100),
+        "first chunk at {first:?}"
+    );
+    assert!(last >= Duration::from_millis(750), "last chunk at {last:?}");
+}
+
+#[tokio::test]
+async fn stall_sends_n_chunks_then_hangs() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "stall", "after_chunks": 2}])).await;
+    let a = auth();
+    let mut c = conn(&m).await;
+    let start = Instant::now();
+    let resp = c
+        .send(
+            Method::POST,
+            CHAT,
+            &[("authorization", &a)],
+            Bytes::from(streaming("one two three", false).to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (frames, end) = timed_frames(resp.into_body(), start, Duration::from_millis(700)).await;
+    assert_eq!(end, Err("timed out".to_string()));
+    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    let ev = events(&Bytes::from(all));
+    assert_eq!(ev.len(), 2);
+    assert!(!ev.iter().any(|e| e == "[DONE]"));
+}
+
+#[tokio::test]
+async fn drop_sends_n_chunks_then_breaks_the_connection() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "drop", "after_chunks": 3}])).await;
+    let a = auth();
+    let mut c = conn(&m).await;
+    let start = Instant::now();
+    let resp = c
+        .send(
+            Method::POST,
+            CHAT,
+            &[("authorization", &a)],
+            Bytes::from(streaming("one two three", false).to_string()),
+        )
+        .await
+        .unwrap();
+    let (frames, end) = timed_frames(resp.into_body(), start, Duration::from_secs(5)).await;
+    assert!(end.is_err(), "the body must end in an error, not cleanly");
+    assert_ne!(end, Err("timed out".to_string()));
+    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    let ev = events(&Bytes::from(all));
+    assert_eq!(ev.len(), 3);
+    assert!(!ev.iter().any(|e| e == "[DONE]"));
+}
+
+#[tokio::test]
+async fn close_answers_nothing() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "close"}])).await;
+    // Raw TCP: the connection must end with no response bytes at all.
+    let mut s = tokio::net::TcpStream::connect(m.addr()).await.unwrap();
+    let body = simple("a").to_string();
+    let req = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("connection closes")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "got a response: {}", String::from_utf8_lossy(&buf));
+    // The next request gets the default reply.
+    assert_eq!(post_chat(&m, CHAT, simple("a")).await.status, 200);
+}
+
+#[tokio::test]
+async fn keep_alive_serves_many_requests_on_one_connection() {
+    let m = mock().await;
+    let a = auth();
+    let mut c = conn(&m).await;
+    for i in 0..50 {
+        let r = c
+            .fetch(
+                Method::POST,
+                CHAT,
+                &[("authorization", &a)],
+                Bytes::from(simple(&format!("n{i}")).to_string()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert!(c.is_open());
+}
+
+#[tokio::test]
+async fn fixed_mode_answers_without_recording() {
+    let mut cfg = MockConfig::new("bench", KEY);
+    cfg.fixed = true;
+    cfg.record = false;
+    let m = MockProvider::start(cfg).await.unwrap();
+    let v = post_chat(&m, CHAT, simple("anything")).await.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "mock(bench): fixed");
+    // Streaming still works in fixed mode.
+    let r = post_chat(&m, CHAT, streaming("x", false)).await;
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .contains("text/event-stream"));
+    assert!(m.requests().is_empty());
+}
+
+#[tokio::test]
+async fn in_process_script_api() {
+    let m = mock().await;
+    m.push_script([Behaviour::rate_limited(3), Behaviour::status(503)]);
+    assert_eq!(post_chat(&m, CHAT, simple("a")).await.status, 429);
+    assert_eq!(post_chat(&m, CHAT, simple("a")).await.status, 503);
+    assert_eq!(post_chat(&m, CHAT, simple("a")).await.status, 200);
+    assert!(m.url().starts_with("http://127.0.0.1:"));
+}
+
+#[tokio::test]
+async fn load_generator_measures_the_mock() {
+    use freerelay_testkit::client::Target;
+    use freerelay_testkit::load::{default_body, run, LoadConfig};
+    let m = mock().await;
+    let target = Target::parse(&format!("{}/v1/chat/completions", m.url()))
+        .await
+        .unwrap();
+    let report = run(LoadConfig {
+        target,
+        key: KEY.into(),
+        concurrency: 4,
+        duration: Duration::from_millis(500),
+        warmup: Duration::from_millis(100),
+        body: default_body(false),
+        request_timeout: Duration::from_secs(5),
+    })
+    .await;
+    assert_eq!(report.errors, 0);
+    assert!(report.requests > 10, "{report:?}");
+    assert!(report.p50_us <= report.p99_us && report.p99_us <= report.max_us);
+    // Bad key: every request is an error.
+    let target = Target::parse(&format!("{}/v1", m.url())).await.unwrap();
+    let mut t = target.clone();
+    t.path = "/v1/chat/completions".into();
+    let report = run(LoadConfig {
+        target: t,
+        key: "wrong".into(),
+        concurrency: 1,
+        duration: Duration::from_millis(200),
+        warmup: Duration::ZERO,
+        body: default_body(false),
+        request_timeout: Duration::from_secs(5),
+    })
+    .await;
+    assert_eq!(report.requests, 0);
+    assert!(report.errors > 0);
+}
+
+#[tokio::test]
+async fn load_generator_refuses_non_loopback() {
+    use freerelay_testkit::client::Target;
+    let err = Target::parse("http://192.0.2.1:80/v1").await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+}
