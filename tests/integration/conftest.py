@@ -1,0 +1,381 @@
+"""Fixtures for the FreeRelay integration tests.
+
+Real processes only: mock providers are the `freerelay-mock` binary (one per provider), the
+gateway is the real component run by `freerelay up`. Clients are the official `openai` SDK (every
+chat test), httpx (raw protocol checks) and LangChain.
+
+Run: scripts/build && cargo build --release -p freerelay-cli -p freerelay-testkit
+     .venv/bin/pytest tests/integration
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import re
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import httpx
+import pytest
+from openai import OpenAI
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+RUNNER_BIN = Path(os.environ.get("FREERELAY_BIN", TARGET / "release" / "freerelay"))
+MOCK_BIN = Path(os.environ.get("FREERELAY_MOCK_BIN", TARGET / "release" / "freerelay-mock"))
+WASM = REPO / "components" / "target" / "wasm32-wasip2" / "release" / "freerelay_gateway.wasm"
+MANIFEST = REPO / "spin.toml"
+
+START_TIMEOUT_S = float(os.environ.get("FREERELAY_START_TIMEOUT", "90"))
+
+PROVIDERS = ["groq", "gemini", "openrouter", "mistral", "nvidia", "together", "openai", "anthropic"]
+
+# Path prefix of each provider's OpenAI-compatible API, as the gateway must call it.
+API_PATHS = {
+    "groq": "/openai/v1",
+    "gemini": "/v1beta/openai",
+    "openrouter": "/api/v1",
+    "mistral": "/v1",
+    "nvidia": "/v1",
+    "together": "/v1",
+    "openai": "/v1",
+    "anthropic": "/v1",
+}
+
+DEFAULT_MODELS = {
+    "groq": "llama-3.1-8b-instant",
+    "gemini": "gemini-2.5-flash",
+    "openrouter": "meta-llama/llama-3.3-70b-instruct:free",
+}
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.exists():
+        pytest.fail(
+            f"{what} is missing: {path}\n"
+            "Build everything first:  scripts/build && "
+            "cargo build --release -p freerelay-cli -p freerelay-testkit",
+            pytrace=False,
+        )
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _LineReader:
+    """Drains a process's stdout on a thread (so the pipe never fills) and keeps every line."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._t = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._t.start()
+
+    def _run(self, stream):
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            self._q.put(line)
+        self._q.put(None)
+
+    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                line = self._q.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            if line is None:
+                return None
+            m = pattern.search(line)
+            if m:
+                return m
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SPIN_VARIABLE_")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Mock providers
+
+
+class Mock:
+    """One `freerelay-mock` process standing in for a provider."""
+
+    def __init__(self, name: str, log_dir: Path):
+        _require(MOCK_BIN, "The mock provider binary (freerelay-mock)")
+        self.name = name
+        self.key = f"prov-secret-{name}-{secrets.token_hex(12)}"
+        self.proc = subprocess.Popen(
+            [str(MOCK_BIN), "--listen", "127.0.0.1:0", "--api-key", self.key, "--name", name],
+            stdout=subprocess.PIPE,
+            stderr=open(log_dir / f"mock-{name}.log", "wb"),
+            env=_clean_env(),
+        )
+        self._out = _LineReader(self.proc.stdout)
+        m = self._out.wait_for(re.compile(r"listening on (http://\S+)"), 10)
+        if not m:
+            _stop(self.proc)
+            pytest.fail(f"mock {name} did not start: {self._out.lines}", pytrace=False)
+        self.url = m.group(1)
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def script(self, *behaviours: dict) -> None:
+        r = self.http.post("/_mock/script", json=list(behaviours))
+        assert r.status_code == 200, r.text
+
+    def reset(self) -> None:
+        self.http.post("/_mock/reset").raise_for_status()
+
+    def requests(self) -> list[dict]:
+        return self.http.get("/_mock/requests").json()
+
+    def close(self) -> None:
+        self.http.close()
+        _stop(self.proc)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("freerelay")
+
+
+@pytest.fixture
+def make_mock(tmp_path) -> Iterable[Callable[[str], Mock]]:
+    """Starts mocks for one test: `make_mock("groq")`."""
+    mocks: list[Mock] = []
+
+    def make(name: str) -> Mock:
+        m = Mock(name, tmp_path)
+        mocks.append(m)
+        return m
+
+    yield make
+    for m in mocks:
+        m.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway, run by `freerelay up`
+
+
+@dataclass
+class Gateway:
+    """A `freerelay up` process serving spin.toml with the given providers."""
+
+    state_dir: Path
+    env: dict[str, str]
+    client_key: str
+    log_dir: Path
+    url: str = ""
+    proc: subprocess.Popen | None = None
+    _out: _LineReader | None = None
+    _stderr_path: Path | None = None
+    _clients: list = field(default_factory=list)
+    _starts: int = 0
+
+    def start(self) -> "Gateway":
+        _require(RUNNER_BIN, "The runner binary (freerelay)")
+        _require(WASM, "The gateway component (.wasm)")
+        self._starts += 1
+        self._stderr_path = self.log_dir / f"gateway-{self._starts}.stderr.log"
+        self.proc = subprocess.Popen(
+            [
+                str(RUNNER_BIN), "up", "-f", str(MANIFEST),
+                "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=open(self._stderr_path, "wb"),
+            env=self.env,
+            cwd=REPO,
+        )
+        self._out = _LineReader(self.proc.stdout)
+        m = self._out.wait_for(re.compile(r"Serving (http://[^\s/]+)"), START_TIMEOUT_S)
+        if not m:
+            _stop(self.proc)
+            pytest.fail(
+                f"`freerelay up` did not print 'Serving http://…' within {START_TIMEOUT_S}s.\n"
+                f"stdout: {self._out.lines[-20:]}\nstderr: {self.stderr_tail()}",
+                pytrace=False,
+            )
+        self.url = m.group(1)
+        return self
+
+    def stderr_tail(self, n: int = 4000) -> str:
+        if self._stderr_path and self._stderr_path.exists():
+            return self._stderr_path.read_text(errors="replace")[-n:]
+        return ""
+
+    def stop(self) -> None:
+        if self.proc:
+            _stop(self.proc)
+            self.proc = None
+
+    def restart(self) -> "Gateway":
+        """Stops and starts again on the same state dir (the port may change)."""
+        self.stop()
+        return self.start()
+
+    # clients
+    def client(self, key: str | None = None, **kw) -> OpenAI:
+        c = OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key=key if key is not None else self.client_key,
+            max_retries=0,
+            timeout=kw.pop("timeout", 30),
+            **kw,
+        )
+        self._clients.append(c)
+        return c
+
+    def http(self, auth: bool = True, timeout: float = 30) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.client_key}"} if auth else {}
+        c = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._clients.append(c)
+        return c
+
+    def stats(self) -> dict:
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            r = c.get("/v1/freerelay/stats", headers={"Authorization": f"Bearer {self.client_key}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        self.stop()
+
+
+def gateway_env(providers: dict[str, Mock], client_keys: list[str], extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = _clean_env()
+    env["SPIN_VARIABLE_CLIENT_KEYS"] = ",".join(sha256_hex(k) for k in client_keys)
+    for pid, mock in providers.items():
+        env[f"SPIN_VARIABLE_{pid.upper()}_BASE_URL"] = mock.url
+        env[f"SPIN_VARIABLE_{pid.upper()}_API_KEY"] = mock.key
+    # Every provider not given here is unconfigured (no key), whatever the manifest defaults say.
+    for pid in PROVIDERS:
+        env.setdefault(f"SPIN_VARIABLE_{pid.upper()}_API_KEY", "")
+    env.update(extra or {})
+    return env
+
+
+def new_client_key() -> str:
+    return "fr-test-" + secrets.token_hex(16)
+
+
+@pytest.fixture
+def make_gateway(tmp_path) -> Iterable[Callable[..., Gateway]]:
+    """Starts a dedicated gateway: `make_gateway({"groq": mock}, extra_env={...})`.
+
+    `state_dir` defaults to a fresh directory under the test's tmp_path; `gw.restart()` keeps it.
+    """
+    gateways: list[Gateway] = []
+
+    def make(providers: dict[str, Mock], extra_env: dict[str, str] | None = None,
+             state_dir: Path | None = None, client_keys: list[str] | None = None) -> Gateway:
+        keys = client_keys or [new_client_key()]
+        sd = state_dir or (tmp_path / f"state-{len(gateways)}")
+        sd.mkdir(parents=True, exist_ok=True)
+        gw = Gateway(state_dir=sd, env=gateway_env(providers, keys, extra_env),
+                     client_key=keys[0], log_dir=tmp_path)
+        gateways.append(gw)
+        return gw.start()
+
+    yield make
+    for gw in gateways:
+        gw.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared set-up most tests use: groq, gemini and openrouter configured, one gateway for the
+# whole session. Tests that change routing state (cool-downs), need special variables or assert
+# absolute counters use `make_gateway` instead.
+
+
+@dataclass
+class Shared:
+    gateway: Gateway
+    mocks: dict[str, Mock]
+    second_client_key: str
+
+    @property
+    def groq(self) -> Mock:
+        return self.mocks["groq"]
+
+    @property
+    def gemini(self) -> Mock:
+        return self.mocks["gemini"]
+
+    @property
+    def openrouter(self) -> Mock:
+        return self.mocks["openrouter"]
+
+    def provider_keys(self) -> list[str]:
+        return [m.key for m in self.mocks.values()]
+
+
+@pytest.fixture(scope="session")
+def shared_setup(session_dir) -> Iterable[Shared]:
+    _require(MOCK_BIN, "The mock provider binary (freerelay-mock)")
+    _require(RUNNER_BIN, "The runner binary (freerelay)")
+    _require(WASM, "The gateway component (.wasm)")
+    mocks = {name: Mock(name, session_dir) for name in ("groq", "gemini", "openrouter")}
+    keys = [new_client_key(), new_client_key()]
+    state = session_dir / "shared-state"
+    state.mkdir()
+    gw = Gateway(state_dir=state, env=gateway_env(mocks, keys), client_key=keys[0], log_dir=session_dir)
+    try:
+        gw.start()
+        yield Shared(gateway=gw, mocks=mocks, second_client_key=keys[1])
+    finally:
+        gw.close()
+        for m in mocks.values():
+            m.close()
+
+
+@pytest.fixture
+def shared(shared_setup) -> Shared:
+    """The shared gateway, with every mock's script and request log cleared."""
+    for m in shared_setup.mocks.values():
+        m.reset()
+    return shared_setup
+
+
+@pytest.fixture
+def gw(shared) -> Gateway:
+    return shared.gateway
+
+
+@pytest.fixture
+def client(shared) -> OpenAI:
+    return shared.gateway.client()

@@ -1,0 +1,77 @@
+"""Assertion and request helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterable
+
+import httpx
+
+
+def assert_openai_error(resp: httpx.Response, status: int, *, code: str | None = None,
+                        type_: str | None = None) -> dict:
+    """The response is `status` with an OpenAI-shaped error body; returns the `error` object."""
+    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:500]}"
+    assert "application/json" in resp.headers.get("content-type", ""), resp.headers
+    body = resp.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    err = body["error"]
+    for k in ("message", "type", "param", "code"):
+        assert k in err, f"error lacks {k!r}: {err}"
+    assert isinstance(err["message"], str) and err["message"], err
+    assert isinstance(err["type"], str) and err["type"], err
+    if code is not None:
+        assert err["code"] == code, err
+    if type_ is not None:
+        assert err["type"] == type_, err
+    return err
+
+
+def assert_no_secrets(resp: httpx.Response, secrets_: Iterable[str]) -> None:
+    """No provider key in the body or any header of a response."""
+    try:
+        text = resp.text
+    except httpx.ResponseNotRead:
+        text = ""
+    for s in secrets_:
+        assert s not in text, "provider key leaked in response body"
+        for name, value in resp.headers.items():
+            assert s not in value, f"provider key leaked in header {name}"
+
+
+def sse_events(text: str) -> list[str]:
+    """The `data:` payloads of an SSE body, in order."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        data = [ln[5:].lstrip(" ") if ln.startswith("data:") else None for ln in block.split("\n")]
+        data = [d for d in data if d is not None]
+        if data:
+            out.append("\n".join(data))
+    return out
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def chat_body(model: str = "auto", content: str = "hello there", **extra) -> dict:
+    return {"model": model, "messages": user(content), **extra}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,181 @@
+"""GET /v1/models and how chat requests are routed to providers."""
+
+import json
+
+import openai
+import pytest
+
+from conftest import API_PATHS
+from helpers import assert_openai_error, chat_body, words
+
+CONFIGURED = {"groq", "gemini", "openrouter"}
+UNCONFIGURED = {"mistral", "nvidia", "together", "openai", "anthropic"}
+
+
+def test_models_list_shape(gw):
+    with gw.http() as c:
+        r = c.get("/v1/models")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list"
+    assert isinstance(body["data"], list) and body["data"]
+    for m in body["data"]:
+        assert isinstance(m["id"], str) and m["id"]
+        assert m["object"] == "model"
+        assert isinstance(m["created"], int)
+        assert isinstance(m["owned_by"], str) and m["owned_by"]
+    ids = [m["id"] for m in body["data"]]
+    assert len(ids) == len(set(ids)), "duplicate model ids"
+
+
+def test_models_auto_and_configured_providers_only(client):
+    models = {m.id: m for m in client.models.list()}
+    assert "auto" in models
+    assert models["auto"].owned_by == "freerelay"
+    assert "groq/llama-3.1-8b-instant" in models
+    assert "gemini/gemini-2.5-flash" in models
+    assert "openrouter/meta-llama/llama-3.3-70b-instruct:free" in models
+    for mid in models:
+        if mid == "auto":
+            continue
+        provider = mid.split("/", 1)[0]
+        assert provider in CONFIGURED, f"{mid} listed but {provider} is not configured"
+    for p in UNCONFIGURED:
+        assert not any(mid.startswith(p + "/") for mid in models), p
+
+
+def test_models_list_does_not_call_providers(gw, shared, client):
+    client.models.list()
+    for m in shared.mocks.values():
+        assert m.requests() == []
+
+
+def _raw(client, **kw):
+    return client.chat.completions.with_raw_response.create(**kw)
+
+
+def test_auto_routes_to_groq_default_model(shared, client):
+    raw = _raw(client, model="auto", messages=[{"role": "user", "content": "route me please"}])
+    assert raw.headers["x-freerelay-provider"] == "groq"
+    assert raw.headers["x-freerelay-model"].endswith("llama-3.1-8b-instant")
+    r = raw.parse()
+    assert r.choices[0].message.content == "mock(groq): route me please"
+    [req] = shared.groq.requests()
+    assert req["method"] == "POST"
+    assert req["path"] == API_PATHS["groq"] + "/chat/completions"
+    assert req["body"]["model"] == "llama-3.1-8b-instant"
+    assert shared.gemini.requests() == [] and shared.openrouter.requests() == []
+
+
+@pytest.mark.parametrize("provider,model", [
+    ("groq", "llama-3.3-70b-versatile"),
+    ("gemini", "gemini-2.5-flash"),
+    ("openrouter", "meta-llama/llama-3.3-70b-instruct:free"),
+])
+def test_explicit_provider_model(shared, client, provider, model):
+    raw = _raw(client, model=f"{provider}/{model}", messages=[{"role": "user", "content": "explicit"}])
+    assert raw.headers["x-freerelay-provider"] == provider
+    assert raw.headers["x-freerelay-model"].endswith(model)
+    assert raw.parse().choices[0].message.content == f"mock({provider}): explicit"
+    [req] = shared.mocks[provider].requests()
+    assert req["path"] == API_PATHS[provider] + "/chat/completions"
+    assert req["body"]["model"] == model
+    for other, m in shared.mocks.items():
+        if other != provider:
+            assert m.requests() == []
+
+
+def test_uncatalogued_model_passes_through_to_configured_provider(shared, client):
+    raw = _raw(client, model="groq/brand-new-model-2027", messages=[{"role": "user", "content": "new"}])
+    assert raw.headers["x-freerelay-provider"] == "groq"
+    [req] = shared.groq.requests()
+    assert req["body"]["model"] == "brand-new-model-2027"
+
+
+def test_bare_catalogue_id_routes_to_its_provider(shared, client):
+    raw = _raw(client, model="gemini-2.5-flash", messages=[{"role": "user", "content": "bare"}])
+    assert raw.headers["x-freerelay-provider"] == "gemini"
+    [req] = shared.gemini.requests()
+    assert req["body"]["model"] == "gemini-2.5-flash"
+    assert shared.groq.requests() == []
+
+
+@pytest.mark.parametrize("model", ["no-such-model", "mistral/mistral-small-latest",
+                                   "anthropic/claude-x", "nosuchprovider/x"])
+def test_unroutable_model_is_404_model_not_found(shared, gw, client, model):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found"
+    with gw.http() as c:
+        r = c.post("/v1/chat/completions", json=chat_body(model=model))
+    assert_openai_error(r, 404, code="model_not_found")
+    for m in shared.mocks.values():
+        assert m.requests() == []
+
+
+def test_upstream_body_is_client_body_with_only_model_replaced(gw, shared):
+    sent = {
+        "model": "auto",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "text", "text": "part one"},
+                                         {"type": "text", "text": "part two"}]},
+        ],
+        "temperature": 0.25,
+        "max_tokens": 42,
+        "seed": 7,
+        "response_format": {"type": "text"},
+        "x_vendor_extension": {"nested": [1, 2, {"deep": None}], "flag": True},
+        "user": "user-123",
+    }
+    with gw.http() as c:
+        r = c.post("/v1/chat/completions", json=sent)
+    assert r.status_code == 200, r.text
+    [req] = shared.groq.requests()
+    assert req["body"] == {**sent, "model": "llama-3.1-8b-instant"}
+    assert r.json()["choices"][0]["message"]["content"] == "mock(groq): part one part two"
+
+
+def test_json_response_is_relayed(shared, client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one two three"}]
+    r = client.chat.completions.create(model="auto", messages=msgs)
+    assert r.id.startswith("chatcmpl-mock")
+    assert r.object == "chat.completion"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == "mock(groq): one two three"
+    assert r.usage.prompt_tokens == 5
+    assert r.usage.completion_tokens == words("mock(groq): one two three")
+    assert r.usage.total_tokens == 5 + 4
+    assert r.system_fingerprint == "fp_mock0000001"
+
+
+def test_tool_call_is_relayed(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    r = client.chat.completions.create(
+        model="auto", tools=tools,
+        messages=[{"role": "user", "content": "What is the weather in Oslo?"}])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}
+
+
+def test_multi_turn_tool_result_is_forwarded(shared, client):
+    msgs = [
+        {"role": "user", "content": "What is the weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12 degrees and rain"},
+        {"role": "user", "content": "thanks"},
+    ]
+    r = client.chat.completions.create(model="auto", messages=msgs)
+    assert r.choices[0].message.content == "mock(groq): thanks"
+    [req] = shared.groq.requests()
+    assert req["body"]["messages"] == msgs

@@ -1,0 +1,122 @@
+"""GET /v1/freerelay/stats: counted from the key-value store, exact under concurrency, durable."""
+
+import concurrent.futures
+
+import pytest
+
+from helpers import wait_until, words
+
+PROMPT = "count these five words"
+EXPECTED_PROMPT = words(PROMPT)
+EXPECTED_COMPLETION = words("mock(groq): " + PROMPT)
+
+
+def _groq(stats: dict) -> dict:
+    return stats["providers"].get("groq", {"requests": 0, "errors": 0, "prompt_tokens": 0,
+                                           "completion_tokens": 0})
+
+
+def _settled(gw, pred, timeout=5.0) -> dict:
+    """Stats are written after the response is finished: poll until `pred(stats)` holds."""
+    seen = {}
+
+    def check():
+        seen["s"] = gw.stats()
+        return pred(seen["s"])
+
+    wait_until(check, timeout=timeout)
+    return seen["s"]
+
+
+def test_stats_shape(gw):
+    s = gw.stats()
+    assert s["object"] == "freerelay.stats"
+    assert isinstance(s["providers"], dict)
+    for pid, p in s["providers"].items():
+        for k in ("requests", "errors", "prompt_tokens", "completion_tokens"):
+            assert isinstance(p[k], int) and p[k] >= 0, (pid, p)
+
+
+def test_stats_count_json_and_streamed_usage(gw, shared, client):
+    before = _groq(gw.stats())
+    msgs = [{"role": "user", "content": PROMPT}]
+    client.chat.completions.create(model="auto", messages=msgs)
+    list(client.chat.completions.create(model="auto", messages=msgs, stream=True,
+                                        stream_options={"include_usage": True}))
+    want = {
+        "requests": before["requests"] + 2,
+        "prompt_tokens": before["prompt_tokens"] + 2 * EXPECTED_PROMPT,
+        "completion_tokens": before["completion_tokens"] + 2 * EXPECTED_COMPLETION,
+    }
+    after = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= want["requests"]))
+    assert {k: after[k] for k in want} == want
+    assert after["errors"] == before["errors"]
+
+
+def test_stats_count_upstream_errors(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq})
+    groq.script({"kind": "status", "status": 500})
+    with gw.http() as c:
+        assert c.post("/v1/chat/completions", json={
+            "model": "groq/llama-3.1-8b-instant",
+            "messages": [{"role": "user", "content": "x"}]}).status_code == 502
+    s = _groq(_settled(gw, lambda s: _groq(s)["errors"] >= 1))
+    assert s["errors"] == 1
+    assert s["prompt_tokens"] == 0 and s["completion_tokens"] == 0
+
+
+def test_stats_separate_per_provider(gw, shared, client):
+    before = gw.stats()["providers"]
+    client.chat.completions.create(model="gemini/gemini-2.5-flash",
+                                   messages=[{"role": "user", "content": PROMPT}])
+    after = _settled(gw, lambda s: s["providers"].get("gemini", {}).get("requests", 0)
+                     > before.get("gemini", {}).get("requests", 0))["providers"]
+    g0 = before.get("gemini", {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+    assert after["gemini"]["requests"] == g0["requests"] + 1
+    assert after["gemini"]["prompt_tokens"] == g0["prompt_tokens"] + EXPECTED_PROMPT
+    assert after["gemini"]["completion_tokens"] == g0["completion_tokens"] + words("mock(gemini): " + PROMPT)
+    assert _groq(after) == _groq({"providers": before})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stats_exact_under_32_concurrent_requests(make_mock, make_gateway, stream):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq})
+    n = 32
+
+    def one(i):
+        c = gw.client(timeout=60)
+        msgs = [{"role": "user", "content": PROMPT}]
+        if stream:
+            chunks = list(c.chat.completions.create(model="auto", messages=msgs, stream=True,
+                                                    stream_options={"include_usage": True}))
+            return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        return c.chat.completions.create(model="auto", messages=msgs).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
+        results = list(pool.map(one, range(n)))
+    assert results == ["mock(groq): " + PROMPT] * n
+    assert len(groq.requests()) == n
+    s = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= n, timeout=10))
+    assert s == {"requests": n, "errors": 0, "prompt_tokens": n * EXPECTED_PROMPT,
+                 "completion_tokens": n * EXPECTED_COMPLETION}
+
+
+def test_stats_survive_restart(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq})
+    client = gw.client()
+    for _ in range(3):
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": PROMPT}])
+    before = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= 3))
+    assert before["requests"] == 3
+
+    gw.restart()
+    assert _groq(gw.stats()) == before
+
+    gw.client().chat.completions.create(model="auto", messages=[{"role": "user", "content": PROMPT}])
+    after = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= 4))
+    assert after["requests"] == 4
+    assert after["prompt_tokens"] == 4 * EXPECTED_PROMPT
+    assert after["completion_tokens"] == 4 * EXPECTED_COMPLETION

@@ -1,0 +1,267 @@
+"""What the client sees when a provider fails: status mapping, timeouts, rate limits and fallback,
+broken streams. Explicit `<provider>/<model>` ids keep fallback out of the way unless tested."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import free_port
+from helpers import assert_no_secrets, assert_openai_error, chat_body, sse_events
+
+GROQ = "groq/llama-3.1-8b-instant"
+
+
+@pytest.fixture
+def solo(make_mock, make_gateway):
+    """A fresh gateway with groq alone, so failures (and any state they leave) stay in one test."""
+    groq = make_mock("groq")
+    return make_gateway({"groq": groq}), groq
+
+
+def _post(gw, body, timeout=30):
+    with gw.http(timeout=timeout) as c:
+        return c.post("/v1/chat/completions", json=body)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_upstream_5xx_is_502_upstream_error(solo, status):
+    gw, groq = solo
+    groq.script({"kind": "status", "status": status})
+    r = _post(gw, chat_body(model=GROQ))
+    assert_openai_error(r, 502, type_="upstream_error")
+    assert_no_secrets(r, [groq.key])
+
+
+def test_upstream_500_via_sdk_raises(solo):
+    gw, groq = solo
+    client = gw.client()
+    groq.script({"kind": "status", "status": 500})
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model=GROQ, messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502
+
+
+def test_upstream_unreachable_is_502(make_mock, make_gateway):
+    groq = make_mock("groq")
+    groq.url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    gw = make_gateway({"groq": groq})
+    r = _post(gw, chat_body(model=GROQ))
+    assert_openai_error(r, 502)
+    assert_no_secrets(r, [groq.key])
+
+
+def test_upstream_connection_closed_without_answer_is_502(solo):
+    gw, groq = solo
+    groq.script({"kind": "close"})
+    r = _post(gw, chat_body(model=GROQ))
+    assert_openai_error(r, 502)
+
+
+def test_first_byte_timeout_is_504(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_UPSTREAM_FIRST_BYTE_TIMEOUT_MS": "500"})
+    groq.script({"kind": "ok", "latency_ms": 3000})
+    start = time.monotonic()
+    r = _post(gw, chat_body(model=GROQ))
+    elapsed = time.monotonic() - start
+    assert_openai_error(r, 504, code="upstream_timeout")
+    assert elapsed < 2.8, f"took {elapsed:.2f}s: the 500 ms first-byte timeout did not fire"
+
+
+@pytest.mark.parametrize("status", [400, 422])
+def test_upstream_4xx_relayed_with_its_message(solo, status):
+    gw, groq = solo
+    msg = f"upstream says no ({status}): max_tokens is too large for this model"
+    groq.script({"kind": "status", "status": status, "body": {"error": {
+        "message": msg, "type": "invalid_request_error", "param": "max_tokens", "code": None}}})
+    r = _post(gw, chat_body(model=GROQ, max_tokens=10**9))
+    err = assert_openai_error(r, status)
+    assert msg in err["message"], err
+
+
+def test_upstream_4xx_with_non_openai_body_still_openai_shaped(solo):
+    gw, groq = solo
+    groq.script({"kind": "status", "status": 400, "body": ["not", "an", "object"]})
+    r = _post(gw, chat_body(model=GROQ))
+    assert_openai_error(r, 400)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstream_auth_failure_is_502_never_401(solo, status):
+    gw, groq = solo
+    groq.script({"kind": "status", "status": status})
+    r = _post(gw, chat_body(model=GROQ))
+    assert_openai_error(r, 502)
+
+
+def test_upstream_error_echoing_the_provider_key_is_redacted(solo):
+    gw, groq = solo
+    """Real providers echo (parts of) a bad key in their 401 message; it must not reach clients."""
+    key = groq.key
+    groq.script({"kind": "status", "status": 401, "body": {"error": {
+        "message": f"Incorrect API key provided: {key}", "type": "invalid_request_error",
+        "param": None, "code": "invalid_api_key"}}})
+    r = _post(gw, chat_body(model=GROQ))
+    assert r.status_code == 502
+    assert_no_secrets(r, [key])
+
+
+def test_relayed_400_message_never_carries_the_provider_key(solo):
+    gw, groq = solo
+    key = groq.key
+    groq.script({"kind": "status", "status": 400, "body": {"error": {
+        "message": f"bad request made with key {key}", "type": "invalid_request_error",
+        "param": None, "code": None}}})
+    r = _post(gw, chat_body(model=GROQ))
+    assert r.status_code == 400
+    assert_no_secrets(r, [key])
+
+
+def test_429_explicit_model_relays_retry_after(make_mock, make_gateway):
+    groq, gemini = make_mock("groq"), make_mock("gemini")
+    gw = make_gateway({"groq": groq, "gemini": gemini})
+    groq.script({"kind": "status", "status": 429, "retry_after": "7"})
+    r = _post(gw, chat_body(model=GROQ))
+    assert_openai_error(r, 429)
+    assert r.headers.get("retry-after") == "7"
+    assert gemini.requests() == [], "an explicit model must not fall back"
+    assert_no_secrets(r, [groq.key, gemini.key])
+
+
+def test_429_explicit_model_via_sdk(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq})
+    groq.script({"kind": "status", "status": 429, "retry_after": "7"})
+    with pytest.raises(openai.RateLimitError) as e:
+        gw.client().chat.completions.create(model=GROQ, messages=[{"role": "user", "content": "x"}])
+    assert e.value.response.headers.get("retry-after") == "7"
+
+
+def test_429_auto_falls_back_and_cools_down(make_mock, make_gateway):
+    groq, gemini = make_mock("groq"), make_mock("gemini")
+    gw = make_gateway({"groq": groq, "gemini": gemini})
+    client = gw.client()
+    msgs = [{"role": "user", "content": "fallback please"}]
+
+    groq.script({"kind": "status", "status": 429, "retry_after": "3"})
+    t0 = time.monotonic()
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=msgs)
+    assert raw.headers["x-freerelay-provider"] == "gemini"
+    assert raw.parse().choices[0].message.content == "mock(gemini): fallback please"
+    assert len(groq.requests()) == 1
+    [req] = gemini.requests()
+    assert req["body"]["model"] == "gemini-2.5-flash"
+    assert req["path"] == "/v1beta/openai/chat/completions"
+
+    # During the cool-down `auto` skips groq without asking it.
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=msgs)
+    assert time.monotonic() - t0 < 2.5, "test too slow to observe the cool-down"
+    assert raw.headers["x-freerelay-provider"] == "gemini"
+    assert len(groq.requests()) == 1, "groq was asked again during its cool-down"
+
+    # After Retry-After has passed, groq is first again.
+    time.sleep(max(0.0, 3.6 - (time.monotonic() - t0)))
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=msgs)
+    assert raw.headers["x-freerelay-provider"] == "groq"
+    assert len(groq.requests()) == 2
+
+
+def test_429_auto_fallback_streaming(make_mock, make_gateway):
+    groq, gemini = make_mock("groq"), make_mock("gemini")
+    gw = make_gateway({"groq": groq, "gemini": gemini})
+    groq.script({"kind": "status", "status": 429, "retry_after": "30"})
+    stream = gw.client().chat.completions.create(
+        model="auto", stream=True, messages=[{"role": "user", "content": "stream fallback"}])
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "mock(gemini): stream fallback"
+
+
+def test_429_auto_with_no_other_provider_is_429(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq})
+    groq.script({"kind": "status", "status": 429, "retry_after": "5"})
+    r = _post(gw, chat_body())
+    assert_openai_error(r, 429)
+    assert r.headers.get("retry-after") is not None
+
+
+def _stream_raw(gw, timeout=15):
+    with gw.http(timeout=timeout) as c:
+        with c.stream("POST", "/v1/chat/completions",
+                      json=chat_body(model=GROQ, content="one two three four five six", stream=True)) as r:
+            status = r.status_code
+            ctype = r.headers.get("content-type", "")
+            try:
+                text = r.read().decode()
+                transport_error = None
+            except httpx.HTTPError as e:  # the gateway broke its own stream
+                text, transport_error = "", e
+    return status, ctype, text, transport_error
+
+
+def _assert_interrupted(status, ctype, text, transport_error):
+    assert status == 200
+    assert "text/event-stream" in ctype
+    assert transport_error is None, f"gateway broke the connection instead of sending an error event: {transport_error!r}"
+    events = sse_events(text)
+    assert "[DONE]" not in events, "a broken upstream stream must not end with [DONE]"
+    errors = [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
+    assert errors, f"no error event in: {events}"
+    assert errors[-1]["code"] == "upstream_stream_interrupted", errors[-1]
+    assert errors[-1].get("message")
+
+
+def test_mid_stream_drop_becomes_error_event(solo):
+    gw, groq = solo
+    groq.script({"kind": "drop", "after_chunks": 3})
+    _assert_interrupted(*_stream_raw(gw))
+
+
+def test_mid_stream_drop_raises_in_sdk(solo):
+    gw, groq = solo
+    client = gw.client()
+    groq.script({"kind": "drop", "after_chunks": 3})
+    got = []
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(
+                model=GROQ, stream=True, messages=[{"role": "user", "content": "one two three four"}]):
+            got.append(chunk)
+    assert len(got) >= 1, "the chunks before the drop should have been relayed"
+
+
+def test_mid_stream_stall_becomes_error_event(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_UPSTREAM_BETWEEN_BYTES_TIMEOUT_MS": "500"})
+    groq.script({"kind": "stall", "after_chunks": 2})
+    start = time.monotonic()
+    result = _stream_raw(gw, timeout=10)
+    assert time.monotonic() - start < 5
+    _assert_interrupted(*result)
+
+
+def test_mid_stream_stall_raises_in_sdk(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_UPSTREAM_BETWEEN_BYTES_TIMEOUT_MS": "500"})
+    groq.script({"kind": "stall", "after_chunks": 2})
+    with pytest.raises(openai.APIError):
+        for _ in gw.client(timeout=10).chat.completions.create(
+                model=GROQ, stream=True, messages=[{"role": "user", "content": "a b c d"}]):
+            pass
+
+
+def test_gateway_recovers_after_failures(solo):
+    gw, groq = solo
+    client = gw.client()
+    groq.script({"kind": "status", "status": 500}, {"kind": "close"},
+                       {"kind": "drop", "after_chunks": 1})
+    for _ in range(2):
+        _post(gw, chat_body(model=GROQ))
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(model=GROQ, stream=True,
+                                                messages=[{"role": "user", "content": "x y"}]):
+            pass
+    r = client.chat.completions.create(model=GROQ, messages=[{"role": "user", "content": "fine now"}])
+    assert r.choices[0].message.content == "mock(groq): fine now"
