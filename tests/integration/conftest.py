@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
 RUNNER_BIN = Path(os.environ.get("FREERELAY_BIN", TARGET / "release" / "freerelay"))
 MOCK_BIN = Path(os.environ.get("FREERELAY_MOCK_BIN", TARGET / "release" / "freerelay-mock"))
-WASM = REPO / "components" / "target" / "wasm32-wasip2" / "release" / "freerelay_gateway.wasm"
+WASM = Path(os.environ.get(
+    "FREERELAY_WASM", REPO / "components" / "target" / "wasm32-wasip2" / "release" / "freerelay_gateway.wasm"))
 MANIFEST = REPO / "spin.toml"
 
 START_TIMEOUT_S = float(os.environ.get("FREERELAY_START_TIMEOUT", "90"))

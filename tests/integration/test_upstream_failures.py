@@ -214,6 +214,13 @@ def _assert_interrupted(status, ctype, text, transport_error):
     assert errors[-1].get("message")
 
 
+def _assert_stream_error_event(exc: openai.APIError) -> None:
+    """The SDK raised because of the gateway's error event, not a client-side timeout or a
+    broken connection (APITimeoutError and APIConnectionError are APIErrors too)."""
+    assert not isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)), repr(exc)
+    assert exc.code == "upstream_stream_interrupted", (exc.code, exc.body)
+
+
 def test_mid_stream_drop_becomes_error_event(solo):
     gw, groq = solo
     groq.script({"kind": "drop", "after_chunks": 3})
@@ -225,10 +232,11 @@ def test_mid_stream_drop_raises_in_sdk(solo):
     client = gw.client()
     groq.script({"kind": "drop", "after_chunks": 3})
     got = []
-    with pytest.raises(openai.APIError):
+    with pytest.raises(openai.APIError) as e:
         for chunk in client.chat.completions.create(
                 model=GROQ, stream=True, messages=[{"role": "user", "content": "one two three four"}]):
             got.append(chunk)
+    _assert_stream_error_event(e.value)
     assert len(got) >= 1, "the chunks before the drop should have been relayed"
 
 
@@ -246,10 +254,13 @@ def test_mid_stream_stall_raises_in_sdk(make_mock, make_gateway):
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_UPSTREAM_BETWEEN_BYTES_TIMEOUT_MS": "500"})
     groq.script({"kind": "stall", "after_chunks": 2})
-    with pytest.raises(openai.APIError):
+    start = time.monotonic()
+    with pytest.raises(openai.APIError) as e:
         for _ in gw.client(timeout=10).chat.completions.create(
                 model=GROQ, stream=True, messages=[{"role": "user", "content": "a b c d"}]):
             pass
+    assert time.monotonic() - start < 5
+    _assert_stream_error_event(e.value)
 
 
 def test_gateway_recovers_after_failures(solo):
