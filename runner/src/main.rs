@@ -1,1 +1,153 @@
-fn main() {}
+//! The `freerelay` command: `up` runs a Spin app locally, `keygen` makes client keys.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use freerelay_cli::kv::KvStores;
+use freerelay_cli::manifest::Manifest;
+use freerelay_cli::runtime::{App, LoadOptions};
+use freerelay_cli::variables::{load_dotenv, process_env_lookup, AppVariables};
+use freerelay_cli::{keygen, server};
+
+#[derive(Parser)]
+#[command(
+    name = "freerelay",
+    version,
+    about = "FreeRelay: run the gateway locally, manage client keys"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a Spin application (spin.toml) with the same host interfaces as `spin up`.
+    Up(UpArgs),
+    /// Print a new client key and the SHA-256 digest to put in `client_keys`.
+    Keygen(KeygenArgs),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// The application manifest.
+    #[arg(short = 'f', long = "from", default_value = "spin.toml")]
+    from: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Spin runtime config file (`[key_value_store.<label>]`).
+    #[arg(long = "runtime-config-file")]
+    runtime_config_file: Option<PathBuf>,
+    /// State directory (compile cache, default key-value store). Default: `<manifest dir>/.spin`.
+    #[arg(long = "state-dir")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct KeygenArgs {
+    /// Print only the key and the digest, one per line, without labels.
+    #[arg(short, long, conflicts_with = "digest_of")]
+    quiet: bool,
+    /// Print the digest of an existing key instead of making a new one.
+    #[arg(long, value_name = "KEY")]
+    digest_of: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => run_up(args),
+        Command::Keygen(args) => run_keygen(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_keygen(args: KeygenArgs) -> Result<()> {
+    if let Some(key) = args.digest_of {
+        println!("{}", keygen::digest(key.trim()));
+        return Ok(());
+    }
+    let key = keygen::generate_key()?;
+    let digest = keygen::digest(&key);
+    if args.quiet {
+        println!("{key}\n{digest}");
+    } else {
+        println!("key: {key}\ndigest: {digest}");
+    }
+    Ok(())
+}
+
+fn run_up(args: UpArgs) -> Result<()> {
+    let manifest = Manifest::load(&args.from)?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| manifest.dir.join(".spin"));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+
+    // Spin's env provider: SPIN_VARIABLE_* from the environment, then `.env` in the cwd.
+    let dotenv = load_dotenv(std::path::Path::new(".env"))?;
+    let variables = AppVariables::resolve(&manifest, &process_env_lookup(dotenv))?;
+    let stores = Arc::new(KvStores::from_config(
+        &state_dir,
+        args.runtime_config_file.as_deref(),
+    )?);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        // Bind first so a busy port fails before any (slow) compilation.
+        let listener = server::bind(args.listen).await?;
+        let local = listener.local_addr()?;
+        let app = App::load(
+            &manifest,
+            LoadOptions {
+                state_dir,
+                variables,
+                stores,
+            },
+        )?;
+        app.set_self_addr(local);
+        server::print_startup(&app, local);
+        server::serve(app, listener, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("Shutting down…");
+}
