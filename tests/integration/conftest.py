@@ -159,7 +159,12 @@ class Mock:
         self.http.post("/_mock/reset").raise_for_status()
 
     def requests(self) -> list[dict]:
+        """Chat-completions requests received."""
         return self.http.get("/_mock/requests").json()
+
+    def all_requests(self) -> list[dict]:
+        """Every request to the provider API: chat, model listings and unknown paths."""
+        return self.http.get("/_mock/requests", params={"all": "1"}).json()
 
     def close(self) -> None:
         self.http.close()

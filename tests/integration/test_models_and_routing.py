@@ -47,7 +47,7 @@ def test_models_auto_and_configured_providers_only(client):
 def test_models_list_does_not_call_providers(gw, shared, client):
     client.models.list()
     for m in shared.mocks.values():
-        assert m.requests() == []
+        assert m.all_requests() == []
 
 
 def _raw(client, **kw):
@@ -110,7 +110,7 @@ def test_unroutable_model_is_404_model_not_found(shared, gw, client, model):
         r = c.post("/v1/chat/completions", json=chat_body(model=model))
     assert_openai_error(r, 404, code="model_not_found")
     for m in shared.mocks.values():
-        assert m.requests() == []
+        assert m.all_requests() == []
 
 
 def test_upstream_body_is_client_body_with_only_model_replaced(gw, shared):

@@ -17,14 +17,14 @@ def _post(gw, content: bytes, content_type: str = "application/json"):
 def test_malformed_json_is_400(gw, shared):
     r = _post(gw, b'{"model": "auto", "messages": [')
     assert_openai_error(r, 400, type_="invalid_request_error")
-    assert shared.groq.requests() == []
+    assert shared.groq.all_requests() == []
 
 
 @pytest.mark.parametrize("body", [b"[]", b'"text"', b"42", b"null", b"true"])
 def test_body_not_an_object_is_400(gw, shared, body):
     r = _post(gw, body)
     assert_openai_error(r, 400, type_="invalid_request_error")
-    assert shared.groq.requests() == []
+    assert shared.groq.all_requests() == []
 
 
 @pytest.mark.parametrize("body,param", [
@@ -40,7 +40,7 @@ def test_missing_or_invalid_field_names_param(gw, shared, body, param):
     r = _post(gw, json.dumps(body).encode())
     err = assert_openai_error(r, 400, type_="invalid_request_error")
     assert err["param"] == param, err
-    assert shared.groq.requests() == []
+    assert shared.groq.all_requests() == []
 
 
 @pytest.mark.parametrize("messages", [
@@ -54,14 +54,14 @@ def test_message_without_valid_role_is_400(gw, shared, messages):
     r = _post(gw, json.dumps({"model": "auto", "messages": messages}).encode())
     err = assert_openai_error(r, 400, type_="invalid_request_error")
     assert err["param"] and err["param"].startswith("messages"), err
-    assert shared.groq.requests() == []
+    assert shared.groq.all_requests() == []
 
 
 def test_body_over_default_limit_is_413(gw, shared):
     filler = "x" * (4 * MIB)
     r = _post(gw, ('{"model":"auto","messages":[{"role":"user","content":"%s"}]}' % filler).encode())
     assert_openai_error(r, 413, code="request_too_large")
-    assert shared.groq.requests() == []
+    assert shared.groq.all_requests() == []
 
 
 def test_body_under_default_limit_is_accepted(gw, shared):

@@ -368,6 +368,39 @@ async fn script(m: &MockHandle, script: Value) {
 }
 
 #[tokio::test]
+async fn all_requests_include_models_and_unknown_paths() {
+    let m = mock().await;
+    let a = auth();
+    let mut c = conn(&m).await;
+    c.fetch(
+        Method::GET,
+        "/v1/models",
+        &[("authorization", &a)],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    c.fetch(Method::GET, "/v1/elsewhere", &[], Bytes::new())
+        .await
+        .unwrap();
+    post_chat(&m, CHAT, simple("x")).await;
+    assert_eq!(m.requests().len(), 1);
+    let all = m.all_requests();
+    let kinds: Vec<&str> = all.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["models", "other", "chat"]);
+    let r = c
+        .fetch(Method::GET, "/_mock/requests?all=1", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.json().as_array().unwrap().len(), 3);
+    let r = c
+        .fetch(Method::GET, "/_mock/requests", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.json()[0]["kind"], "chat");
+}
+
+#[tokio::test]
 async fn script_is_fifo_then_default() {
     let m = mock().await;
     script(

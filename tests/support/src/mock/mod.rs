@@ -4,7 +4,8 @@
 //! Routes (any prefix, since providers mount their API under different paths):
 //! - `POST …/chat/completions`, `GET …/models`: the provider API, `Authorization: Bearer <key>`.
 //! - `POST /_mock/script` (a list of [`Behaviour`]s, or one), `POST /_mock/reset`,
-//!   `GET /_mock/requests` (every chat request received), `GET /_mock/script` (what is left).
+//!   `GET /_mock/requests` (every chat request received; `?all=1`: every request to the
+//!   provider API, model listings and unknown paths included), `GET /_mock/script` (what is left).
 //!
 //! The engine here decides what to answer and when; [`crate::wire`] renders it.
 
@@ -71,9 +72,11 @@ impl MockConfig {
     }
 }
 
-/// A chat request as the mock received it.
+/// A provider-API request as the mock received it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedRequest {
+    /// `chat`, `models` or `other` (any other path, wrong method included).
+    pub kind: String,
     pub method: String,
     pub path: String,
     #[serde(default)]
@@ -93,6 +96,18 @@ struct State {
     script: Mutex<VecDeque<Behaviour>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     seq: AtomicU64,
+}
+
+impl State {
+    fn recorded(&self, all: bool) -> Vec<RecordedRequest> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| all || r.kind == "chat")
+            .cloned()
+            .collect()
+    }
 }
 
 /// Starts mock providers.
@@ -154,13 +169,12 @@ impl MockHandle {
 
     /// Every chat request received so far.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state
-            .requests
-            .lock()
-            .unwrap()
-            .iter()
-            .cloned()
-            .collect()
+        self.state.recorded(false)
+    }
+
+    /// Every request to the provider API (chat, models, unknown paths) received so far.
+    pub fn all_requests(&self) -> Vec<RecordedRequest> {
+        self.state.recorded(true)
     }
 
     /// Waits until the process is asked to stop (Ctrl-C); used by the binary.
@@ -229,11 +243,17 @@ async fn serve(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Moc
     }
     if path.ends_with("/chat/completions") {
         if req.method() != Method::POST {
+            if state.config.record {
+                record_head(&state, "other", &req);
+            }
             return Ok(invalid_url(&req, StatusCode::METHOD_NOT_ALLOWED));
         }
         return chat(&state, req).await;
     }
     if path.ends_with("/models") {
+        if state.config.record {
+            record_head(&state, "models", &req);
+        }
         if req.method() != Method::GET {
             return Ok(invalid_url(&req, StatusCode::METHOD_NOT_ALLOWED));
         }
@@ -244,6 +264,9 @@ async fn serve(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Moc
             StatusCode::OK,
             openai::models_json(&state.config.models, &state.config.name),
         ));
+    }
+    if state.config.record {
+        record_head(&state, "other", &req);
     }
     Ok(invalid_url(&req, StatusCode::NOT_FOUND))
 }
@@ -276,6 +299,10 @@ fn unauthorized() -> Response<MockBody> {
 
 async fn control(state: &State, action: &str, req: Request<Incoming>) -> Response<MockBody> {
     let method = req.method().clone();
+    let all = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "all" || p == "all=1" || p == "all=true")
+    });
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
@@ -312,8 +339,7 @@ async fn control(state: &State, action: &str, req: Request<Incoming>) -> Respons
             json_response(StatusCode::OK, Bytes::from_static(b"{\"ok\":true}"))
         }
         (Method::GET, "requests") => {
-            let requests: Vec<RecordedRequest> =
-                state.requests.lock().unwrap().iter().cloned().collect();
+            let requests = state.recorded(all);
             json_response(
                 StatusCode::OK,
                 Bytes::from(serde_json::to_vec(&requests).expect("requests serialise")),
@@ -329,34 +355,58 @@ async fn control(state: &State, action: &str, req: Request<Incoming>) -> Respons
     }
 }
 
-fn record(state: &State, parts: &http::request::Parts, body: &Bytes, parsed: Option<&Value>) {
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in &parts.headers {
+fn header_map(headers: &http::HeaderMap) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in headers {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        headers
-            .entry(name.as_str().to_string())
+        out.entry(name.as_str().to_string())
             .and_modify(|v| {
                 v.push_str(", ");
                 v.push_str(&value);
             })
             .or_insert(value);
     }
+    out
+}
+
+fn push_record(state: &State, entry: RecordedRequest) {
+    let mut requests = state.requests.lock().unwrap();
+    if requests.len() >= state.config.max_recorded.max(1) {
+        requests.pop_front();
+    }
+    requests.push_back(entry);
+}
+
+/// Records a non-chat request (its body is not read).
+fn record_head(state: &State, kind: &str, req: &Request<Incoming>) {
+    push_record(
+        state,
+        RecordedRequest {
+            kind: kind.to_string(),
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            query: req.uri().query().map(str::to_string),
+            headers: header_map(req.headers()),
+            body: Value::Null,
+            body_text: None,
+        },
+    );
+}
+
+fn record(state: &State, parts: &http::request::Parts, body: &Bytes, parsed: Option<&Value>) {
     let entry = RecordedRequest {
+        kind: "chat".to_string(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(str::to_string),
-        headers,
+        headers: header_map(&parts.headers),
         body: parsed.cloned().unwrap_or(Value::Null),
         body_text: match parsed {
             Some(_) => None,
             None => Some(String::from_utf8_lossy(body).into_owned()),
         },
     };
-    let mut requests = state.requests.lock().unwrap();
-    if requests.len() >= state.config.max_recorded.max(1) {
-        requests.pop_front();
-    }
-    requests.push_back(entry);
+    push_record(state, entry);
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
