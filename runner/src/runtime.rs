@@ -322,7 +322,7 @@ impl App {
         match self.run_component(&mut req, route, client_addr).await {
             Ok(resp) => resp,
             Err(e) => {
-                eprintln!("error: component '{}' failed: {e:?}", route.component);
+                eprintln!("error: component '{}' failed: {e:#}", route.component);
                 internal_error()
             }
         }
@@ -393,7 +393,7 @@ impl App {
                         Ok(Ok(())) => {}
                         Err(e) if e.is_cancelled() => {}
                         Ok(Err(e)) => {
-                            eprintln!("error: component '{component}' failed after its response started: {e:?}")
+                            eprintln!("error: component '{component}' failed after its response started: {e:#}")
                         }
                         Err(e) => eprintln!("error: component '{component}' panicked: {e}"),
                     }
@@ -409,7 +409,7 @@ impl App {
             Ok(Err(code)) => bail!("guest returned an error response: {code:?}"),
             Err(_) => match task.await {
                 Ok(Ok(())) => bail!("guest failed to produce a response prior to returning"),
-                Ok(Err(e)) => Err(anyhow::anyhow!("{e:?}")),
+                Ok(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
                 Err(e) => bail!("guest task failed: {e}"),
             },
         }
