@@ -52,6 +52,11 @@ impl RouteMatch {
     }
 }
 
+/// Match preference: (exact?, segment count, literal segment count); higher wins.
+type Rank = (u8, usize, usize);
+/// Named captures of a match.
+type Params = Vec<(String, String)>;
+
 /// The router over all public routes.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
@@ -127,7 +132,7 @@ impl Router {
     /// Finds the best route for `path`, or `None` (→ 404).
     pub fn route(&self, path: &str) -> Option<RouteMatch> {
         let parts = split_segments(path);
-        let mut best: Option<(&RouteEntry, (u8, usize, usize), Vec<(String, String)>)> = None;
+        let mut best: Option<(&RouteEntry, Rank, Params)> = None;
         for r in &self.routes {
             if r.wildcard {
                 if parts.len() < r.segments.len() {

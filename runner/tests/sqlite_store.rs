@@ -1,0 +1,157 @@
+//! The SQLite key-value backend under concurrency and across "processes" (connections).
+
+use std::sync::Arc;
+
+use freerelay_cli::kv::sqlite::SqliteBackend;
+use freerelay_cli::kv::{CasExpectation, KvBackend};
+
+#[test]
+fn thirty_two_threads_incrementing_give_the_exact_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(SqliteBackend::open(&dir.path().join("kv.db")).unwrap());
+    let threads: Vec<_> = (0..32)
+        .map(|_| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    db.increment("default", "n", 1).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        db.get("default", "n").unwrap().unwrap(),
+        1600i64.to_le_bytes()
+    );
+}
+
+#[test]
+fn values_persist_across_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state").join("sqlite_key_value.db");
+    {
+        let db = SqliteBackend::open(&path).unwrap();
+        db.set("default", "k", b"v").unwrap();
+        db.increment("default", "n", 41).unwrap();
+    }
+    let db = SqliteBackend::open(&path).unwrap();
+    assert_eq!(db.get("default", "k").unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(db.increment("default", "n", 1).unwrap(), 42);
+}
+
+#[test]
+fn the_file_uses_spins_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.db");
+    SqliteBackend::open(&path)
+        .unwrap()
+        .set("default", "k", b"v")
+        .unwrap();
+    // Read it back with plain SQL, as Spin's own store would.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let value: Vec<u8> = conn
+        .query_row(
+            "SELECT value FROM spin_key_value WHERE store = 'default' AND key = 'k'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(value, b"v");
+    let pk: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('spin_key_value') WHERE pk > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(pk, 2, "primary key is (store, key)");
+}
+
+#[test]
+fn two_processes_sharing_the_file_stay_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.db");
+    // Two independent backends = two connections, as two runner processes would have.
+    let a = Arc::new(SqliteBackend::open(&path).unwrap());
+    let b = Arc::new(SqliteBackend::open(&path).unwrap());
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let db = if i % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    db.increment("default", "shared", 2).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(a.increment("default", "shared", 0).unwrap(), 1600);
+    assert_eq!(
+        b.get("default", "shared").unwrap().unwrap(),
+        1600i64.to_le_bytes()
+    );
+}
+
+#[test]
+fn compare_and_swap_loses_races_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.db");
+    let a = SqliteBackend::open(&path).unwrap();
+    let b = SqliteBackend::open(&path).unwrap();
+    // Both saw "absent"; only the first insert may win.
+    assert!(a
+        .swap("default", "k", &CasExpectation::Absent, b"a")
+        .unwrap());
+    assert!(!b
+        .swap("default", "k", &CasExpectation::Absent, b"b")
+        .unwrap());
+    // Both saw "a"; only one update may win.
+    let seen = CasExpectation::Value(b"a".to_vec());
+    assert!(b.swap("default", "k", &seen, b"b").unwrap());
+    assert!(!a.swap("default", "k", &seen, b"c").unwrap());
+    assert_eq!(a.get("default", "k").unwrap().unwrap(), b"b");
+}
+
+#[test]
+fn concurrent_cas_counters_never_lose_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.db");
+    let dbs: Vec<Arc<SqliteBackend>> = (0..2)
+        .map(|_| Arc::new(SqliteBackend::open(&path).unwrap()))
+        .collect();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let db = dbs[i % 2].clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    loop {
+                        let cur = db.get("default", "c").unwrap();
+                        let n = cur
+                            .as_deref()
+                            .map(|v| String::from_utf8_lossy(v).parse::<u64>().unwrap())
+                            .unwrap_or(0);
+                        let expected = match cur {
+                            Some(v) => CasExpectation::Value(v),
+                            None => CasExpectation::Absent,
+                        };
+                        if db
+                            .swap("default", "c", &expected, (n + 1).to_string().as_bytes())
+                            .unwrap()
+                        {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(dbs[0].get("default", "c").unwrap().unwrap(), b"200");
+}
