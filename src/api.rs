@@ -1,0 +1,138 @@
+//! The HTTP surface: which endpoint a method and path name, and the bodies that need no
+//! upstream (health, model list).
+
+use crate::catalog::Tier;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::route::VIRTUAL_MODELS;
+use serde_json::{json, Value};
+
+/// An endpoint the gateway serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Health,
+    Models,
+    Model(String),
+    ChatCompletions,
+    Stats,
+}
+
+impl Endpoint {
+    /// Does this endpoint require a client key?
+    pub fn needs_auth(&self) -> bool {
+        !matches!(self, Endpoint::Health)
+    }
+}
+
+/// Maps a method and path (query ignored) to an endpoint, or the 404/405 to send.
+pub fn endpoint(method: &str, path_and_query: &str) -> Result<Endpoint, ApiError> {
+    let path = path_and_query.split('?').next().unwrap_or("");
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    let (endpoint, allowed) = match path {
+        "/healthz" => (Endpoint::Health, "GET"),
+        "/v1/models" => (Endpoint::Models, "GET"),
+        "/v1/chat/completions" => (Endpoint::ChatCompletions, "POST"),
+        "/v1/freerelay/stats" => (Endpoint::Stats, "GET"),
+        p => match p.strip_prefix("/v1/models/") {
+            Some(id) if !id.is_empty() => (Endpoint::Model(id.to_owned()), "GET"),
+            _ => return Err(ApiError::not_found(path)),
+        },
+    };
+    let method_ok = method == allowed || (allowed == "GET" && method == "HEAD");
+    if method_ok {
+        Ok(endpoint)
+    } else {
+        Err(ApiError::method_not_allowed(method, path))
+    }
+}
+
+/// Every model a client may name: the virtual ones, then the configured providers' catalogues.
+pub fn model_objects(config: &Config) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (name, tiers) in VIRTUAL_MODELS {
+        if config
+            .providers
+            .iter()
+            .any(|c| tiers.contains(&c.provider.tier))
+            || *name == "auto"
+        {
+            out.push(json!({"id": name, "object": "model", "created": 0, "owned_by": "freerelay"}));
+        }
+    }
+    for c in &config.providers {
+        let p = c.provider;
+        for m in p.models {
+            out.push(json!({
+                "id": format!("{}/{}", p.id, m.id),
+                "object": "model",
+                "created": 0,
+                "owned_by": p.id,
+                "context_window": m.context_window,
+                "tier": if p.tier == Tier::Free { "free" } else { "paid" },
+            }));
+        }
+    }
+    out
+}
+
+/// `GET /v1/models`.
+pub fn models_body(config: &Config) -> Vec<u8> {
+    serde_json::to_vec(&json!({"object": "list", "data": model_objects(config)}))
+        .unwrap_or_default()
+}
+
+/// `GET /v1/models/{id}`.
+pub fn model_body(config: &Config, id: &str) -> Result<Vec<u8>, ApiError> {
+    model_objects(config)
+        .into_iter()
+        .find(|m| m["id"] == id)
+        .map(|m| serde_json::to_vec(&m).unwrap_or_default())
+        .ok_or_else(|| ApiError::model_not_found(format!("The model `{id}` does not exist.")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::config_of;
+
+    #[test]
+    fn routes_and_methods() {
+        assert_eq!(endpoint("GET", "/healthz"), Ok(Endpoint::Health));
+        assert_eq!(
+            endpoint("POST", "/v1/chat/completions?x=1"),
+            Ok(Endpoint::ChatCompletions)
+        );
+        assert_eq!(endpoint("GET", "/v1/models/"), Ok(Endpoint::Models));
+        assert_eq!(
+            endpoint("GET", "/v1/models/groq/llama"),
+            Ok(Endpoint::Model("groq/llama".into()))
+        );
+        assert_eq!(
+            endpoint("GET", "/v1/chat/completions").unwrap_err().status,
+            405
+        );
+        assert_eq!(endpoint("GET", "/v2/x").unwrap_err().status, 404);
+        assert!(!Endpoint::Health.needs_auth() && Endpoint::Models.needs_auth());
+    }
+
+    #[test]
+    fn models_list_only_configured_providers() {
+        let c = config_of(&[("groq_api_key", "g")]).unwrap();
+        let v: Value = serde_json::from_slice(&models_body(&c)).unwrap();
+        let ids: Vec<&str> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert!(ids.contains(&"auto") && ids.contains(&"free") && !ids.contains(&"paid"));
+        assert!(ids.contains(&"groq/llama-3.1-8b-instant"));
+        assert!(!ids.iter().any(|i| i.starts_with("openai/")));
+        assert!(model_body(&c, "groq/llama-3.1-8b-instant").is_ok());
+        assert_eq!(model_body(&c, "x").unwrap_err().status, 404);
+    }
+}

@@ -1,0 +1,196 @@
+//! OpenAI-shaped errors: every failure a client sees is `{"error": {message, type, param, code}}`
+//! with the matching HTTP status, because OpenAI SDKs parse exactly that shape.
+
+use serde_json::json;
+
+/// One client-visible failure. `kind` is OpenAI's `type` field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub code: Option<&'static str>,
+    pub param: Option<String>,
+    pub message: String,
+    /// Seconds the client should wait before retrying (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, code: Option<&'static str>, message: String) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            param: None,
+            message,
+            retry_after: None,
+        }
+    }
+
+    /// 400: the request body is not what the API accepts.
+    pub fn invalid_request(message: impl Into<String>, param: Option<&str>) -> Self {
+        let mut e = Self::new(400, "invalid_request_error", None, message.into());
+        e.param = param.map(str::to_owned);
+        e
+    }
+
+    /// 401: no `Authorization: Bearer` header at all.
+    pub fn missing_key() -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            Some("missing_api_key"),
+            "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
+        )
+    }
+
+    /// 401: a key was sent but is not one of `client_keys`.
+    pub fn invalid_key() -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Incorrect API key provided.".into(),
+        )
+    }
+
+    /// 401: the operator has not configured any client key yet.
+    pub fn no_keys_configured() -> Self {
+        Self::new(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "This gateway has no client keys configured: run `freerelay keygen` and set \
+             SPIN_VARIABLE_CLIENT_KEYS to the digest it prints."
+                .into(),
+        )
+    }
+
+    /// 404: unknown route.
+    pub fn not_found(path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("unknown_url"),
+            format!("Unknown request URL: {path}."),
+        )
+    }
+
+    /// 404: the model names nothing this gateway can serve.
+    pub fn model_not_found(message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            404,
+            "invalid_request_error",
+            Some("model_not_found"),
+            message.into(),
+        );
+        e.param = Some("model".into());
+        e
+    }
+
+    /// 405: known route, wrong method.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            Some("method_not_allowed"),
+            format!("Method {method} is not allowed on {path}."),
+        )
+    }
+
+    /// 413: the body exceeds `max_body_bytes`; raised before the body is read in full.
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            Some("request_too_large"),
+            format!("Request body exceeds the limit of {limit} bytes."),
+        )
+    }
+
+    /// 502: the upstream answered badly or not at all.
+    pub fn upstream(message: impl Into<String>) -> Self {
+        Self::new(
+            502,
+            "upstream_error",
+            Some("upstream_error"),
+            message.into(),
+        )
+    }
+
+    /// 504: the upstream did not answer in time.
+    pub fn upstream_timeout(message: impl Into<String>) -> Self {
+        Self::new(
+            504,
+            "upstream_error",
+            Some("upstream_timeout"),
+            message.into(),
+        )
+    }
+
+    /// 429: every candidate provider is rate limited.
+    pub fn rate_limited(message: impl Into<String>, retry_after: Option<u64>) -> Self {
+        let mut e = Self::new(
+            429,
+            "rate_limit_error",
+            Some("rate_limit_exceeded"),
+            message.into(),
+        );
+        e.retry_after = retry_after;
+        e
+    }
+
+    /// 500: a fault of the gateway itself (a store or host call failed), never of the input.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "server_error", Some("internal_error"), message.into())
+    }
+
+    /// The relayed status and message of an upstream 4xx that is the client's fault.
+    pub fn relayed(status: u16, message: String) -> Self {
+        Self::new(status, "invalid_request_error", None, message)
+    }
+
+    /// The JSON body: `{"error": {...}}`.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }))
+        .unwrap_or_default()
+    }
+
+    /// The same error as one SSE event, for failures after a stream's 200 was sent.
+    pub fn sse_event(&self) -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        out.extend(self.body());
+        out.extend(b"\n\n");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_openai_shaped() {
+        let e = ApiError::invalid_request("messages must be a non-empty array", Some("messages"));
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "messages");
+        assert!(v["error"]["code"].is_null());
+        assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn sse_event_is_one_data_frame() {
+        let e = ApiError::upstream("x");
+        let s = String::from_utf8(e.sse_event()).unwrap();
+        assert!(s.starts_with("data: {\"error\""));
+        assert!(s.ends_with("\n\n"));
+    }
+}

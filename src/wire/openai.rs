@@ -1,0 +1,301 @@
+//! The OpenAI chat-completions request as the gateway needs it: validated once, everything the
+//! client sent kept verbatim (unknown fields included) so forwarding loses nothing.
+
+use crate::error::ApiError;
+use serde_json::{Map, Value};
+
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+/// A validated chat-completions request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    /// The model the client asked for (`auto`, `<provider>/<model>` or a catalogue model id).
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage`: the client expects a final usage chunk.
+    pub include_usage: bool,
+    body: Map<String, Value>,
+}
+
+impl ChatRequest {
+    /// Parses and validates a request body; errors name the offending field in `param`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::invalid_request(
+                format!("We could not parse the JSON body of your request: {e}."),
+                None,
+            )
+        })?;
+        let Value::Object(body) = value else {
+            return Err(ApiError::invalid_request(
+                "The request body must be a JSON object.",
+                None,
+            ));
+        };
+        let model = match body.get("model") {
+            Some(Value::String(m)) if !m.trim().is_empty() => m.trim().to_owned(),
+            Some(Value::String(_)) | None => {
+                return Err(ApiError::invalid_request(
+                    "You must provide a model parameter.",
+                    Some("model"),
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_request(
+                    "`model` must be a string.",
+                    Some("model"),
+                ))
+            }
+        };
+        validate_messages(body.get("messages"))?;
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid_request(
+                    "`stream` must be a boolean.",
+                    Some("stream"),
+                ))
+            }
+        };
+        let include_usage = match body.get("stream_options") {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(o)) => match o.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ApiError::invalid_request(
+                        "`stream_options.include_usage` must be a boolean.",
+                        Some("stream_options.include_usage"),
+                    ))
+                }
+            },
+            Some(_) => {
+                return Err(ApiError::invalid_request(
+                    "`stream_options` must be an object.",
+                    Some("stream_options"),
+                ))
+            }
+        };
+        Ok(Self {
+            model,
+            stream,
+            include_usage,
+            body,
+        })
+    }
+
+    /// The body to send upstream: the client's, with only `model` replaced.
+    pub fn upstream_body(&self, upstream_model: &str) -> Vec<u8> {
+        let mut body = self.body.clone();
+        body.insert("model".into(), Value::String(upstream_model.to_owned()));
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+fn validate_messages(messages: Option<&Value>) -> Result<(), ApiError> {
+    let list = match messages {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid_request(
+                "`messages` must contain at least one message.",
+                Some("messages"),
+            ))
+        }
+        None => {
+            return Err(ApiError::invalid_request(
+                "Missing required parameter: 'messages'.",
+                Some("messages"),
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "`messages` must be an array.",
+                Some("messages"),
+            ))
+        }
+    };
+    for (i, m) in list.iter().enumerate() {
+        let Value::Object(m) = m else {
+            return Err(ApiError::invalid_request(
+                format!("messages[{i}] must be an object."),
+                Some(&format!("messages[{i}]")),
+            ));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.as_str(),
+            Some(Value::String(r)) => {
+                return Err(ApiError::invalid_request(
+                    format!(
+                        "Invalid value {r:?} for messages[{i}].role: expected one of {}.",
+                        ROLES.join(", ")
+                    ),
+                    Some(&format!("messages[{i}].role")),
+                ))
+            }
+            _ => {
+                return Err(ApiError::invalid_request(
+                    format!("Missing required parameter: 'messages[{i}].role'."),
+                    Some(&format!("messages[{i}].role")),
+                ))
+            }
+        };
+        let content_ok = match m.get("content") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => true,
+            // An assistant turn that only calls tools carries no content.
+            Some(Value::Null) | None => role == "assistant",
+            Some(_) => false,
+        };
+        if !content_ok {
+            return Err(ApiError::invalid_request(
+                format!("messages[{i}].content must be a string or an array of content parts."),
+                Some(&format!("messages[{i}].content")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Token usage reported by an upstream, from a response or a stream's usage chunk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Reads `usage` from a chat completion (or chunk) object, if it carries one.
+    pub fn from_object(v: &Value) -> Option<Self> {
+        let u = v.get("usage")?.as_object()?;
+        let field = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some(Self {
+            prompt_tokens: field("prompt_tokens"),
+            completion_tokens: field("completion_tokens"),
+        })
+    }
+
+    /// Reads `usage` from a whole JSON response body.
+    pub fn from_body(body: &[u8]) -> Option<Self> {
+        serde_json::from_slice::<Value>(body)
+            .ok()
+            .as_ref()
+            .and_then(Self::from_object)
+    }
+}
+
+/// Extracts a human-readable message from an upstream error body (OpenAI-shaped or not).
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let e = v.get("error")?;
+    match e {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("message").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ChatRequest, ApiError> {
+        ChatRequest::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn keeps_unknown_fields_and_replaces_model() {
+        let r = parse(r#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"x_vendor":{"a":1},"temperature":0.2}"#).unwrap();
+        assert_eq!(r.model, "auto");
+        assert!(!r.stream);
+        let up: Value = serde_json::from_slice(&r.upstream_body("llama")).unwrap();
+        assert_eq!(up["model"], "llama");
+        assert_eq!(up["x_vendor"]["a"], 1);
+        assert_eq!(up["temperature"], 0.2);
+    }
+
+    #[test]
+    fn stream_flags() {
+        let r = parse(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert!(r.stream && r.include_usage);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("{", None),
+            ("[1]", None),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (
+                r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (r#"{"model":"m"}"#, Some("messages")),
+            (r#"{"model":"m","messages":[]}"#, Some("messages")),
+            (r#"{"model":"m","messages":"hi"}"#, Some("messages")),
+            (
+                r#"{"model":"m","messages":[{"content":"x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}]}"#,
+                Some("messages[0].content"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":1}]}"#,
+                Some("messages[0].content"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+                Some("stream"),
+            ),
+        ];
+        for (body, param) in cases {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), param, "{body}");
+        }
+    }
+
+    #[test]
+    fn assistant_tool_call_turn_needs_no_content() {
+        assert!(parse(r#"{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[]},{"role":"tool","tool_call_id":"1","content":"r"}]}"#).is_ok());
+    }
+
+    #[test]
+    fn usage_and_error_messages() {
+        let u = Usage::from_body(
+            br#"{"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#,
+        );
+        assert_eq!(
+            u,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5
+            })
+        );
+        assert_eq!(Usage::from_body(br#"{"usage":null}"#), None);
+        assert_eq!(
+            error_message(br#"{"error":{"message":"bad"}}"#).as_deref(),
+            Some("bad")
+        );
+        assert_eq!(
+            error_message(br#"{"error":"worse"}"#).as_deref(),
+            Some("worse")
+        );
+        assert_eq!(error_message(b"<html>"), None);
+    }
+}
