@@ -1,0 +1,99 @@
+//! Sending one upstream request through wasi:http with the deployment's timeouts. spin-sdk's
+//! `send` takes no request options, so this is the small part of it we need, with options.
+
+use freerelay::config::Timeouts;
+use freerelay::upstream::Transport;
+use futures::SinkExt;
+use spin_sdk::http::{ErrorCode, Fields, IncomingResponse, Method, OutgoingRequest, Scheme};
+use spin_sdk::wit::wasi::http0_2_0::outgoing_handler;
+use spin_sdk::wit::wasi::http0_2_0::types::RequestOptions;
+use std::task::Poll;
+
+const MS: u64 = 1_000_000;
+
+/// POSTs `body` to `url` with the given headers and waits for the response head.
+pub async fn post(
+    url: &str,
+    headers: &[(&str, &[u8])],
+    body: Vec<u8>,
+    timeouts: Timeouts,
+) -> Result<IncomingResponse, Transport> {
+    let parsed = url::Url::parse(url).map_err(|e| Transport::Other(format!("bad URL: {e}")))?;
+    let authority = match (parsed.host_str(), parsed.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        (None, _) => return Err(Transport::Other("URL has no host".into())),
+    };
+    let path = match parsed.query() {
+        Some(q) => format!("{}?{q}", parsed.path()),
+        None => parsed.path().to_owned(),
+    };
+    let list: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+        .chain([(
+            "content-length".to_owned(),
+            body.len().to_string().into_bytes(),
+        )])
+        .collect();
+    let fields = Fields::from_list(&list).map_err(|e| Transport::Other(format!("{e:?}")))?;
+    let request = OutgoingRequest::new(fields);
+    let scheme = if parsed.scheme() == "https" {
+        Scheme::Https
+    } else {
+        Scheme::Http
+    };
+    let set_ok = request.set_method(&Method::Post).is_ok()
+        && request.set_scheme(Some(&scheme)).is_ok()
+        && request.set_authority(Some(&authority)).is_ok()
+        && request.set_path_with_query(Some(&path)).is_ok();
+    if !set_ok {
+        return Err(Transport::Other(format!("cannot address {url}")));
+    }
+    let options = RequestOptions::new();
+    // A host that does not support an option keeps its own default; that is not an error.
+    let _ = options.set_connect_timeout(Some(timeouts.connect_ms * MS));
+    let _ = options.set_first_byte_timeout(Some(timeouts.first_byte_ms * MS));
+    let _ = options.set_between_bytes_timeout(Some(timeouts.between_bytes_ms * MS));
+
+    let mut sink = request.take_body();
+    let future = outgoing_handler::handle(request, Some(options)).map_err(|e| transport(&e))?;
+    let write = sink.send(body).await;
+    drop(sink);
+    let response = futures::future::poll_fn(|cx| match future.get() {
+        Some(Ok(r)) => Poll::Ready(r),
+        Some(Err(())) => Poll::Ready(Err(ErrorCode::InternalError(Some(
+            "response taken twice".into(),
+        )))),
+        None => {
+            spin_executor::push_waker(future.subscribe(), cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await
+    .map_err(|e| transport(&e))?;
+    // A failed body write shows up as an error response above; if the upstream still answered,
+    // its answer is what counts.
+    let _ = write;
+    Ok(response)
+}
+
+/// Classifies a wasi:http error code.
+pub fn transport(e: &ErrorCode) -> Transport {
+    match e {
+        ErrorCode::ConnectionTimeout
+        | ErrorCode::ConnectionReadTimeout
+        | ErrorCode::ConnectionWriteTimeout
+        | ErrorCode::DnsTimeout => Transport::Timeout,
+        ErrorCode::ConnectionRefused
+        | ErrorCode::ConnectionTerminated
+        | ErrorCode::ConnectionLimitReached
+        | ErrorCode::DestinationNotFound
+        | ErrorCode::DestinationUnavailable
+        | ErrorCode::DestinationIpUnroutable
+        | ErrorCode::DestinationIpProhibited
+        | ErrorCode::DnsError(_) => Transport::Unreachable,
+        ErrorCode::HttpRequestDenied => Transport::Denied,
+        other => Transport::Other(format!("{other:?}")),
+    }
+}
