@@ -155,3 +155,51 @@ fn concurrent_cas_counters_never_lose_updates() {
     }
     assert_eq!(dbs[0].get("default", "c").unwrap().unwrap(), b"200");
 }
+
+/// Child half of `separate_processes_incrementing_give_the_exact_total` (no-op unless spawned).
+#[test]
+fn child_incrementer() {
+    let Ok(path) = std::env::var("FREERELAY_KV_CHILD_DB") else {
+        return;
+    };
+    let db = Arc::new(SqliteBackend::open(std::path::Path::new(&path)).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                for _ in 0..250 {
+                    db.increment("default", "procs", 1).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn separate_processes_incrementing_give_the_exact_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv.db");
+    SqliteBackend::open(&path).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "child_incrementer", "--test-threads", "1"])
+                .env("FREERELAY_KV_CHILD_DB", &path)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "a child process failed");
+    }
+    let db = SqliteBackend::open(&path).unwrap();
+    assert_eq!(
+        db.get("default", "procs").unwrap().unwrap(),
+        3000i64.to_le_bytes()
+    );
+}

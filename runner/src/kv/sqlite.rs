@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -23,8 +23,24 @@ pub struct SqliteBackend {
     conn: Mutex<Connection>,
 }
 
-fn other(e: impl std::fmt::Display) -> KvError {
-    KvError::Other(e.to_string())
+/// How long an operation keeps retrying when the database is busy.
+const BUSY_RETRY_LIMIT: Duration = Duration::from_secs(10);
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn other(e: rusqlite::Error) -> KvError {
+    match &e {
+        rusqlite::Error::SqliteFailure(code, _) => {
+            KvError::Other(format!("{e} (sqlite code {})", code.extended_code))
+        }
+        _ => KvError::Other(e.to_string()),
+    }
 }
 
 const UPSERT: &str = "INSERT INTO spin_key_value (store, key, value) VALUES (?1, ?2, ?3)
@@ -77,132 +93,155 @@ impl SqliteBackend {
         // back on drop), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Runs `op` on the connection, retrying while another process holds the database.
+    ///
+    /// `busy_timeout` covers most contention, but SQLite returns BUSY without waiting in a
+    /// few WAL situations (e.g. a stale snapshot or a concurrent recovery); since every
+    /// operation here is a self-contained transaction, repeating it is safe.
+    fn run<T>(
+        &self,
+        mut op: impl FnMut(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, KvError> {
+        let deadline = Instant::now() + BUSY_RETRY_LIMIT;
+        let mut conn = self.conn();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match op(&mut conn) {
+                Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                result => return result.map_err(other),
+            }
+        }
+    }
 }
 
 impl KvBackend for SqliteBackend {
     fn get(&self, store: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        self.conn()
-            .prepare_cached(SELECT)
-            .and_then(|mut s| s.query_row(params![store, key], |r| r.get(0)).optional())
-            .map_err(other)
+        self.run(|conn| {
+            conn.prepare_cached(SELECT)?
+                .query_row(params![store, key], |r| r.get(0))
+                .optional()
+        })
     }
 
     fn set(&self, store: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
-        self.conn()
-            .prepare_cached(UPSERT)
-            .and_then(|mut s| s.execute(params![store, key, value]))
-            .map(drop)
-            .map_err(other)
+        self.run(|conn| {
+            conn.prepare_cached(UPSERT)?
+                .execute(params![store, key, value])
+                .map(drop)
+        })
     }
 
     fn delete(&self, store: &str, key: &str) -> Result<(), KvError> {
-        self.conn()
-            .prepare_cached("DELETE FROM spin_key_value WHERE store = ?1 AND key = ?2")
-            .and_then(|mut s| s.execute(params![store, key]))
-            .map(drop)
-            .map_err(other)
+        self.run(|conn| {
+            conn.prepare_cached("DELETE FROM spin_key_value WHERE store = ?1 AND key = ?2")?
+                .execute(params![store, key])
+                .map(drop)
+        })
     }
 
     fn exists(&self, store: &str, key: &str) -> Result<bool, KvError> {
-        self.conn()
-            .prepare_cached("SELECT 1 FROM spin_key_value WHERE store = ?1 AND key = ?2 LIMIT 1")
-            .and_then(|mut s| s.exists(params![store, key]))
-            .map_err(other)
+        self.run(|conn| {
+            conn.prepare_cached(
+                "SELECT 1 FROM spin_key_value WHERE store = ?1 AND key = ?2 LIMIT 1",
+            )?
+            .exists(params![store, key])
+        })
     }
 
     fn get_keys(&self, store: &str) -> Result<Vec<String>, KvError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare_cached("SELECT key FROM spin_key_value WHERE store = ?1")
-            .map_err(other)?;
-        let rows = stmt
-            .query_map(params![store], |r| r.get::<_, String>(0))
-            .map_err(other)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(other)
+        self.run(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT key FROM spin_key_value WHERE store = ?1")?;
+            let rows = stmt.query_map(params![store], |r| r.get::<_, String>(0))?;
+            rows.collect()
+        })
     }
 
     fn get_many(&self, store: &str, keys: &[String]) -> Result<Vec<(String, Vec<u8>)>, KvError> {
-        let mut conn = self.conn();
-        // One read transaction gives a consistent snapshot across the keys.
-        let tx = conn.transaction().map_err(other)?;
-        let mut out = Vec::with_capacity(keys.len());
-        {
-            let mut stmt = tx.prepare_cached(SELECT).map_err(other)?;
-            for key in keys {
-                if let Some(v) = stmt
-                    .query_row(params![store, key], |r| r.get::<_, Vec<u8>>(0))
-                    .optional()
-                    .map_err(other)?
-                {
-                    out.push((key.clone(), v));
+        self.run(|conn| {
+            // One read transaction gives a consistent snapshot across the keys.
+            let tx = conn.transaction()?;
+            let mut out = Vec::with_capacity(keys.len());
+            {
+                let mut stmt = tx.prepare_cached(SELECT)?;
+                for key in keys {
+                    if let Some(v) = stmt
+                        .query_row(params![store, key], |r| r.get::<_, Vec<u8>>(0))
+                        .optional()?
+                    {
+                        out.push((key.clone(), v));
+                    }
                 }
             }
-        }
-        tx.commit().map_err(other)?;
-        Ok(out)
+            tx.commit()?;
+            Ok(out)
+        })
     }
 
     fn set_many(&self, store: &str, pairs: &[(String, Vec<u8>)]) -> Result<(), KvError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(other)?;
-        {
-            let mut stmt = tx.prepare_cached(UPSERT).map_err(other)?;
-            for (k, v) in pairs {
-                stmt.execute(params![store, k, v]).map_err(other)?;
+        self.run(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt = tx.prepare_cached(UPSERT)?;
+                for (k, v) in pairs {
+                    stmt.execute(params![store, k, v])?;
+                }
             }
-        }
-        tx.commit().map_err(other)
+            tx.commit()
+        })
     }
 
     fn delete_many(&self, store: &str, keys: &[String]) -> Result<(), KvError> {
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(other)?;
-        {
-            let mut stmt = tx
-                .prepare_cached("DELETE FROM spin_key_value WHERE store = ?1 AND key = ?2")
-                .map_err(other)?;
-            for k in keys {
-                stmt.execute(params![store, k]).map_err(other)?;
+        self.run(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt =
+                    tx.prepare_cached("DELETE FROM spin_key_value WHERE store = ?1 AND key = ?2")?;
+                for k in keys {
+                    stmt.execute(params![store, k])?;
+                }
             }
-        }
-        tx.commit().map_err(other)
+            tx.commit()
+        })
     }
 
     fn increment(&self, store: &str, key: &str, delta: i64) -> Result<i64, KvError> {
-        let mut conn = self.conn();
-        // IMMEDIATE takes the write lock up front, so a concurrent writer in another process
-        // waits (busy_timeout) instead of failing the read→write upgrade.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(other)?;
-        let current: Option<Vec<u8>> = tx
-            .prepare_cached(SELECT)
-            .and_then(|mut s| s.query_row(params![store, key], |r| r.get(0)).optional())
-            .map_err(other)?;
-        let current = match current {
-            None => 0,
-            Some(bytes) => {
-                let arr: [u8; 8] = bytes.as_slice().try_into().map_err(|_| {
-                    KvError::Other(format!(
-                        "value of key {key:?} is {} bytes, not an 8-byte little-endian i64",
-                        bytes.len()
-                    ))
-                })?;
-                i64::from_le_bytes(arr)
-            }
-        };
-        let new = current
-            .checked_add(delta)
-            .ok_or_else(|| KvError::Other(format!("increment of key {key:?} overflows i64")))?;
-        tx.prepare_cached(UPSERT)
-            .and_then(|mut s| s.execute(params![store, key, new.to_le_bytes().as_slice()]))
-            .map_err(other)?;
-        tx.commit().map_err(other)?;
-        Ok(new)
+        let result = self.run(|conn| {
+            // IMMEDIATE takes the write lock up front, so a concurrent writer in another process
+            // waits (busy_timeout) instead of failing the read→write upgrade.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let current: Option<Vec<u8>> = tx
+                .prepare_cached(SELECT)?
+                .query_row(params![store, key], |r| r.get(0))
+                .optional()?;
+            let current = match current {
+                None => 0,
+                Some(bytes) => match <[u8; 8]>::try_from(bytes.as_slice()) {
+                    Ok(arr) => i64::from_le_bytes(arr),
+                    Err(_) => {
+                        return Ok(Err(format!(
+                            "value of key {key:?} is {} bytes, not an 8-byte little-endian i64",
+                            bytes.len()
+                        )))
+                    }
+                },
+            };
+            let Some(new) = current.checked_add(delta) else {
+                return Ok(Err(format!("increment of key {key:?} overflows i64")));
+            };
+            tx.prepare_cached(UPSERT)?.execute(params![
+                store,
+                key,
+                new.to_le_bytes().as_slice()
+            ])?;
+            tx.commit()?;
+            Ok(Ok(new))
+        })?;
+        result.map_err(KvError::Other)
     }
 
     fn swap(
@@ -212,24 +251,22 @@ impl KvBackend for SqliteBackend {
         expected: &CasExpectation,
         value: &[u8],
     ) -> Result<bool, KvError> {
-        let conn = self.conn();
-        let changed = match expected {
-            CasExpectation::Unconditional => conn
-                .prepare_cached(UPSERT)
-                .and_then(|mut s| s.execute(params![store, key, value])),
+        let changed = self.run(|conn| match expected {
+            CasExpectation::Unconditional => {
+                conn.prepare_cached(UPSERT)?.execute(params![store, key, value])
+            }
             CasExpectation::Absent => conn
                 .prepare_cached(
                     "INSERT INTO spin_key_value (store, key, value) VALUES (?1, ?2, ?3)
                      ON CONFLICT(store, key) DO NOTHING",
-                )
-                .and_then(|mut s| s.execute(params![store, key, value])),
+                )?
+                .execute(params![store, key, value]),
             CasExpectation::Value(old) => conn
                 .prepare_cached(
                     "UPDATE spin_key_value SET value = ?3 WHERE store = ?1 AND key = ?2 AND value = ?4",
-                )
-                .and_then(|mut s| s.execute(params![store, key, value, old])),
-        }
-        .map_err(other)?;
+                )?
+                .execute(params![store, key, value, old]),
+        })?;
         Ok(changed == 1)
     }
 }
