@@ -35,8 +35,11 @@ def test_models_auto_and_configured_providers_only(client):
     assert "groq/llama-3.1-8b-instant" in models
     assert "gemini/gemini-2.5-flash" in models
     assert "openrouter/meta-llama/llama-3.3-70b-instruct:free" in models
+    # Virtual models: `free` only when a free-tier provider is configured, `paid` only for a paid one.
+    assert models["free"].owned_by == "freerelay"
+    assert "paid" not in models, "no paid provider is configured"
     for mid in models:
-        if mid == "auto":
+        if mid in ("auto", "free"):
             continue
         provider = mid.split("/", 1)[0]
         assert provider in CONFIGURED, f"{mid} listed but {provider} is not configured"
