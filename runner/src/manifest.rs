@@ -159,8 +159,15 @@ struct RawComponent {
 }
 
 impl Manifest {
-    /// Reads and validates the manifest at `path`.
+    /// Reads and validates the manifest at `path` (a directory means its `spin.toml`, as in Spin).
     pub fn load(path: &Path) -> Result<Self> {
+        let joined;
+        let path = if path.is_dir() {
+            joined = path.join("spin.toml");
+            joined.as_path()
+        } else {
+            path
+        };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read manifest {}", path.display()))?;
         let dir = path
