@@ -1,6 +1,6 @@
 //! FreeRelay's API surface as a Spin HTTP component. A thin shell: it reads variables and state
 //! once, asks the `freerelay` core what to do, performs the I/O, and writes the outcome back to
-//! the key-value store only after the client's response is complete.
+//! the key-value store once, after the upstream is done and before the client's body is closed.
 
 mod kv;
 mod outbound;
@@ -80,7 +80,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     }
 }
 
-/// State changes decided while serving, written once the client has its answer.
+/// State changes decided while serving, written once per request when the upstream is done.
 #[derive(Default)]
 struct Pending<'a> {
     outcomes: Vec<Outcome<'a>>,
@@ -125,25 +125,22 @@ async fn chat(
     };
 
     let mut pending = Pending::default();
-    let mut out = Some(out);
     let last = plan.candidates.len() - 1;
     for (i, candidate) in plan.candidates.iter().enumerate() {
         let provider = candidate.provider.provider.id;
         match attempt(candidate, &request, config).await {
             Ok(response) => {
-                let Some(out) = out.take() else { break };
-                let outcome = relay(response, out, candidate, &request).await;
+                let ok = relay(response, out, candidate, &mut pending, store.as_ref()).await;
                 log(
                     "chat",
                     &[
                         ("provider", provider),
                         ("model", &candidate.model),
-                        ("ok", if outcome.ok { "true" } else { "false" }),
+                        ("ok", if ok { "true" } else { "false" }),
                         ("ms", &started.elapsed().as_millis().to_string()),
                     ],
                 );
-                pending.outcomes.push(outcome);
-                break;
+                return;
             }
             Err(failure) => {
                 log(
@@ -162,16 +159,11 @@ async fn chat(
                     pending.cooldowns.push((provider, cd));
                 }
                 if i == last || !failure.retryable {
-                    if let Some(out) = out.take() {
-                        respond_error(out, &failure.error).await;
-                    }
-                    break;
+                    write_state(store.as_ref(), &pending);
+                    return respond_error(out, &failure.error).await;
                 }
             }
         }
-    }
-    if let Some(store) = store {
-        write_state(&store, &pending);
     }
 }
 
@@ -230,8 +222,9 @@ async fn relay<'a>(
     response: IncomingResponse,
     out: ResponseOutparam,
     c: &Candidate<'a>,
-    request: &ChatRequest,
-) -> Outcome<'a> {
+    pending: &mut Pending<'a>,
+    store: Option<&kv::SpinKv>,
+) -> bool {
     let provider = c.provider.provider.id;
     let content_type =
         header(&response.headers(), "content-type").unwrap_or_else(|| "application/json".into());
@@ -299,22 +292,25 @@ async fn relay<'a>(
     } else if failure.is_some() {
         ok = false;
     }
-    // Finishing the body here lets the client see the end before any state is written.
-    drop(sink);
     let usage = if sse {
         scanner.usage
     } else {
         Usage::from_body(&kept)
     };
-    let _ = request;
-    Outcome {
+    pending.outcomes.push(Outcome {
         provider,
         ok,
         usage,
-    }
+    });
+    // The client already has every byte; state is written before the body is closed because
+    // Spin aborts the guest once the response body is complete, so later work may never run.
+    write_state(store, pending);
+    drop(sink);
+    ok
 }
 
-fn write_state(store: &kv::SpinKv, pending: &Pending<'_>) {
+fn write_state(store: Option<&kv::SpinKv>, pending: &Pending<'_>) {
+    let Some(store) = store else { return };
     for (provider, cd) in &pending.cooldowns {
         if let Err(e) = store.set(&keys::cooldown(provider), &cd.encode()) {
             log("kv_write_failed", &[("error", &e.to_string())]);
