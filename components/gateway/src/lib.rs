@@ -373,7 +373,7 @@ async fn read_capped(response: &IncomingResponse, limit: usize) -> Vec<u8> {
 
 fn header(fields: &Fields, name: &str) -> Option<String> {
     fields
-        .get(&name.to_owned())
+        .get(name)
         .into_iter()
         .next()
         .map(|v| String::from_utf8_lossy(&v).into_owned())
