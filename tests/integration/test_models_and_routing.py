@@ -182,3 +182,35 @@ def test_multi_turn_tool_result_is_forwarded(shared, client):
     assert r.choices[0].message.content == "mock(groq): thanks"
     [req] = shared.groq.requests()
     assert req["body"]["messages"] == msgs
+
+
+def test_all_providers_paths_and_auto_order(make_mock, make_gateway):
+    """All eight configured: each is called on its own API path, and `auto` walks them in order.
+
+    Request k makes the provider `auto` picks first answer 429 (long Retry-After), so the next one
+    in the order answers it, and the 429'd one stays cooled down for the rest of the test.
+    """
+    from conftest import PROVIDERS
+    order = ["groq", "gemini", "openrouter", "mistral", "nvidia", "together", "openai", "anthropic"]
+    assert sorted(order) == sorted(PROVIDERS)
+    mocks = {p: make_mock(p) for p in order}
+    gw = make_gateway(mocks)
+    client = gw.client()
+
+    models = {m.id for m in client.models.list()}
+    for p in order:
+        assert any(mid.startswith(p + "/") for mid in models), f"no {p} models listed"
+
+    for first, second in zip(order, order[1:]):
+        mocks[first].script({"kind": "status", "status": 429, "retry_after": "600"})
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": f"after {first}"}])
+        assert raw.headers["x-freerelay-provider"] == second, f"after {first} cooled down"
+        assert raw.parse().choices[0].message.content == f"mock({second}): after {first}"
+        [req] = mocks[second].requests()[-1:]
+        assert req["path"] == API_PATHS[second] + "/chat/completions"
+        assert req["headers"]["authorization"] == f"Bearer {mocks[second].key}"
+
+    for p in order:
+        # groq was only 429'd, anthropic only answered; each one between answered, then was 429'd.
+        assert len(mocks[p].requests()) == (1 if p in ("groq", "anthropic") else 2), p
