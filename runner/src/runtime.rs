@@ -14,7 +14,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
-use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Notify};
@@ -373,8 +372,8 @@ impl App {
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let pre = comp.pre.clone();
         let guard = self.inflight.enter();
-        // The guest runs in its own task so it can keep working (e.g. writing key-value
-        // state) after its response body is complete.
+        // The guest runs in its own task, as in Spin's trigger-http: the response can stream
+        // while the guest is still producing it, and dropping the response body aborts it.
         let task = tokio::spawn(async move {
             let _guard = guard;
             let proxy = pre.instantiate_async(&mut store).await?;
@@ -386,7 +385,9 @@ impl App {
         let abort = task.abort_handle();
 
         match rx.await {
-            Ok(Ok(resp)) => {
+            Ok(resp) => {
+                // As Spin: whatever the guest does after setting its response, a failure is
+                // reported here; an abort (the response body was dropped) is not an error.
                 let component = route.component.clone();
                 tokio::spawn(async move {
                     match task.await {
@@ -398,15 +399,11 @@ impl App {
                         Err(e) => eprintln!("error: component '{component}' panicked: {e}"),
                     }
                 });
-                Ok(resp.map(|body| {
-                    AbortIfIncomplete {
-                        body,
-                        abort: Some(abort),
-                    }
-                    .boxed_unsync()
-                }))
+                match resp {
+                    Ok(resp) => Ok(resp.map(|body| AbortOnDrop { body, abort }.boxed_unsync())),
+                    Err(code) => bail!("guest returned an error response: {code:?}"),
+                }
             }
-            Ok(Err(code)) => bail!("guest returned an error response: {code:?}"),
             Err(_) => match task.await {
                 Ok(Ok(())) => bail!("guest failed to produce a response prior to returning"),
                 Ok(Err(e)) => Err(anyhow::anyhow!("{e:#}")),
@@ -513,14 +510,17 @@ fn prepare_request(
     Ok(Request::from_parts(parts, body))
 }
 
-/// A response body that aborts the guest task if the client goes away before the body ends
-/// (as Spin does, cancelling outbound calls); a complete body leaves the guest running.
-struct AbortIfIncomplete {
+/// A response body that aborts the guest task when dropped, as Spin's trigger-http does.
+///
+/// hyper drops a response body once it is complete (not only when the client goes away), so
+/// guest work after the body is finished is cut off at its next yield point, exactly as under
+/// Spin. Dropping the guest's store also cancels its pending outbound requests.
+struct AbortOnDrop {
     body: WasiBody,
-    abort: Option<AbortHandle>,
+    abort: AbortHandle,
 }
 
-impl http_body::Body for AbortIfIncomplete {
+impl http_body::Body for AbortOnDrop {
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
@@ -528,11 +528,7 @@ impl http_body::Body for AbortIfIncomplete {
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.abort = None;
-        }
-        polled
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -544,13 +540,9 @@ impl http_body::Body for AbortIfIncomplete {
     }
 }
 
-impl Drop for AbortIfIncomplete {
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        if let Some(abort) = self.abort.take() {
-            if !self.body.is_end_stream() {
-                abort.abort();
-            }
-        }
+        self.abort.abort();
     }
 }
 
