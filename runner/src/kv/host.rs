@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use wasmtime::component::Resource;
 
-use super::{blocking, CasExpectation, KvBackend, KvError, KvStores};
+use super::{CasExpectation, KvBackend, KvError, KvStores};
 use crate::bindings::fermyon::spin::key_value as spin_kv;
 use crate::bindings::wasi::keyvalue::{atomics, batch, store as wasi_kv};
 use crate::runtime::HostState;
@@ -92,7 +92,7 @@ impl HostState {
         key: String,
         backend: Arc<dyn KvBackend>,
     ) -> Trap<Result<Resource<Cas>, KvError>> {
-        let current = match blocking(|| backend.get(&label, &key)) {
+        let current = match backend.get(&label, &key) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
@@ -125,7 +125,7 @@ impl spin_kv::HostStore for HostState {
         key: String,
     ) -> Trap<Result<Option<Vec<u8>>, spin_kv::Error>> {
         let (label, b) = self.spin_store(&s)?;
-        Ok(blocking(|| b.get(&label, &key)).map_err(to_spin))
+        Ok(b.get(&label, &key).map_err(to_spin))
     }
 
     async fn set(
@@ -135,7 +135,7 @@ impl spin_kv::HostStore for HostState {
         value: Vec<u8>,
     ) -> Trap<Result<(), spin_kv::Error>> {
         let (label, b) = self.spin_store(&s)?;
-        Ok(blocking(|| b.set(&label, &key, &value)).map_err(to_spin))
+        Ok(b.set(&label, &key, &value).map_err(to_spin))
     }
 
     async fn delete(
@@ -144,7 +144,7 @@ impl spin_kv::HostStore for HostState {
         key: String,
     ) -> Trap<Result<(), spin_kv::Error>> {
         let (label, b) = self.spin_store(&s)?;
-        Ok(blocking(|| b.delete(&label, &key)).map_err(to_spin))
+        Ok(b.delete(&label, &key).map_err(to_spin))
     }
 
     async fn exists(
@@ -153,7 +153,7 @@ impl spin_kv::HostStore for HostState {
         key: String,
     ) -> Trap<Result<bool, spin_kv::Error>> {
         let (label, b) = self.spin_store(&s)?;
-        Ok(blocking(|| b.exists(&label, &key)).map_err(to_spin))
+        Ok(b.exists(&label, &key).map_err(to_spin))
     }
 
     async fn get_keys(
@@ -161,7 +161,7 @@ impl spin_kv::HostStore for HostState {
         s: Resource<SpinStore>,
     ) -> Trap<Result<Vec<String>, spin_kv::Error>> {
         let (label, b) = self.spin_store(&s)?;
-        Ok(blocking(|| b.get_keys(&label)).map_err(to_spin))
+        Ok(b.get_keys(&label).map_err(to_spin))
     }
 
     async fn drop(&mut self, s: Resource<SpinStore>) -> Trap<()> {
@@ -189,7 +189,7 @@ impl wasi_kv::HostBucket for HostState {
         key: String,
     ) -> Trap<Result<Option<Vec<u8>>, wasi_kv::Error>> {
         let (label, be) = self.bucket(&b)?;
-        Ok(blocking(|| be.get(&label, &key)).map_err(to_wasi))
+        Ok(be.get(&label, &key).map_err(to_wasi))
     }
 
     async fn set(
@@ -199,7 +199,7 @@ impl wasi_kv::HostBucket for HostState {
         value: Vec<u8>,
     ) -> Trap<Result<(), wasi_kv::Error>> {
         let (label, be) = self.bucket(&b)?;
-        Ok(blocking(|| be.set(&label, &key, &value)).map_err(to_wasi))
+        Ok(be.set(&label, &key, &value).map_err(to_wasi))
     }
 
     async fn delete(
@@ -208,7 +208,7 @@ impl wasi_kv::HostBucket for HostState {
         key: String,
     ) -> Trap<Result<(), wasi_kv::Error>> {
         let (label, be) = self.bucket(&b)?;
-        Ok(blocking(|| be.delete(&label, &key)).map_err(to_wasi))
+        Ok(be.delete(&label, &key).map_err(to_wasi))
     }
 
     async fn exists(
@@ -217,7 +217,7 @@ impl wasi_kv::HostBucket for HostState {
         key: String,
     ) -> Trap<Result<bool, wasi_kv::Error>> {
         let (label, be) = self.bucket(&b)?;
-        Ok(blocking(|| be.exists(&label, &key)).map_err(to_wasi))
+        Ok(be.exists(&label, &key).map_err(to_wasi))
     }
 
     async fn list_keys(
@@ -231,7 +231,8 @@ impl wasi_kv::HostBucket for HostState {
             )));
         }
         let (label, be) = self.bucket(&b)?;
-        Ok(blocking(|| be.get_keys(&label))
+        Ok(be
+            .get_keys(&label)
             .map(|keys| wasi_kv::KeyResponse { keys, cursor: None })
             .map_err(to_wasi))
     }
@@ -252,7 +253,8 @@ impl batch::Host for HostState {
         if keys.is_empty() {
             return Ok(Ok(Vec::new()));
         }
-        Ok(blocking(|| be.get_many(&label, &keys))
+        Ok(be
+            .get_many(&label, &keys)
             .map(|pairs| pairs.into_iter().map(|(k, v)| (k, Some(v))).collect())
             .map_err(to_wasi))
     }
@@ -266,7 +268,7 @@ impl batch::Host for HostState {
         if key_values.is_empty() {
             return Ok(Ok(()));
         }
-        Ok(blocking(|| be.set_many(&label, &key_values)).map_err(to_wasi))
+        Ok(be.set_many(&label, &key_values).map_err(to_wasi))
     }
 
     async fn delete_many(
@@ -278,7 +280,7 @@ impl batch::Host for HostState {
         if keys.is_empty() {
             return Ok(Ok(()));
         }
-        Ok(blocking(|| be.delete_many(&label, &keys)).map_err(to_wasi))
+        Ok(be.delete_many(&label, &keys).map_err(to_wasi))
     }
 }
 
@@ -290,7 +292,7 @@ impl atomics::Host for HostState {
         delta: i64,
     ) -> Trap<Result<i64, wasi_kv::Error>> {
         let (label, be) = self.bucket(&b)?;
-        Ok(blocking(|| be.increment(&label, &key, delta)).map_err(to_wasi))
+        Ok(be.increment(&label, &key, delta).map_err(to_wasi))
     }
 
     async fn swap(
@@ -299,10 +301,10 @@ impl atomics::Host for HostState {
         value: Vec<u8>,
     ) -> Trap<Result<(), atomics::CasError>> {
         let cas = self.table.delete(c)?;
-        match blocking(|| {
-            cas.backend
-                .swap(&cas.label, &cas.key, &cas.expected, &value)
-        }) {
+        match cas
+            .backend
+            .swap(&cas.label, &cas.key, &cas.expected, &value)
+        {
             Ok(true) => Ok(Ok(())),
             // Spin answers a lost race with a fresh handle that has already read the current value.
             Ok(false) => match self.fresh_cas(cas.label, cas.key, cas.backend)? {
@@ -335,7 +337,7 @@ impl atomics::HostCas for HostState {
             let cas = self.table.get(&c)?;
             (cas.label.clone(), cas.key.clone(), cas.backend.clone())
         };
-        let value = match blocking(|| backend.get(&label, &key)) {
+        let value = match backend.get(&label, &key) {
             Ok(v) => v,
             Err(e) => return Ok(Err(to_wasi(e))),
         };

@@ -45,7 +45,9 @@ pub enum CasExpectation {
     Value(Vec<u8>),
 }
 
-/// A key-value backend. Methods are blocking; callers run them off the async executor.
+/// A key-value backend. Methods are synchronous and called directly from the guest's host calls
+/// (which, as in Spin, do not yield); a backend that may have to wait moves that wait off the
+/// async executor itself with [`blocking`] (see `SqliteBackend::run`).
 ///
 /// `store` is the store label (the `store` column of Spin's SQLite schema).
 pub trait KvBackend: Send + Sync {
@@ -77,7 +79,8 @@ pub trait KvBackend: Send + Sync {
     ) -> Result<bool, KvError>;
 }
 
-/// Runs blocking backend work without stalling other tasks on a multi-threaded runtime.
+/// Runs blocking backend work without stalling other tasks on a multi-threaded runtime
+/// (tokio's `block_in_place`, as Spin's SQLite store uses for every operation).
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
