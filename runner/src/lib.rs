@@ -2,6 +2,7 @@
 //! with the same host interfaces as Spin, plus the `keygen` tool.
 
 pub mod bindings;
+pub mod http_client;
 pub mod keygen;
 pub mod kv;
 pub mod manifest;
@@ -9,4 +10,5 @@ pub mod outbound;
 pub mod routes;
 pub mod runtime;
 pub mod server;
+pub mod stdio;
 pub mod variables;

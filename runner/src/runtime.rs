@@ -27,11 +27,13 @@ use wasmtime_wasi_http::{
     RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
 
+use crate::http_client::OutboundClient;
 use crate::kv::host::KvInstance;
 use crate::kv::KvStores;
 use crate::manifest::Manifest;
 use crate::outbound::{service_chaining_target, AllowedHosts};
 use crate::routes::{RouteMatch, Router};
+use crate::stdio::{GuestOutput, Target};
 use crate::variables::AppVariables;
 
 /// The client address Spin reports for service-chained requests.
@@ -145,6 +147,8 @@ pub struct App {
     components: HashMap<String, ComponentRuntime>,
     stores: Arc<KvStores>,
     self_addr: OnceLock<SocketAddr>,
+    /// Pooled outbound HTTP client shared by all instances (as Spin's).
+    outbound: OutboundClient,
     /// In-flight connections and guest tasks.
     pub inflight: Arc<InFlight>,
 }
@@ -302,6 +306,7 @@ impl App {
             components,
             stores: opts.stores,
             self_addr: OnceLock::new(),
+            outbound: OutboundClient::new(),
             inflight: Arc::new(InFlight::default()),
         }))
     }
@@ -340,7 +345,9 @@ impl App {
         let req = prepare_request(req, route, client_addr)?;
 
         let mut wasi = WasiCtx::builder();
-        wasi.inherit_stdout().inherit_stderr();
+        // Guest output goes to the runner's stdout/stderr, a line per write (see `stdio`).
+        wasi.stdout(GuestOutput::new(Target::Stdout));
+        wasi.stderr(GuestOutput::new(Target::Stderr));
         for (k, v) in &comp.env {
             wasi.env(k, v);
         }
@@ -607,10 +614,11 @@ impl WasiHttpHooks for OutboundHooks {
                 > = Box::new(async { Ok(()) });
                 return Ok((resp, done));
             }
-            let (resp, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            // Spin's pooled client: connection errors surface through the response (body).
+            let resp = app.outbound.send(request, options).await?;
             let io: Box<dyn std::future::Future<Output = wasmtime_wasi_http::Result<()>> + Send> =
-                Box::new(io);
-            Ok((resp.map(BodyExt::boxed_unsync), io))
+                Box::new(async { Ok(()) });
+            Ok((resp, io))
         })
     }
 }
