@@ -420,12 +420,16 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// One structured log line on stderr. Never called with a secret.
+/// One structured log line on stderr, written with a single call (the host sees one write, not
+/// one per JSON token). Never called with a secret.
 fn log(event: &str, fields: &[(&str, &str)]) {
+    use std::io::Write;
     let mut line = serde_json::Map::new();
     line.insert("event".into(), event.into());
     for (k, v) in fields {
         line.insert((*k).into(), (*v).into());
     }
-    eprintln!("{}", serde_json::Value::Object(line));
+    let mut bytes = serde_json::to_vec(&serde_json::Value::Object(line)).unwrap_or_default();
+    bytes.push(b'\n');
+    let _ = std::io::stderr().write_all(&bytes);
 }
