@@ -531,22 +531,17 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<MockBody
             after_chunks,
             latency_ms,
             chunk_delay_ms,
-        } => {
-            sleep_ms(latency_ms).await;
-            let reply = make_reply(state, &chat, None);
-            Ok(reply_response(
-                &reply,
-                &chat,
-                after_chunks,
-                chunk_delay_ms,
-                BodyEnd::Stall,
-            ))
         }
-        Behaviour::Drop {
+        | Behaviour::Drop {
             after_chunks,
             latency_ms,
             chunk_delay_ms,
         } => {
+            let end = if matches!(behaviour, Behaviour::Stall { .. }) {
+                BodyEnd::Stall
+            } else {
+                BodyEnd::Abort
+            };
             sleep_ms(latency_ms).await;
             let reply = make_reply(state, &chat, None);
             Ok(reply_response(
@@ -554,7 +549,7 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<MockBody
                 &chat,
                 after_chunks,
                 chunk_delay_ms,
-                BodyEnd::Abort,
+                end,
             ))
         }
         Behaviour::Close => Err(close_connection()),
