@@ -46,7 +46,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         )
         .await;
     }
-    let config = match Config::from_vars(|name| spin_sdk::variables::get(name).ok()) {
+    let config = match load_config() {
         Ok(c) => c,
         Err(e) => {
             log("config_error", &[("message", &e.message)]);
@@ -77,6 +77,18 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         }
         Endpoint::ChatCompletions => chat(req, headers, out, &config, started).await,
         Endpoint::Health => {}
+    }
+}
+
+/// Reads every component variable in one host call (`wasi:config/store.get-all`, which Spin
+/// implements), rather than one `variables::get` per provider setting.
+fn load_config() -> Result<Config, ApiError> {
+    match spin_sdk::wit::wasi::config::store::get_all() {
+        Ok(all) => {
+            let all: std::collections::HashMap<String, String> = all.into_iter().collect();
+            Config::from_vars(|name| all.get(name).cloned())
+        }
+        Err(_) => Config::from_vars(|name| spin_sdk::variables::get(name).ok()),
     }
 }
 
