@@ -1,4 +1,4 @@
-//! Outbound HTTP for guests: one pooled hyper-util client per application, as Spin's
+//! Outbound HTTP for guests: a pooled hyper-util client (one per serving worker thread), as Spin's
 //! `factor-outbound-http` does (connections are reused per scheme + authority), with the guest's
 //! request options honoured:
 //!
@@ -45,7 +45,8 @@ tokio::task_local! {
     static CONNECT_TIMEOUT: Duration;
 }
 
-/// The application's pooled outbound HTTP client.
+/// A pooled outbound HTTP client. Its connection tasks run on the runtime that opened them, so
+/// `freerelay up` gives each worker thread its own.
 #[derive(Clone)]
 pub struct OutboundClient {
     client: Client<Connector, WasiBody>,

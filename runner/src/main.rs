@@ -106,7 +106,9 @@ fn run_up(args: UpArgs) -> Result<()> {
         args.runtime_config_file.as_deref(),
     )?);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // This runtime only binds, accepts and waits for shutdown; requests are served by one
+    // worker runtime per core (`server::serve`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

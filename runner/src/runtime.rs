@@ -147,8 +147,6 @@ pub struct App {
     components: HashMap<String, ComponentRuntime>,
     stores: Arc<KvStores>,
     self_addr: OnceLock<SocketAddr>,
-    /// Pooled outbound HTTP client shared by all instances (as Spin's).
-    outbound: OutboundClient,
     /// In-flight connections and guest tasks.
     pub inflight: Arc<InFlight>,
 }
@@ -315,7 +313,6 @@ impl App {
             components,
             stores: opts.stores,
             self_addr: OnceLock::new(),
-            outbound: OutboundClient::new(),
             inflight: Arc::new(InFlight::default()),
         }))
     }
@@ -326,13 +323,20 @@ impl App {
     }
 
     /// Runs `component` on a request that has already been routed. Never fails: errors become 500s.
+    ///
+    /// `outbound` is the pooled client of the serving worker thread (see `server`): the guest's
+    /// outbound requests use it, so their connections live on the same thread as the guest.
     pub async fn handle(
         self: &Arc<Self>,
         mut req: Request<WasiBody>,
         route: &RouteMatch,
         client_addr: SocketAddr,
+        outbound: &OutboundClient,
     ) -> Response<WasiBody> {
-        match self.run_component(&mut req, route, client_addr).await {
+        match self
+            .run_component(&mut req, route, client_addr, outbound)
+            .await
+        {
             Ok(resp) => resp,
             Err(e) => {
                 eprintln!("error: component '{}' failed: {e:#}", route.component);
@@ -346,6 +350,7 @@ impl App {
         req: &mut Request<WasiBody>,
         route: &RouteMatch,
         client_addr: SocketAddr,
+        outbound: &OutboundClient,
     ) -> Result<Response<WasiBody>> {
         let Some(comp) = self.components.get(&route.component) else {
             bail!("unknown component '{}'", route.component);
@@ -367,6 +372,7 @@ impl App {
             hooks: OutboundHooks {
                 app: self.clone(),
                 allowed: comp.allowed_hosts.clone(),
+                outbound: outbound.clone(),
             },
             kv: KvInstance {
                 allowed: comp.kv_allowed.clone(),
@@ -442,10 +448,12 @@ impl App {
         self: Arc<Self>,
         component: String,
         req: Request<WasiBody>,
+        outbound: OutboundClient,
     ) -> Response<WasiBody> {
         let path = req.uri().path().to_string();
         let route = RouteMatch::synthetic(&component, &path);
-        self.handle(req, &route, CHAINED_CLIENT_ADDR).await
+        self.handle(req, &route, CHAINED_CLIENT_ADDR, &outbound)
+            .await
     }
 
     /// Whether `id` is a component this app can run.
@@ -575,6 +583,8 @@ impl Drop for AbortOnDrop {
 pub struct OutboundHooks {
     app: Arc<App>,
     allowed: Arc<AllowedHosts>,
+    /// The serving worker's pooled client (one pool per worker thread).
+    outbound: OutboundClient,
 }
 
 type SendFuture = Box<
@@ -596,6 +606,7 @@ impl WasiHttpHooks for OutboundHooks {
         drop(fut);
         let app = self.app.clone();
         let allowed = self.allowed.clone();
+        let outbound = self.outbound.clone();
         Box::new(async move {
             let uri = request.uri().clone();
             let scheme = uri.scheme_str().unwrap_or("https").to_string();
@@ -626,14 +637,14 @@ impl WasiHttpHooks for OutboundHooks {
                 }
                 let target = target.to_string();
                 request.headers_mut().remove(http::header::HOST);
-                let resp = app.handle_chained(target, request).await;
+                let resp = app.handle_chained(target, request, outbound).await;
                 let done: Box<
                     dyn std::future::Future<Output = wasmtime_wasi_http::Result<()>> + Send,
                 > = Box::new(async { Ok(()) });
                 return Ok((resp, done));
             }
             // Spin's pooled client: connection errors surface through the response (body).
-            let resp = app.outbound.send(request, options).await?;
+            let resp = outbound.send(request, options).await?;
             let io: Box<dyn std::future::Future<Output = wasmtime_wasi_http::Result<()>> + Send> =
                 Box::new(async { Ok(()) });
             Ok((resp, io))

@@ -1,5 +1,6 @@
 //! The HTTP front end: hyper HTTP/1.1 with keep-alive and TCP_NODELAY, Spin's routing and
-//! well-known endpoints, and graceful shutdown.
+//! well-known endpoints, and graceful shutdown. One acceptor hands connections round-robin to
+//! one worker thread per core (see [`Workers`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,9 +16,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use wasmtime_wasi_http::WasiBody;
 
+use crate::http_client::OutboundClient;
 use crate::runtime::{full_body, App};
 
 /// How long shutdown waits for in-flight requests and guest tasks.
@@ -47,12 +49,91 @@ pub fn print_startup(app: &App, local: SocketAddr) {
     let _ = stdout.flush();
 }
 
+/// The serving threads: one current-thread tokio runtime per core, each on its own thread.
+///
+/// A connection is handed to one worker and everything its requests start — the guest task,
+/// the guest's outbound requests and the pooled connections they use — runs on that worker's
+/// thread, so a request never waits for a wake-up from another thread. Each worker has its own
+/// outbound connection pool (hyper-util's client runs connection tasks on the runtime that
+/// opened them).
+struct Workers {
+    workers: Vec<Worker>,
+    next: usize,
+}
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    outbound: OutboundClient,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start() -> anyhow::Result<Self> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut workers = Self {
+            workers: Vec::with_capacity(n),
+            next: 0,
+        };
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot start worker runtime: {e}"))?;
+            let handle = rt.handle().clone();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("freerelay-worker-{i}"))
+                .spawn(move || {
+                    // Runs the worker's tasks until told to stop; dropping the runtime then
+                    // drops whatever is left (as dropping a multi-threaded runtime would).
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                })
+                .map_err(|e| anyhow::anyhow!("cannot start worker thread: {e}"))?;
+            workers.workers.push(Worker {
+                handle,
+                outbound: OutboundClient::new(),
+                stop: Some(stop),
+                thread: Some(thread),
+            });
+        }
+        Ok(workers)
+    }
+
+    /// The next worker, round-robin: its runtime handle and its outbound client.
+    fn pick(&mut self) -> (&tokio::runtime::Handle, OutboundClient) {
+        let w = &self.workers[self.next];
+        self.next = (self.next + 1) % self.workers.len();
+        (&w.handle, w.outbound.clone())
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            if let Some(stop) = w.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+        for w in &mut self.workers {
+            if let Some(thread) = w.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains in-flight work (bounded by [`SHUTDOWN_GRACE`]).
+///
+/// This task only accepts; connections are served by [`Workers`].
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let mut workers = Workers::start()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -71,32 +152,21 @@ pub async fn serve(
                 if let Err(e) = stream.set_nodelay(true) {
                     eprintln!("warning: cannot set TCP_NODELAY: {e}");
                 }
-                let app = app.clone();
-                let mut stop_rx = stop_rx.clone();
-                let guard = app.inflight.enter();
-                tokio::spawn(async move {
-                    let _guard = guard;
-                    let svc_app = app.clone();
-                    let service = service_fn(move |req| {
-                        let app = svc_app.clone();
-                        async move { Ok::<_, Infallible>(handle(app, req, client_addr).await) }
-                    });
-                    let conn = http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service);
-                    tokio::pin!(conn);
-                    let result = tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = async { stop_rx.wait_for(|stop| *stop).await.map(drop) } => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                    if let Err(e) = result {
-                        if !e.is_incomplete_message() {
-                            eprintln!("warning: connection from {client_addr}: {e}");
-                        }
+                // Move the socket to the worker's own I/O driver.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("warning: connection from {client_addr}: {e}");
+                        continue;
                     }
+                };
+                let (handle, outbound) = workers.pick();
+                let app = app.clone();
+                let stop_rx = stop_rx.clone();
+                let guard = app.inflight.enter();
+                handle.spawn(async move {
+                    let _guard = guard;
+                    serve_connection(app, stream, client_addr, outbound, stop_rx).await;
                 });
             }
         }
@@ -110,7 +180,46 @@ pub async fn serve(
             SHUTDOWN_GRACE.as_secs()
         );
     }
+    drop(workers);
     Ok(())
+}
+
+/// Serves one keep-alive connection on the current worker until it closes or shutdown.
+async fn serve_connection(
+    app: Arc<App>,
+    stream: std::net::TcpStream,
+    client_addr: SocketAddr,
+    outbound: OutboundClient,
+    mut stop_rx: watch::Receiver<bool>,
+) {
+    let stream = match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("warning: connection from {client_addr}: {e}");
+            return;
+        }
+    };
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        let outbound = outbound.clone();
+        async move { Ok::<_, Infallible>(handle(app, req, client_addr, &outbound).await) }
+    });
+    let conn = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { stop_rx.wait_for(|stop| *stop).await.map(drop) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        if !e.is_incomplete_message() {
+            eprintln!("warning: connection from {client_addr}: {e}");
+        }
+    }
 }
 
 /// Routes one public request.
@@ -118,6 +227,7 @@ async fn handle(
     app: Arc<App>,
     req: Request<Incoming>,
     client_addr: SocketAddr,
+    outbound: &OutboundClient,
 ) -> Response<WasiBody> {
     let path = req.uri().path().to_string();
     if let Some(well_known) = path.strip_prefix("/.well-known/spin/") {
@@ -146,7 +256,7 @@ async fn handle(
         return not_found();
     };
     let req = req.map(|b| b.map_err(wasmtime_wasi_http::Error::from).boxed_unsync());
-    app.handle(req, &route, client_addr).await
+    app.handle(req, &route, client_addr, outbound).await
 }
 
 fn not_found() -> Response<WasiBody> {

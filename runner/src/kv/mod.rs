@@ -80,7 +80,8 @@ pub trait KvBackend: Send + Sync {
 }
 
 /// Runs blocking backend work without stalling other tasks on a multi-threaded runtime
-/// (tokio's `block_in_place`, as Spin's SQLite store uses for every operation).
+/// (tokio's `block_in_place`, as Spin's SQLite store uses for every operation). On a
+/// current-thread runtime — `freerelay up`'s workers — it runs inline.
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {

@@ -120,8 +120,9 @@ impl SqliteBackend {
     /// (commits append to the WAL, never fsync; checkpoints run on a background thread), and
     /// moving it to another thread would cost more than the work. Anything that has to wait (the
     /// connection is busy on another thread, or SQLite reports BUSY because another process
-    /// writes) waits off the async executor in [`super::blocking`], as Spin's
-    /// `block_in_place`, with `busy_timeout` and whole-operation retries. Either way the guest's
+    /// writes) goes through [`super::blocking`] (Spin's `block_in_place` on a multi-threaded
+    /// runtime; inline on `freerelay up`'s current-thread workers), with `busy_timeout` and
+    /// whole-operation retries. Either way the guest's
     /// host call does not yield, as in Spin.
     fn run<T>(
         &self,
