@@ -388,8 +388,7 @@ fn argument_pieces(args: &str) -> Vec<&str> {
 
 /// Every SSE event of a streamed reply, in order, ending with `data: [DONE]`.
 pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
-    let usage_field = || if include_usage { Some(None) } else { None };
-    let chunk = |delta: Delta<'_>, finish: Option<&'static str>| {
+    let event = |choices: Vec<ChunkChoice<'_>>, usage: Option<Option<Usage>>| {
         let c = Chunk {
             id: &reply.id,
             object: "chat.completion.chunk",
@@ -397,15 +396,20 @@ pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
             model: &reply.model,
             service_tier: "default",
             system_fingerprint: SYSTEM_FINGERPRINT,
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason: finish,
-            }],
-            usage: usage_field(),
+            choices,
+            usage,
         };
         sse_event(&serde_json::to_vec(&c).expect("chunk serialises"))
+    };
+    let usage_field = || if include_usage { Some(None) } else { None };
+    let chunk = |delta: Delta<'_>, finish: Option<&'static str>| {
+        let choice = ChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish,
+        };
+        event(vec![choice], usage_field())
     };
     let mut events = Vec::new();
     match &reply.body {
@@ -472,19 +476,7 @@ pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
     }
     events.push(chunk(Delta::default(), Some(finish_reason(reply))));
     if include_usage {
-        let c = Chunk {
-            id: &reply.id,
-            object: "chat.completion.chunk",
-            created: reply.created,
-            model: &reply.model,
-            service_tier: "default",
-            system_fingerprint: SYSTEM_FINGERPRINT,
-            choices: Vec::new(),
-            usage: Some(Some(Usage::of(reply))),
-        };
-        events.push(sse_event(
-            &serde_json::to_vec(&c).expect("chunk serialises"),
-        ));
+        events.push(event(Vec::new(), Some(Some(Usage::of(reply)))));
     }
     events.push(Bytes::from_static(DONE_EVENT));
     events
