@@ -272,11 +272,11 @@ async fn relay<'a>(
                 }
             }
             Err(e) => {
-                failure = Some(match e.to_debug_string() {
-                    s if s.to_ascii_lowercase().contains("timeout") || s.contains("Timeout") => {
-                        "no data within the between-bytes timeout".into()
-                    }
-                    _ => "the upstream connection failed".into(),
+                let timed_out = e.to_debug_string().to_ascii_lowercase().contains("timeout");
+                failure = Some(if timed_out {
+                    "no data within the between-bytes timeout".into()
+                } else {
+                    "the upstream connection failed".into()
                 });
                 break;
             }
