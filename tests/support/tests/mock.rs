@@ -61,6 +61,36 @@ fn events(body: &Bytes) -> Vec<String> {
     sse_data(std::str::from_utf8(body).expect("utf-8"))
 }
 
+/// Posts a streaming chat of `text` on a fresh connection and collects its body frames with
+/// their arrival times, for at most `limit`.
+async fn timed_stream(
+    m: &MockHandle,
+    text: &str,
+    limit: Duration,
+) -> (u16, Vec<(Duration, Bytes)>, Result<(), String>) {
+    let a = auth();
+    let mut c = conn(m).await;
+    let start = Instant::now();
+    let resp = c
+        .send(
+            Method::POST,
+            CHAT,
+            &[("authorization", &a)],
+            Bytes::from(streaming(text, false).to_string()),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let (frames, end) = timed_frames(resp.into_body(), start, limit).await;
+    (status, frames, end)
+}
+
+/// The SSE data payloads carried by a list of frames.
+fn frame_events(frames: &[(Duration, Bytes)]) -> Vec<String> {
+    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    events(&Bytes::from(all))
+}
+
 #[tokio::test]
 async fn json_completion_has_openai_shape() {
     let m = mock().await;
@@ -469,23 +499,12 @@ async fn latency_delays_headers() {
 async fn chunk_delay_spaces_out_stream_chunks() {
     let m = mock().await;
     script(&m, json!([{"kind": "ok", "chunk_delay_ms": 100}])).await;
-    let a = auth();
-    let mut c = conn(&m).await;
-    let start = Instant::now();
-    let resp = c
-        .send(
-            Method::POST,
-            CHAT,
-            &[("authorization", &a)],
-            Bytes::from(streaming("one two three four five", false).to_string()),
-        )
-        .await
-        .unwrap();
-    let (frames, end) = timed_frames(resp.into_body(), start, Duration::from_secs(10)).await;
+    let (status, frames, end) =
+        timed_stream(&m, "one two three four five", Duration::from_secs(10)).await;
+    assert_eq!(status, 200);
     assert!(end.is_ok());
     // role + 6 words + finish + [DONE] = 9 events, 8 gaps of 100 ms
-    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
-    assert_eq!(events(&Bytes::from(all)).len(), 9);
+    assert_eq!(frame_events(&frames).len(), 9);
     let first = frames.first().unwrap().0;
     let last = frames.last().unwrap().0;
     assert!(
@@ -499,23 +518,10 @@ async fn chunk_delay_spaces_out_stream_chunks() {
 async fn stall_sends_n_chunks_then_hangs() {
     let m = mock().await;
     script(&m, json!([{"kind": "stall", "after_chunks": 2}])).await;
-    let a = auth();
-    let mut c = conn(&m).await;
-    let start = Instant::now();
-    let resp = c
-        .send(
-            Method::POST,
-            CHAT,
-            &[("authorization", &a)],
-            Bytes::from(streaming("one two three", false).to_string()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let (frames, end) = timed_frames(resp.into_body(), start, Duration::from_millis(700)).await;
+    let (status, frames, end) = timed_stream(&m, "one two three", Duration::from_millis(700)).await;
+    assert_eq!(status, 200);
     assert_eq!(end, Err("timed out".to_string()));
-    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
-    let ev = events(&Bytes::from(all));
+    let ev = frame_events(&frames);
     assert_eq!(ev.len(), 2);
     assert!(!ev.iter().any(|e| e == "[DONE]"));
 }
@@ -524,23 +530,11 @@ async fn stall_sends_n_chunks_then_hangs() {
 async fn drop_sends_n_chunks_then_breaks_the_connection() {
     let m = mock().await;
     script(&m, json!([{"kind": "drop", "after_chunks": 3}])).await;
-    let a = auth();
-    let mut c = conn(&m).await;
-    let start = Instant::now();
-    let resp = c
-        .send(
-            Method::POST,
-            CHAT,
-            &[("authorization", &a)],
-            Bytes::from(streaming("one two three", false).to_string()),
-        )
-        .await
-        .unwrap();
-    let (frames, end) = timed_frames(resp.into_body(), start, Duration::from_secs(5)).await;
+    let (status, frames, end) = timed_stream(&m, "one two three", Duration::from_secs(5)).await;
+    assert_eq!(status, 200);
     assert!(end.is_err(), "the body must end in an error, not cleanly");
     assert_ne!(end, Err("timed out".to_string()));
-    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
-    let ev = events(&Bytes::from(all));
+    let ev = frame_events(&frames);
     assert_eq!(ev.len(), 3);
     assert!(!ev.iter().any(|e| e == "[DONE]"));
 }
