@@ -15,6 +15,22 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
+/// `freerelay up --listen <listen>` in `dir` with the required `token` variable set.
+fn up_with_token(dir: &std::path::Path, listen: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_freerelay"))
+        .args(["up", "--listen", listen])
+        .current_dir(dir)
+        .env("SPIN_VARIABLE_TOKEN", "x")
+        .output()
+        .unwrap()
+}
+
+/// The command failed, and said so with `needle` on stderr.
+fn assert_fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "{}", stderr(out));
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
 const MANIFEST: &str = r#"
 spin_manifest_version = 2
 [application]
@@ -58,30 +74,15 @@ fn up_fails_clearly_on_a_required_variable_without_value() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("spin.toml"), MANIFEST).unwrap();
     let out = freerelay(&["up", "--listen", "127.0.0.1:0"], dir.path());
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("required variable \"token\""),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "required variable \"token\"");
 }
 
 #[test]
 fn up_fails_clearly_on_a_missing_component_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("spin.toml"), MANIFEST).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_freerelay"))
-        .args(["up", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("SPIN_VARIABLE_TOKEN", "x")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("component 'gateway': source 'components/target/wasm32-wasip2/release/freerelay_gateway.wasm' not found — run scripts/build"),
-        "{}",
-        stderr(&out)
-    );
+    let out = up_with_token(dir.path(), "127.0.0.1:0");
+    assert_fails_with(&out, "component 'gateway': source 'components/target/wasm32-wasip2/release/freerelay_gateway.wasm' not found — run scripts/build");
 }
 
 #[test]
@@ -104,18 +105,8 @@ fn up_fails_clearly_when_the_port_is_taken() {
     std::fs::write(dir.path().join("spin.toml"), MANIFEST).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_freerelay"))
-        .args(["up", "--listen", &addr])
-        .current_dir(dir.path())
-        .env("SPIN_VARIABLE_TOKEN", "x")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains(&format!("{addr} is already in use")),
-        "{}",
-        stderr(&out)
-    );
+    let out = up_with_token(dir.path(), &addr);
+    assert_fails_with(&out, &format!("{addr} is already in use"));
 }
 
 #[test]
@@ -123,18 +114,8 @@ fn up_rejects_bad_allowed_hosts_and_manifests() {
     let dir = tempfile::tempdir().unwrap();
     let with_path = MANIFEST.replace("https://api.example.com\"", "https://api.example.com/v1\"");
     std::fs::write(dir.path().join("spin.toml"), with_path).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_freerelay"))
-        .args(["up", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("SPIN_VARIABLE_TOKEN", "x")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("hosts must not contain paths"),
-        "{}",
-        stderr(&out)
-    );
+    let out = up_with_token(dir.path(), "127.0.0.1:0");
+    assert_fails_with(&out, "hosts must not contain paths");
 
     std::fs::write(
         dir.path().join("bad.toml"),
@@ -142,10 +123,5 @@ fn up_rejects_bad_allowed_hosts_and_manifests() {
     )
     .unwrap();
     let out = freerelay(&["up", "-f", "bad.toml"], dir.path());
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("invalid manifest"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "invalid manifest");
 }
