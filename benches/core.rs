@@ -1,44 +1,70 @@
 //! The per-request work of the core, measured natively: parse + validate a chat request, plan
-//! its route and build the upstream body. The gateway does exactly this once per request.
+//! its route and build the upstream request; translate a JSON answer and a stream. The gateway
+//! does exactly this once per request.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use freerelay::adapter;
+use freerelay::catalog::Wire;
 use freerelay::config::Config;
 use freerelay::route;
 use freerelay::wire::openai::ChatRequest;
-use freerelay::wire::sse::SseScanner;
 
 fn config() -> Config {
     Config::from_vars(|k| match k {
         "groq_api_key" | "mistral_api_key" => Some("k".into()),
-        "client_keys" => Some(freerelay::auth::digest_hex("fr-bench")),
         _ => None,
     })
     .unwrap()
 }
 
+/// An OpenAI stream of `n` content chunks, a finish chunk, the usage chunk and `[DONE]`.
+fn stream(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"))
+        .chain([
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n".to_owned(),
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":200}}\n\n".to_owned(),
+            "data: [DONE]\n\n".to_owned(),
+        ])
+        .collect::<String>()
+        .into_bytes()
+}
+
 fn bench(c: &mut Criterion) {
     let cfg = config();
+    let openai = adapter::for_wire(Wire::OpenAi);
     let body = br#"{"model":"auto","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello in five words."}],"temperature":0.2,"stream":false}"#;
-    c.bench_function("parse+plan+upstream_body", |b| {
+    c.bench_function("parse+plan+upstream_request", |b| {
         b.iter(|| {
             let req = ChatRequest::parse(black_box(body)).unwrap();
             let plan = route::plan(&cfg, &req.model).unwrap();
-            black_box(req.upstream_body(&plan.candidates[0].model))
+            let cand = &plan.candidates[0];
+            let target = cfg.provider(&cand.provider).unwrap();
+            let mut up = openai.request(target, &cand.model, &req);
+            openai.authorize(&mut up, &target.api_key);
+            black_box(up)
         })
     });
     c.bench_function("config_from_vars", |b| b.iter(|| black_box(config())));
-    let stream: Vec<u8> = (0..50)
-        .map(|i| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{i} \"}}}}],\"usage\":null}}\n\n"))
-        .chain(std::iter::once("data: [DONE]\n\n".to_owned()))
-        .collect::<String>()
-        .into_bytes();
-    c.bench_function("sse_scan_50_chunks", |b| {
-        b.iter(|| {
-            let mut s = SseScanner::default();
-            s.feed(black_box(&stream));
-            black_box(s.done)
-        })
+    let answer = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, friend of mine."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#;
+    c.bench_function("translate_json_answer", |b| {
+        b.iter(|| black_box(openai.answer(black_box(answer)).unwrap()))
     });
+    for n in [50usize, 200] {
+        let s = stream(n);
+        // Fed as the upstream sends it: one network read per event.
+        let pieces: Vec<&[u8]> = s.split_inclusive(|&b| b == b'\n').collect();
+        c.bench_function(&format!("translate_stream_{n}_chunks"), |b| {
+            b.iter(|| {
+                let mut t = openai.stream(false);
+                let mut out = Vec::with_capacity(s.len());
+                for p in &pieces {
+                    t.feed(black_box(p), &mut out);
+                }
+                black_box((out.len(), t.end(None)))
+            })
+        });
+    }
 }
 
 criterion_group!(benches, bench);

@@ -11,8 +11,8 @@ pub enum Tier {
     Paid,
 }
 
-/// How requests to a provider are encoded. Only OpenAI-compatible forwarding exists so far;
-/// native Anthropic Messages and Gemini `generateContent` translators come with their own variant.
+/// How requests to a provider are encoded: selects the adapter (`crate::adapter::for_wire`).
+/// Native Anthropic Messages and Gemini `generateContent` come with their own variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
     OpenAi,
@@ -40,8 +40,8 @@ pub struct Provider {
     /// The model `auto` picks on this provider.
     pub default_model: &'static str,
     pub models: &'static [Model],
-    /// Documented requests per minute on the free tier (None: not published or not free).
-    pub free_rpm: Option<u32>,
+    /// Accepts `stream_options` (Mistral answers 422 to it), so usage can be asked for.
+    pub stream_options: bool,
 }
 
 const fn m(id: &'static str, context_window: u32) -> Model {
@@ -63,7 +63,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("openai/gpt-oss-120b", 131_072),
             m("openai/gpt-oss-20b", 131_072),
         ],
-        free_rpm: Some(30),
+        stream_options: true,
     },
     Provider {
         id: "gemini",
@@ -77,7 +77,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("gemini-2.5-flash-lite", 1_048_576),
             m("gemini-2.5-pro", 1_048_576),
         ],
-        free_rpm: None,
+        stream_options: true,
     },
     Provider {
         id: "openrouter",
@@ -91,7 +91,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("deepseek/deepseek-chat-v3-0324:free", 163_840),
             m("qwen/qwen3-coder:free", 262_144),
         ],
-        free_rpm: Some(20),
+        stream_options: true,
     },
     Provider {
         id: "mistral",
@@ -105,7 +105,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("mistral-large-latest", 131_072),
             m("codestral-latest", 262_144),
         ],
-        free_rpm: None,
+        stream_options: false,
     },
     Provider {
         id: "nvidia",
@@ -118,7 +118,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("meta/llama-3.3-70b-instruct", 131_072),
             m("deepseek-ai/deepseek-r1", 131_072),
         ],
-        free_rpm: Some(40),
+        stream_options: true,
     },
     Provider {
         id: "together",
@@ -131,7 +131,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("meta-llama/Llama-3.3-70B-Instruct-Turbo", 131_072),
             m("deepseek-ai/DeepSeek-V3", 131_072),
         ],
-        free_rpm: None,
+        stream_options: true,
     },
     Provider {
         id: "openai",
@@ -146,7 +146,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("gpt-4.1", 1_047_576),
             m("gpt-4.1-mini", 1_047_576),
         ],
-        free_rpm: None,
+        stream_options: true,
     },
     Provider {
         id: "anthropic",
@@ -160,7 +160,7 @@ pub static PROVIDERS: &[Provider] = &[
             m("claude-sonnet-4-5", 200_000),
             m("claude-opus-4-1", 200_000),
         ],
-        free_rpm: None,
+        stream_options: true,
     },
 ];
 

@@ -2,7 +2,6 @@
 //! that a bad setting is reported by name instead of surfacing as an odd upstream failure.
 
 use crate::catalog::{Provider, PROVIDERS};
-use crate::error::ApiError;
 
 /// Variable names that are not per provider.
 pub const CLIENT_KEYS: &str = "client_keys";
@@ -10,16 +9,71 @@ pub const MAX_BODY_BYTES: &str = "max_body_bytes";
 pub const CONNECT_TIMEOUT_MS: &str = "upstream_connect_timeout_ms";
 pub const FIRST_BYTE_TIMEOUT_MS: &str = "upstream_first_byte_timeout_ms";
 pub const BETWEEN_BYTES_TIMEOUT_MS: &str = "upstream_between_bytes_timeout_ms";
+pub const TOTAL_TIMEOUT_MS: &str = "upstream_total_timeout_ms";
+
+/// Every variable that is not per provider (the manifest test checks each is declared).
+pub const GLOBAL_VARIABLES: &[&str] = &[
+    CLIENT_KEYS,
+    MAX_BODY_BYTES,
+    CONNECT_TIMEOUT_MS,
+    FIRST_BYTE_TIMEOUT_MS,
+    BETWEEN_BYTES_TIMEOUT_MS,
+    TOTAL_TIMEOUT_MS,
+];
+/// Per-provider variables, as `<id>_<suffix>`.
+pub const PROVIDER_VARIABLES: &[&str] = &["api_key", "base_url"];
 
 /// The request body limit when `max_body_bytes` is unset.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Upstream timeouts, in milliseconds, handed to wasi:http's request options.
+/// Upstream timeouts, in milliseconds. The first three are wasi:http's request options.
+/// - `connect_ms`: TCP/TLS connect, per attempt.
+/// - `first_byte_ms`: streams only — from sending to the response head; past it the attempt
+///   fails and, under a virtual model, the next candidate is tried.
+/// - `between_bytes_ms`: silence allowed between two pieces of a body (streams and JSON).
+/// - `total_ms`: non-streaming only — the whole answer, head and body, per attempt; an upstream
+///   sends a JSON answer's head only once it has generated it, so this, not `first_byte_ms`,
+///   bounds long answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect_ms: u64,
     pub first_byte_ms: u64,
     pub between_bytes_ms: u64,
+    pub total_ms: u64,
+}
+
+/// A deployment setting that cannot be used. The detail names the variable and is for the
+/// operator's log only: clients get [`ApiError::misconfigured`], which carries nothing of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub detail: String,
+}
+
+impl ConfigError {
+    fn new(detail: String) -> Self {
+        Self { detail }
+    }
+}
+
+/// The accepted client-key digests, read apart from the rest of the configuration so that
+/// authentication happens before any other setting is even looked at.
+pub fn client_keys(get: impl Fn(&str) -> Option<String>) -> Result<Vec<String>, ConfigError> {
+    let digests = get(CLIENT_KEYS)
+        .unwrap_or_default()
+        .split(',')
+        .map(|d| d.trim().to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>();
+    match digests
+        .iter()
+        .position(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        Some(i) => Err(ConfigError::new(format!(
+            "`client_keys` entry #{} is not a SHA-256 hex digest (use `freerelay keygen`)",
+            i + 1
+        ))),
+        None => Ok(digests),
+    }
 }
 
 /// A provider that has an API key, with its resolved endpoint.
@@ -38,11 +92,10 @@ impl Configured {
     }
 }
 
-/// Everything one request needs to know about the deployment.
+/// Everything one request needs to know about the deployment (client keys apart: see
+/// [`client_keys`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Lower-case SHA-256 hex digests of accepted client keys.
-    pub client_key_digests: Vec<String>,
     pub max_body_bytes: u64,
     pub timeouts: Timeouts,
     /// Configured providers, in catalogue order.
@@ -52,33 +105,20 @@ pub struct Config {
 impl Config {
     /// Builds the configuration from a variable lookup (Spin's `variables::get` in components,
     /// a map in tests). A missing variable counts as empty.
-    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, ApiError> {
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let var = |name: &str| get(name).map(|v| v.trim().to_owned()).unwrap_or_default();
-        let number = |name: &str, default: u64| -> Result<u64, ApiError> {
+        let number = |name: &str, default: u64| -> Result<u64, ConfigError> {
             let raw = var(name);
             if raw.is_empty() {
                 return Ok(default);
             }
-            raw.parse::<u64>().map_err(|_| {
-                ApiError::internal(format!(
-                    "gateway misconfigured: variable `{name}` must be a whole number, got {raw:?}"
-                ))
-            })
+            match raw.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(ConfigError::new(format!(
+                    "variable `{name}` must be a positive whole number, got {raw:?}"
+                ))),
+            }
         };
-        let client_key_digests = var(CLIENT_KEYS)
-            .split(',')
-            .map(|d| d.trim().to_ascii_lowercase())
-            .filter(|d| !d.is_empty())
-            .collect::<Vec<_>>();
-        if let Some(bad) = client_key_digests
-            .iter()
-            .find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            return Err(ApiError::internal(format!(
-                "gateway misconfigured: `client_keys` holds {bad:?}, which is not a SHA-256 hex \
-                 digest (use `freerelay keygen`)"
-            )));
-        }
         let mut providers = Vec::new();
         for p in PROVIDERS {
             let api_key = var(&format!("{}_api_key", p.id));
@@ -94,12 +134,12 @@ impl Config {
             });
         }
         Ok(Self {
-            client_key_digests,
             max_body_bytes: number(MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)?,
             timeouts: Timeouts {
                 connect_ms: number(CONNECT_TIMEOUT_MS, 5_000)?,
                 first_byte_ms: number(FIRST_BYTE_TIMEOUT_MS, 60_000)?,
                 between_bytes_ms: number(BETWEEN_BYTES_TIMEOUT_MS, 30_000)?,
+                total_ms: number(TOTAL_TIMEOUT_MS, 300_000)?,
             },
             providers,
         })
@@ -113,21 +153,18 @@ impl Config {
 
 /// `<id>_base_url` is an origin (Spin's allowed hosts reject paths); the catalogue adds the API
 /// path. A URL that does carry a path is taken as the full base, for runners that allow it.
-fn resolve_base_url(p: &Provider, configured: &str) -> Result<String, ApiError> {
+fn resolve_base_url(p: &Provider, configured: &str) -> Result<String, ConfigError> {
     let raw = if configured.is_empty() {
         p.default_origin
     } else {
         configured
     };
     let url = url::Url::parse(raw).map_err(|e| {
-        ApiError::internal(format!(
-            "gateway misconfigured: `{}_base_url` is not a URL ({e}): {raw:?}",
-            p.id
-        ))
+        ConfigError::new(format!("`{}_base_url` is not a URL ({e}): {raw:?}", p.id))
     })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ApiError::internal(format!(
-            "gateway misconfigured: `{}_base_url` must be an http(s) origin, got {raw:?}",
+        return Err(ConfigError::new(format!(
+            "`{}_base_url` must be an http(s) origin, got {raw:?}",
             p.id
         )));
     }
@@ -144,7 +181,7 @@ pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    pub(crate) fn config_of(pairs: &[(&str, &str)]) -> Result<Config, ApiError> {
+    pub(crate) fn config_of(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -180,13 +217,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn bad_values_are_named() {
+    fn bad_values_are_named_for_the_log_only() {
         let e = config_of(&[("max_body_bytes", "lots")]).unwrap_err();
-        assert!(e.message.contains("max_body_bytes"));
+        assert!(e.detail.contains("max_body_bytes"));
+        let e = config_of(&[("upstream_total_timeout_ms", "0")]).unwrap_err();
+        assert!(e.detail.contains("upstream_total_timeout_ms"));
         let e = config_of(&[("groq_api_key", "k"), ("groq_base_url", "ftp://x")]).unwrap_err();
-        assert!(e.message.contains("groq_base_url"));
-        let e = config_of(&[("client_keys", "abc")]).unwrap_err();
-        assert!(e.message.contains("client_keys"));
+        assert!(e.detail.contains("groq_base_url"));
+        let secret = "0123456789abcdef-not-a-digest";
+        let e =
+            client_keys(|k| (k == CLIENT_KEYS).then(|| format!("{}, {secret}", "a".repeat(64))))
+                .unwrap_err();
+        assert!(e.detail.contains("client_keys") && e.detail.contains("#2"));
+        assert!(
+            !e.detail.contains(secret),
+            "a key's value never reaches a log"
+        );
+    }
+
+    #[test]
+    fn client_keys_are_normalised() {
+        let d = "AB".repeat(32);
+        let keys = client_keys(|_| Some(format!(" {d} ,,"))).unwrap();
+        assert_eq!(keys, vec!["ab".repeat(32)]);
+        assert!(client_keys(|_| None).unwrap().is_empty());
     }
 
     #[test]
@@ -194,6 +248,7 @@ pub(crate) mod tests {
         let c = config_of(&[]).unwrap();
         assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.timeouts.first_byte_ms, 60_000);
-        assert!(c.providers.is_empty() && c.client_key_digests.is_empty());
+        assert_eq!(c.timeouts.total_ms, 300_000);
+        assert!(c.providers.is_empty());
     }
 }

@@ -2,6 +2,7 @@
 //! the deadline lives in the key-value store so every instance honours it, not only the one that
 //! was told.
 
+use crate::kv::{keys, KvOp};
 use serde::{Deserialize, Serialize};
 
 /// A cool-down is never shorter than this, so a missing or zero Retry-After still spreads load.
@@ -45,6 +46,21 @@ impl Cooldown {
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         serde_json::from_slice(bytes).ok()
     }
+
+    /// The write that records this cool-down for `provider`: compare-and-swap keeping the later
+    /// `until`, so a late writer with a shorter wait never shortens a live cool-down.
+    pub fn op(&self, provider: &str) -> KvOp {
+        KvOp::CasMax {
+            key: keys::cooldown(provider),
+            value: self.encode(),
+            rank: until_rank,
+        }
+    }
+}
+
+/// A stored cool-down ranks by its deadline.
+fn until_rank(bytes: &[u8]) -> Option<u64> {
+    Cooldown::decode(bytes).map(|c| c.until_ms)
 }
 
 /// How long a 429 asks us to wait, in ms: `Retry-After` (seconds), else the providers'
@@ -125,5 +141,21 @@ mod tests {
         assert_eq!(Cooldown::new(0, 7_000, 429).remaining_secs(100), 7);
         assert_eq!(Cooldown::decode(&c.encode()), Some(c));
         assert_eq!(Cooldown::decode(b"junk"), None);
+    }
+
+    #[test]
+    fn a_late_shorter_cooldown_never_shortens_a_live_one() {
+        use crate::kv::{apply, Kv, MemKv};
+        let kv = MemKv::default();
+        let long = Cooldown::new(0, 60_000, 429);
+        let short = Cooldown::new(1_000, 5_000, 429);
+        apply(&kv, &long.op("groq")).unwrap();
+        apply(&kv, &short.op("groq")).unwrap();
+        let stored = Cooldown::decode(&kv.get("cooldown:v1:groq").unwrap().unwrap()).unwrap();
+        assert_eq!(stored, long);
+        let longer = Cooldown::new(2_000, 90_000, 429);
+        apply(&kv, &longer.op("groq")).unwrap();
+        let stored = Cooldown::decode(&kv.get("cooldown:v1:groq").unwrap().unwrap()).unwrap();
+        assert_eq!(stored, longer);
     }
 }

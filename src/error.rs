@@ -145,6 +145,18 @@ impl ApiError {
         Self::new(500, "server_error", Some("internal_error"), message.into())
     }
 
+    /// 500: the deployment's variables are invalid. Always this fixed text: the detail (which
+    /// may name or quote a variable) goes to the operator's log only.
+    pub fn misconfigured() -> Self {
+        Self::new(
+            500,
+            "server_error",
+            Some("gateway_misconfigured"),
+            "The gateway is misconfigured; its operator can find the cause in the gateway's log."
+                .into(),
+        )
+    }
+
     /// The relayed status and message of an upstream 4xx that is the client's fault.
     pub fn relayed(status: u16, message: String) -> Self {
         Self::new(status, "invalid_request_error", None, message)

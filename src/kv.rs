@@ -41,16 +41,115 @@ pub fn decode_counter(bytes: &[u8]) -> Option<i64> {
     <[u8; 8]>::try_from(bytes).ok().map(i64::from_le_bytes)
 }
 
-/// Key names. Every key the product writes is built here and described in `kv-schema/`.
+/// Key names. Every key the product writes is built here and described in `kv-schema/`
+/// (a test checks that each builder's prefix is documented there).
 pub mod keys {
-    /// `stats:v1:<provider>:<field>` — i64 counter (increment).
-    pub fn stat(provider: &str, field: &str) -> String {
-        format!("stats:v1:{provider}:{field}")
+    /// Every key prefix built below, for the documentation test.
+    pub const PREFIXES: &[&str] = &["stats:v1:", "cooldown:v1:"];
+
+    /// `stats:v1:<scope>:<field>` — i64 counter (increment). `<scope>` is a provider id or
+    /// `gateway` for requests that never reached a provider.
+    pub fn stat(scope: &str, field: &str) -> String {
+        format!("stats:v1:{scope}:{field}")
     }
 
     /// `cooldown:v1:<provider>` — JSON [`crate::cooldown::Cooldown`]: skip until a time.
     pub fn cooldown(provider: &str) -> String {
         format!("cooldown:v1:{provider}")
+    }
+}
+
+/// One state change, decided by a pure transition and performed by the component at the point
+/// of decision. Transitions return these instead of touching a store, so they test natively.
+#[derive(Debug, Clone)]
+pub enum KvOp {
+    /// Plain write (last writer wins).
+    Set { key: String, value: Vec<u8> },
+    /// Atomic add to an i64 counter.
+    Increment { key: String, delta: i64 },
+    /// Writes `value` unless the stored value already ranks at least as high, by a
+    /// compare-and-swap loop: concurrent writers converge on the highest rank, never regress.
+    CasMax {
+        key: String,
+        value: Vec<u8>,
+        /// Reads the rank of an encoded value; unreadable values rank lowest.
+        rank: fn(&[u8]) -> Option<u64>,
+    },
+}
+
+/// Equal when they would write the same thing (a `CasMax`'s rank function is not compared:
+/// function addresses are not meaningful).
+impl PartialEq for KvOp {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (KvOp::Set { key: a, value: x }, KvOp::Set { key: b, value: y })
+            | (
+                KvOp::CasMax {
+                    key: a, value: x, ..
+                },
+                KvOp::CasMax {
+                    key: b, value: y, ..
+                },
+            ) => a == b && x == y,
+            (KvOp::Increment { key: a, delta: x }, KvOp::Increment { key: b, delta: y }) => {
+                a == b && x == y
+            }
+            _ => false,
+        }
+    }
+}
+
+impl KvOp {
+    pub fn key(&self) -> &str {
+        match self {
+            KvOp::Set { key, .. } | KvOp::Increment { key, .. } | KvOp::CasMax { key, .. } => key,
+        }
+    }
+}
+
+/// Compare-and-swap attempts before [`cas_update`] gives up (each retry means another writer
+/// changed the key in between, so progress is being made by someone).
+pub const CAS_ATTEMPTS: usize = 16;
+
+/// Read-modify-write with compare-and-swap: `f` sees the current value and returns the value to
+/// store, or `None` to leave the key as it is. Retries when another writer got in between.
+/// Returns whether a value was written.
+pub fn cas_update(
+    kv: &(impl Kv + ?Sized),
+    key: &str,
+    mut f: impl FnMut(Option<&[u8]>) -> Option<Vec<u8>>,
+) -> KvResult<bool> {
+    for _ in 0..CAS_ATTEMPTS {
+        let current = kv.get(key)?;
+        let Some(new) = f(current.as_deref()) else {
+            return Ok(false);
+        };
+        if kv.compare_and_swap(key, current.as_deref(), &new)? {
+            return Ok(true);
+        }
+    }
+    Err(KvError(format!(
+        "{key}: compare-and-swap lost {CAS_ATTEMPTS} times in a row"
+    )))
+}
+
+/// Performs one operation.
+pub fn apply(kv: &(impl Kv + ?Sized), op: &KvOp) -> KvResult<()> {
+    match op {
+        KvOp::Set { key, value } => kv.set(key, value),
+        KvOp::Increment { key, delta } => kv.increment(key, *delta).map(|_| ()),
+        KvOp::CasMax { key, value, rank } => {
+            let proposed = rank(value);
+            cas_update(kv, key, |current| {
+                let higher = match (current.and_then(rank), proposed) {
+                    (Some(c), Some(p)) => p > c,
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                };
+                higher.then(|| value.clone())
+            })
+            .map(|_| ())
+        }
     }
 }
 
@@ -140,5 +239,110 @@ mod tests {
         );
         kv.delete("k").unwrap();
         assert!(!kv.exists("k").unwrap());
+    }
+
+    fn rank(v: &[u8]) -> Option<u64> {
+        std::str::from_utf8(v).ok()?.parse().ok()
+    }
+
+    fn cas_max(key: &str, v: u64) -> KvOp {
+        KvOp::CasMax {
+            key: key.into(),
+            value: v.to_string().into_bytes(),
+            rank,
+        }
+    }
+
+    #[test]
+    fn cas_max_keeps_the_highest_rank() {
+        let kv = MemKv::default();
+        apply(&kv, &cas_max("k", 5)).unwrap();
+        apply(&kv, &cas_max("k", 3)).unwrap();
+        assert_eq!(kv.get("k").unwrap().as_deref(), Some(&b"5"[..]));
+        apply(&kv, &cas_max("k", 9)).unwrap();
+        assert_eq!(kv.get("k").unwrap().as_deref(), Some(&b"9"[..]));
+        kv.set("k", b"junk").unwrap();
+        apply(&kv, &cas_max("k", 1)).unwrap();
+        assert_eq!(kv.get("k").unwrap().as_deref(), Some(&b"1"[..]));
+    }
+
+    /// A store whose value changes under the caller between the read and the swap, a given
+    /// number of times: the loop must re-read and decide again on the new value.
+    struct Racy {
+        inner: MemKv,
+        interference: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl Kv for Racy {
+        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
+            self.inner.get(key)
+        }
+        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
+            self.inner.get_many(keys)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
+            self.inner.set(key, value)
+        }
+        fn delete(&self, key: &str) -> KvResult<()> {
+            self.inner.delete(key)
+        }
+        fn exists(&self, key: &str) -> KvResult<bool> {
+            self.inner.exists(key)
+        }
+        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
+            self.inner.increment(key, delta)
+        }
+        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
+            if let Some(v) = self.interference.lock().unwrap().pop() {
+                self.inner.set(key, &v)?;
+            }
+            self.inner.compare_and_swap(key, e, new)
+        }
+    }
+
+    #[test]
+    fn cas_update_retries_and_decides_on_the_fresh_value() {
+        let kv = Racy {
+            inner: MemKv::default(),
+            interference: Mutex::new(vec![b"7".to_vec(), b"2".to_vec()]),
+        };
+        // Two other writers get in (2, then 7); proposing 5 must not overwrite 7.
+        apply(&kv, &cas_max("k", 5)).unwrap();
+        assert_eq!(kv.get("k").unwrap().as_deref(), Some(&b"7"[..]));
+        // Endless interference exhausts the attempts with an error, never a silent loss.
+        let kv = Racy {
+            inner: MemKv::default(),
+            interference: Mutex::new(
+                (0..=CAS_ATTEMPTS)
+                    .map(|i| i.to_string().into_bytes())
+                    .collect(),
+            ),
+        };
+        let mut calls = 0;
+        let r = cas_update(&kv, "k", |_| {
+            calls += 1;
+            Some(b"x".to_vec())
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, CAS_ATTEMPTS);
+    }
+
+    #[test]
+    fn concurrent_cas_max_converges_on_the_maximum() {
+        let kv = std::sync::Arc::new(MemKv::default());
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let kv = kv.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200u64 {
+                        apply(&*kv, &cas_max("k", (i * 8 + t) % 1000)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(kv.get("k").unwrap().as_deref(), Some(&b"999"[..]));
     }
 }

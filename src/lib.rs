@@ -1,16 +1,21 @@
 //! FreeRelay core: everything the gateway decides, as plain Rust with no Spin types, so it is
 //! tested natively and compiled unchanged into the wasm32-wasip2 components.
 //!
-//! Floors, bottom up: [`wire`], [`catalog`], [`kv`] and [`error`] know nothing of each other's
-//! callers; [`config`], [`auth`], [`cooldown`] and [`stats`] are typed state with pure
-//! transitions; [`route`] and [`upstream`] plan and judge one request; [`api`] maps HTTP paths.
+//! Floors, bottom up: [`wire`], [`catalog`], [`kv`], [`event`] and [`error`] know nothing of
+//! each other's callers; [`config`], [`auth`], [`cooldown`] and [`stats`] are typed state with
+//! pure transitions returning [`kv::KvOp`]s; [`upstream`] judges failures and [`adapter`] speaks
+//! each wire format; [`route`] plans a request and [`attempt`] walks the plan; [`api`] maps HTTP
+//! paths.
 
+pub mod adapter;
 pub mod api;
+pub mod attempt;
 pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod cooldown;
 pub mod error;
+pub mod event;
 pub mod kv;
 pub mod route;
 pub mod stats;

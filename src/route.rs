@@ -7,19 +7,25 @@ use crate::config::{Config, Configured};
 use crate::cooldown::Cooldown;
 use crate::error::ApiError;
 use crate::kv::keys;
+use serde::{Deserialize, Serialize};
 
-/// One provider-model pair to try.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate<'a> {
-    pub provider: &'a Configured,
+/// One provider-model pair to try. Owned and secret-free: it names the provider, and the
+/// component looks up the endpoint and key in its own configuration when it sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Catalogue id of the provider.
+    pub provider: String,
     /// The model id sent upstream.
     pub model: String,
+    /// Why it is in the plan, for the log and the audit.
+    pub reason: String,
 }
 
-/// The ordered candidates for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan<'a> {
-    pub candidates: Vec<Candidate<'a>>,
+/// The ordered candidates for one request: a value a router component can return over
+/// service chaining as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub candidates: Vec<Candidate>,
     /// The client named a virtual model, so falling back to another provider is expected.
     pub virtual_model: bool,
 }
@@ -32,15 +38,23 @@ pub const VIRTUAL_MODELS: &[(&str, &[Tier])] = &[
 ];
 
 /// Resolves the requested model against the configured providers.
-pub fn plan<'a>(config: &'a Config, model: &str) -> Result<Plan<'a>, ApiError> {
+pub fn plan(config: &Config, model: &str) -> Result<Plan, ApiError> {
     if let Some((name, tiers)) = VIRTUAL_MODELS.iter().find(|(v, _)| *v == model) {
         let candidates: Vec<_> = config
             .providers
             .iter()
             .filter(|c| tiers.contains(&c.provider.tier))
             .map(|c| Candidate {
-                provider: c,
+                provider: c.provider.id.to_owned(),
                 model: c.provider.default_model.to_owned(),
+                reason: format!(
+                    "`{name}`: {} tier, catalogue order",
+                    if c.provider.tier == Tier::Free {
+                        "free"
+                    } else {
+                        "paid"
+                    }
+                ),
             })
             .collect();
         if candidates.is_empty() {
@@ -74,11 +88,12 @@ pub fn plan<'a>(config: &'a Config, model: &str) -> Result<Plan<'a>, ApiError> {
     )))
 }
 
-fn explicit<'a>(c: &'a Configured, model: &str) -> Plan<'a> {
+fn explicit(c: &Configured, model: &str) -> Plan {
     Plan {
         candidates: vec![Candidate {
-            provider: c,
+            provider: c.provider.id.to_owned(),
             model: model.to_owned(),
+            reason: "named by the client".into(),
         }],
         virtual_model: false,
     }
@@ -92,12 +107,12 @@ fn configured<'a>(config: &'a Config, id: &str, model: &str) -> Result<&'a Confi
     })
 }
 
-impl<'a> Plan<'a> {
+impl Plan {
     /// The cool-down keys of the candidates, read in one batch before the first attempt.
     pub fn cooldown_keys(&self) -> Vec<String> {
         self.candidates
             .iter()
-            .map(|c| keys::cooldown(c.provider.provider.id))
+            .map(|c| keys::cooldown(&c.provider))
             .collect()
     }
 
@@ -144,8 +159,20 @@ mod tests {
     fn ids(p: &Plan) -> Vec<(String, String)> {
         p.candidates
             .iter()
-            .map(|c| (c.provider.provider.id.to_owned(), c.model.clone()))
+            .map(|c| (c.provider.clone(), c.model.clone()))
             .collect()
+    }
+
+    #[test]
+    fn plans_are_owned_serialisable_and_secret_free() {
+        let c = config_of(&[("groq_api_key", "gsk-very-secret")]).unwrap();
+        let p = plan(&c, "auto").unwrap();
+        drop(c);
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains("gsk-very-secret"));
+        let back: Plan = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, p);
+        assert!(back.candidates[0].reason.contains("free"));
     }
 
     fn pair(a: &str, b: &str) -> (String, String) {

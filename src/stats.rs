@@ -1,108 +1,137 @@
-//! Per-provider counters (requests, errors, tokens), kept as atomic increments in the store so
-//! concurrent instances never lose a count.
+//! Per-provider counters (requests, errors, tokens, clients gone) and the gateway's own (requests
+//! refused locally), kept as atomic increments in the store so concurrent instances never lose a
+//! count. Each is decided by a function here and written by the component when it happens.
 
 use crate::catalog::PROVIDERS;
-use crate::kv::{decode_counter, keys};
+use crate::kv::{decode_counter, keys, KvOp};
 use crate::wire::openai::Usage;
 use serde_json::{json, Map, Value};
 
-pub const FIELDS: [&str; 4] = ["requests", "errors", "prompt_tokens", "completion_tokens"];
+pub const FIELDS: [&str; 5] = [
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "completion_tokens",
+    "client_gone",
+];
 
-/// What one upstream attempt came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome<'a> {
-    pub provider: &'a str,
-    pub ok: bool,
-    pub usage: Option<Usage>,
-}
+/// Counters of requests that reached no provider.
+pub const GATEWAY: &str = "gateway";
+pub const GATEWAY_FIELDS: [&str; 1] = ["refused"];
 
-impl Outcome<'_> {
-    /// The counter updates this outcome makes; zero deltas are left out (no needless writes).
-    pub fn increments(&self) -> Vec<(String, i64)> {
-        let usage = self.usage.unwrap_or_default();
-        let deltas = [
-            ("requests", 1),
-            ("errors", i64::from(!self.ok)),
-            ("prompt_tokens", usage.prompt_tokens as i64),
-            ("completion_tokens", usage.completion_tokens as i64),
-        ];
-        deltas
-            .into_iter()
-            .filter(|(_, d)| *d != 0)
-            .map(|(f, d)| (keys::stat(self.provider, f), d))
-            .collect()
+fn add(scope: &str, field: &str, delta: i64) -> KvOp {
+    KvOp::Increment {
+        key: keys::stat(scope, field),
+        delta,
     }
 }
 
+/// An upstream attempt starts: counted before it is sent, so it is never lost.
+pub fn attempt_started(provider: &str) -> KvOp {
+    add(provider, "requests", 1)
+}
+
+/// An attempt failed (status, transport, broken answer or stream).
+pub fn attempt_failed(provider: &str) -> KvOp {
+    add(provider, "errors", 1)
+}
+
+/// The client left before its answer was complete.
+pub fn client_gone(provider: &str) -> KvOp {
+    add(provider, "client_gone", 1)
+}
+
+/// Token counts, when the usage is known; zero counts are not written.
+pub fn usage(provider: &str, usage: Usage) -> Vec<KvOp> {
+    [
+        ("prompt_tokens", usage.prompt_tokens),
+        ("completion_tokens", usage.completion_tokens),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(f, n)| add(provider, f, i64::try_from(n).unwrap_or(i64::MAX)))
+    .collect()
+}
+
+/// Every candidate was cooling down: refused without an upstream.
+pub fn refused() -> KvOp {
+    add(GATEWAY, "refused", 1)
+}
+
 /// Every stats key, provider-major, in [`FIELDS`] order: one batched read serves the report.
+/// The gateway's own counters follow.
 pub fn all_keys() -> Vec<String> {
     PROVIDERS
         .iter()
         .flat_map(|p| FIELDS.iter().map(move |f| keys::stat(p.id, f)))
+        .chain(GATEWAY_FIELDS.iter().map(|f| keys::stat(GATEWAY, f)))
         .collect()
 }
 
 /// The `/v1/freerelay/stats` body from the values of [`all_keys`]; providers never used are
 /// left out.
 pub fn report(values: &[Option<Vec<u8>>]) -> Value {
+    let n = |v: Option<&Option<Vec<u8>>>| {
+        v.and_then(|v| v.as_deref())
+            .and_then(decode_counter)
+            .unwrap_or(0)
+    };
+    let split = PROVIDERS.len() * FIELDS.len();
+    let (per_provider, own) = values.split_at(split.min(values.len()));
+    let mut gateway = Map::new();
+    for (i, f) in GATEWAY_FIELDS.iter().enumerate() {
+        gateway.insert((*f).into(), json!(n(own.get(i))));
+    }
     let mut providers = Map::new();
-    for (p, chunk) in PROVIDERS.iter().zip(values.chunks(FIELDS.len())) {
+    for (p, chunk) in PROVIDERS.iter().zip(per_provider.chunks(FIELDS.len())) {
         if chunk.iter().all(Option::is_none) {
             continue;
         }
         let mut fields = Map::new();
         for (f, v) in FIELDS.iter().zip(chunk) {
-            let n = v.as_deref().and_then(decode_counter).unwrap_or(0);
-            fields.insert((*f).into(), json!(n));
+            fields.insert((*f).into(), json!(n(Some(v))));
         }
         providers.insert(p.id.into(), Value::Object(fields));
     }
-    json!({ "object": "freerelay.stats", "providers": providers })
+    json!({ "object": "freerelay.stats", "providers": providers, "gateway": gateway })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{Kv, MemKv};
+    use crate::kv::{apply, Kv, MemKv};
 
     #[test]
-    fn outcomes_accumulate_into_the_report() {
+    fn operations_accumulate_into_the_report() {
         let kv = MemKv::default();
-        let outcomes = [
-            Outcome {
-                provider: "groq",
-                ok: true,
-                usage: Some(Usage {
-                    prompt_tokens: 3,
-                    completion_tokens: 4,
-                }),
-            },
-            Outcome {
-                provider: "groq",
-                ok: false,
-                usage: None,
-            },
+        let mut ops = vec![
+            attempt_started("groq"),
+            attempt_started("groq"),
+            attempt_failed("groq"),
+            client_gone("groq"),
+            refused(),
         ];
-        for o in outcomes {
-            for (k, d) in o.increments() {
-                kv.increment(&k, d).unwrap();
-            }
+        ops.extend(usage(
+            "groq",
+            Usage {
+                prompt_tokens: 3,
+                completion_tokens: 4,
+            },
+        ));
+        for op in &ops {
+            apply(&kv, op).unwrap();
         }
         let report = report(&kv.get_many(&all_keys()).unwrap());
         assert_eq!(
             report["providers"]["groq"],
-            json!({"requests": 2, "errors": 1, "prompt_tokens": 3, "completion_tokens": 4})
+            json!({"requests": 2, "errors": 1, "prompt_tokens": 3, "completion_tokens": 4, "client_gone": 1})
         );
         assert!(report["providers"].get("mistral").is_none());
+        assert_eq!(report["gateway"]["refused"], 1);
     }
 
     #[test]
-    fn a_clean_request_without_usage_writes_one_key() {
-        let o = Outcome {
-            provider: "groq",
-            ok: true,
-            usage: None,
-        };
-        assert_eq!(o.increments(), vec![("stats:v1:groq:requests".into(), 1)]);
+    fn zero_usage_writes_no_key() {
+        assert!(usage("groq", Usage::default()).is_empty());
     }
 }

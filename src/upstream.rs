@@ -3,7 +3,6 @@
 
 use crate::cooldown::{self, Cooldown};
 use crate::error::ApiError;
-use crate::wire::openai::error_message;
 
 /// A failure below HTTP, as the host reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,17 +35,18 @@ pub struct Hints<'a> {
     pub reset_tokens: Option<&'a str>,
 }
 
-/// Judges a non-2xx status. `body` is (the start of) the upstream's error body.
+/// Judges a non-2xx status. `detail` is the message of the upstream's error body, read by the
+/// provider's adapter.
 pub fn judge_status(
     provider: &str,
     api_key: &str,
     status: u16,
     hints: Hints<'_>,
-    body: &[u8],
+    detail: Option<&str>,
     now_ms: u64,
 ) -> Failure {
-    let detail = error_message(body)
-        .map(|m| scrub(&m, api_key))
+    let detail = detail
+        .map(|m| scrub(m, api_key))
         .unwrap_or_else(|| format!("HTTP {status}"));
     match status {
         429 => {
@@ -123,6 +123,25 @@ pub fn judge_transport(provider: &str, api_key: &str, t: &Transport) -> Failure 
     }
 }
 
+/// A 2xx answer that broke before it was complete (nothing reached the client yet, so another
+/// provider may still answer).
+pub fn broken_answer(provider: &str, why: &str, timed_out: bool) -> Failure {
+    let error = if timed_out {
+        ApiError::upstream_timeout(format!(
+            "Provider `{provider}` did not finish its answer in time: {why}."
+        ))
+    } else {
+        ApiError::upstream(format!(
+            "Provider `{provider}` sent a broken answer: {why}."
+        ))
+    };
+    Failure {
+        error,
+        retryable: true,
+        cooldown: None,
+    }
+}
+
 /// The error event for a stream that broke after its 200 was sent.
 pub fn stream_interrupted(provider: &str, why: &str) -> ApiError {
     let mut e = ApiError::upstream(format!(
@@ -154,7 +173,7 @@ mod tests {
                 retry_after: Some("7"),
                 ..Default::default()
             },
-            br#"{"error":{"message":"slow down"}}"#,
+            Some("slow down"),
             1_000,
         );
         assert!(f.retryable);
@@ -165,7 +184,7 @@ mod tests {
 
     #[test]
     fn status_mapping() {
-        let j = |s: u16| judge_status("p", "key-123", s, Hints::default(), b"", 0);
+        let j = |s: u16| judge_status("p", "key-123", s, Hints::default(), None, 0);
         assert_eq!((j(500).error.status, j(500).retryable), (502, true));
         assert_eq!(
             (j(503).error.status, j(503).error.kind),
@@ -184,7 +203,7 @@ mod tests {
             "sk-live-abcdef",
             400,
             Hints::default(),
-            br#"{"error":{"message":"Incorrect API key provided: sk-live-abcdef"}}"#,
+            Some("Incorrect API key provided: sk-live-abcdef"),
             0,
         );
         assert!(!f.error.message.contains("sk-live-abcdef"));

@@ -40,7 +40,17 @@ impl ChatRequest {
             ));
         };
         let model = match body.get("model") {
-            Some(Value::String(m)) if !m.trim().is_empty() => m.trim().to_owned(),
+            Some(Value::String(m)) if valid_model(m.trim()) => m.trim().to_owned(),
+            Some(Value::String(m)) if !m.trim().is_empty() => {
+                return Err(ApiError::invalid_request(
+                    format!(
+                        "Invalid `model`: use at most {MAX_MODEL_LEN} printable ASCII characters \
+                         without spaces (got {} bytes).",
+                        m.len()
+                    ),
+                    Some("model"),
+                ))
+            }
             Some(Value::String(_)) | None => {
                 return Err(ApiError::invalid_request(
                     "You must provide a model parameter.",
@@ -92,12 +102,49 @@ impl ChatRequest {
         })
     }
 
-    /// The body to send upstream: the client's, with only `model` replaced.
-    pub fn upstream_body(&self, upstream_model: &str) -> Vec<u8> {
+    /// The body to send upstream: the client's, with `model` replaced and `stream_options`
+    /// as `options` says.
+    pub fn upstream_body(&self, upstream_model: &str, options: StreamOptions) -> Vec<u8> {
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(upstream_model.to_owned()));
+        match options {
+            StreamOptions::Keep => {}
+            StreamOptions::Remove => {
+                body.remove("stream_options");
+            }
+            StreamOptions::AskUsage => {
+                let so = body
+                    .entry("stream_options")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !so.is_object() {
+                    *so = Value::Object(Map::new());
+                }
+                if let Value::Object(o) = so {
+                    o.insert("include_usage".into(), Value::Bool(true));
+                }
+            }
+        }
         serde_json::to_vec(&body).unwrap_or_default()
     }
+}
+
+/// What to do with `stream_options` upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamOptions {
+    /// As the client sent it.
+    Keep,
+    /// Always ask for the usage chunk (stats and budgets must never see 0 tokens for a stream).
+    AskUsage,
+    /// The provider rejects the field.
+    Remove,
+}
+
+/// Longest accepted `model` string, in bytes.
+pub const MAX_MODEL_LEN: usize = 256;
+
+/// A model name goes upstream and into response headers: printable ASCII, no spaces, bounded.
+fn valid_model(m: &str) -> bool {
+    !m.is_empty() && m.len() <= MAX_MODEL_LEN && m.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn validate_messages(messages: Option<&Value>) -> Result<(), ApiError> {
@@ -214,10 +261,21 @@ mod tests {
         let r = parse(r#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"x_vendor":{"a":1},"temperature":0.2}"#).unwrap();
         assert_eq!(r.model, "auto");
         assert!(!r.stream);
-        let up: Value = serde_json::from_slice(&r.upstream_body("llama")).unwrap();
+        let up: Value =
+            serde_json::from_slice(&r.upstream_body("llama", StreamOptions::Keep)).unwrap();
         assert_eq!(up["model"], "llama");
         assert_eq!(up["x_vendor"]["a"], 1);
         assert_eq!(up["temperature"], 0.2);
+    }
+
+    #[test]
+    fn overlong_models_are_refused() {
+        let long = "m".repeat(MAX_MODEL_LEN + 1);
+        let body = format!(r#"{{"model":"{long}","messages":[{{"role":"user","content":"x"}}]}}"#);
+        assert_eq!(parse(&body).unwrap_err().param.as_deref(), Some("model"));
+        let ok = "m".repeat(MAX_MODEL_LEN);
+        let body = format!(r#"{{"model":"{ok}","messages":[{{"role":"user","content":"x"}}]}}"#);
+        assert!(parse(&body).is_ok());
     }
 
     #[test]
@@ -237,6 +295,18 @@ mod tests {
             ),
             (
                 r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (
+                r#"{"model":"a\r\nx-evil: 1","messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (
+                r#"{"model":"gpt 4","messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (
+                r#"{"model":"modèle","messages":[{"role":"user","content":"x"}]}"#,
                 Some("model"),
             ),
             (r#"{"model":"m"}"#, Some("messages")),

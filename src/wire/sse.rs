@@ -1,80 +1,103 @@
-//! A scanner over a relayed SSE stream: the bytes go to the client untouched, while the scanner
-//! notes what the gateway must know — did `[DONE]` arrive, what usage was reported, did the
-//! upstream send an error event.
+//! Server-sent events framing, shared by every streaming translator: bytes in, whole events out
+//! (their raw bytes, for pass-through, and their `event:`/`data:` fields, for translation).
+//! Nothing of an event is released before its blank line has arrived.
 
-use super::openai::Usage;
+/// An event larger than this breaks the stream instead of growing a buffer without bound.
+pub const MAX_EVENT: usize = 4 << 20;
 
-/// Lines longer than this are not inspected (they are still relayed), so a hostile upstream
-/// cannot make the scanner buffer without bound.
-const MAX_LINE: usize = 1 << 20;
-
-/// What has been seen so far on one stream.
-#[derive(Debug, Default, Clone)]
-pub struct SseScanner {
-    partial: Vec<u8>,
-    overlong: bool,
-    /// `data: [DONE]` arrived.
-    pub done: bool,
-    /// The last usage object seen (OpenAI sends it once, in the final chunk).
-    pub usage: Option<Usage>,
-    /// The upstream sent an `{"error": ...}` event.
-    pub upstream_error: bool,
-    /// Data events seen, `[DONE]` excluded.
-    pub events: u64,
+/// One complete event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseEvent<'a> {
+    /// The event's bytes as received, blank line included.
+    pub raw: &'a [u8],
+    /// The `event:` field, if any.
+    pub name: Option<&'a [u8]>,
+    /// The `data:` lines joined with `\n` (one leading space of each line removed).
+    pub data: &'a [u8],
+    /// At least one `data:` line was present (comments and keep-alives have none).
+    pub has_data: bool,
 }
 
-impl SseScanner {
-    /// Feeds the next chunk of bytes, in arrival order.
-    pub fn feed(&mut self, chunk: &[u8]) {
+/// Splits a byte stream into events, across any chunking.
+#[derive(Debug, Default, Clone)]
+pub struct SseFramer {
+    /// Bytes of the event being received.
+    pending: Vec<u8>,
+    /// Where the current line starts in `pending`.
+    line_start: usize,
+    data: Vec<u8>,
+    has_data: bool,
+    name: Option<Vec<u8>>,
+}
+
+impl SseFramer {
+    /// Feeds the next bytes; calls `on_event` for each event completed by them. `Err` when an
+    /// event passes [`MAX_EVENT`] bytes (the stream should be treated as broken).
+    pub fn feed(
+        &mut self,
+        chunk: &[u8],
+        mut on_event: impl FnMut(SseEvent<'_>),
+    ) -> Result<(), String> {
         let mut rest = chunk;
         while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            let (line, tail) = rest.split_at(pos);
-            rest = &tail[1..];
-            if self.overlong {
-                self.overlong = false;
-                self.partial.clear();
+            self.pending.extend_from_slice(&rest[..=pos]);
+            rest = &rest[pos + 1..];
+            let mut end = self.pending.len() - 1;
+            if end > self.line_start && self.pending[end - 1] == b'\r' {
+                end -= 1;
+            }
+            let (start, line_start) = (self.line_start, self.pending.len());
+            if start == end {
+                on_event(SseEvent {
+                    raw: &self.pending,
+                    name: self.name.as_deref(),
+                    data: &self.data,
+                    has_data: self.has_data,
+                });
+                self.pending.clear();
+                self.data.clear();
+                self.has_data = false;
+                self.name = None;
+                self.line_start = 0;
                 continue;
             }
-            if self.partial.is_empty() {
-                self.line(line);
-            } else {
-                let mut full = std::mem::take(&mut self.partial);
-                full.extend_from_slice(line);
-                self.line(&full);
-            }
+            self.field(start, end);
+            self.line_start = line_start;
         }
-        if !rest.is_empty() && !self.overlong {
-            if self.partial.len() + rest.len() > MAX_LINE {
-                self.overlong = true;
-                self.partial.clear();
-            } else {
-                self.partial.extend_from_slice(rest);
-            }
+        self.pending.extend_from_slice(rest);
+        if self.pending.len() > MAX_EVENT {
+            self.pending.clear();
+            self.line_start = 0;
+            return Err(format!("an event exceeded {MAX_EVENT} bytes"));
         }
+        Ok(())
     }
 
-    fn line(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
-        };
-        let data = data.strip_prefix(b" ").unwrap_or(data);
-        if data == b"[DONE]" {
-            self.done = true;
-            return;
-        }
-        self.events += 1;
-        // Only chunks that may carry usage or an error are worth a JSON parse.
-        let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
-        if has(b"\"usage\"") || has(b"\"error\"") {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
-                if let Some(u) = Usage::from_object(&v) {
-                    self.usage = Some(u);
-                }
-                if v.get("error").is_some_and(|e| !e.is_null()) {
-                    self.upstream_error = true;
-                }
+    /// Part of an event has arrived without its end.
+    pub fn has_partial(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn field(&mut self, start: usize, end: usize) {
+        let line = &self.pending[start..end];
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(0) => return, // a comment
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
             }
+            None => (line, &[][..]),
+        };
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            b"event" => self.name = Some(value.to_vec()),
+            _ => {}
         }
     }
 }
@@ -83,45 +106,60 @@ impl SseScanner {
 mod tests {
     use super::*;
 
-    const STREAM: &str =
-        "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}],\"usage\":null}\n\n\
-data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
-data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\n\
+    const STREAM: &str = ": keep-alive\n\n\
+event: message_start\r\ndata: {\"a\":1}\r\n\r\n\
+data: one\ndata:two\n\n\
 data: [DONE]\n\n";
 
+    /// (raw, name, data, has_data) of one event.
+    type Owned = (Vec<u8>, Option<Vec<u8>>, Vec<u8>, bool);
+
+    fn collect(framer: &mut SseFramer, chunk: &[u8], out: &mut Vec<Owned>) {
+        framer
+            .feed(chunk, |e| {
+                out.push((
+                    e.raw.to_vec(),
+                    e.name.map(<[u8]>::to_vec),
+                    e.data.to_vec(),
+                    e.has_data,
+                ))
+            })
+            .unwrap();
+    }
+
     #[test]
-    fn sees_usage_and_done_across_any_split() {
-        for split in 1..STREAM.len() {
-            let mut s = SseScanner::default();
+    fn whole_events_across_any_split() {
+        for split in 0..STREAM.len() {
+            let mut f = SseFramer::default();
+            let mut out = Vec::new();
             let (a, b) = STREAM.as_bytes().split_at(split);
-            s.feed(a);
-            s.feed(b);
-            assert!(s.done, "split {split}");
-            assert_eq!(s.events, 3);
-            assert_eq!(
-                s.usage,
-                Some(Usage {
-                    prompt_tokens: 4,
-                    completion_tokens: 1
-                })
-            );
+            collect(&mut f, a, &mut out);
+            collect(&mut f, b, &mut out);
+            assert!(!f.has_partial());
+            assert_eq!(out.len(), 4, "split {split}");
+            assert!(!out[0].3);
+            assert_eq!(out[1].1.as_deref(), Some(&b"message_start"[..]));
+            assert_eq!(out[1].2, b"{\"a\":1}");
+            assert_eq!(out[2].2, b"one\ntwo");
+            assert_eq!(out[3].2, b"[DONE]");
+            let raw: Vec<u8> = out.iter().flat_map(|e| e.0.clone()).collect();
+            assert_eq!(raw, STREAM.as_bytes(), "raw bytes are relayed unchanged");
         }
     }
 
     #[test]
-    fn crlf_and_errors() {
-        let mut s = SseScanner::default();
-        s.feed(b"data: {\"error\":{\"message\":\"boom\"}}\r\n\r\n");
-        assert!(s.upstream_error && !s.done);
+    fn a_cut_event_is_never_released() {
+        let mut f = SseFramer::default();
+        let mut out = Vec::new();
+        collect(&mut f, b"data: {\"x\":1}\n\ndata: {\"choi", &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(f.has_partial());
     }
 
     #[test]
-    fn overlong_lines_are_skipped_not_buffered() {
-        let mut s = SseScanner::default();
-        s.feed(b"data: ");
-        s.feed(&vec![b'x'; MAX_LINE + 10]);
-        assert!(s.partial.is_empty());
-        s.feed(b"\ndata: [DONE]\n");
-        assert!(s.done);
+    fn oversized_events_break_the_stream() {
+        let mut f = SseFramer::default();
+        assert!(f.feed(b"data: ", |_| {}).is_ok());
+        assert!(f.feed(&vec![b'x'; MAX_EVENT], |_| {}).is_err());
     }
 }
