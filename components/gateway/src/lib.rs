@@ -1,340 +1,524 @@
 //! FreeRelay's API surface as a Spin HTTP component. A thin shell: it reads variables and state
-//! once, asks the `freerelay` core what to do, performs the I/O, and writes the outcome back to
-//! the key-value store once, after the upstream is done and before the client's body is closed.
+//! once, asks the `freerelay` core what to do, moves the bytes the core's adapters produce, and
+//! performs each key-value operation the moment the core decides it.
 
 mod kv;
 mod outbound;
+mod respond;
 
+use freerelay::adapter::{self, Adapter, StreamEnd};
 use freerelay::api::{self, Endpoint};
-use freerelay::config::{Config, Configured};
-use freerelay::cooldown::Cooldown;
+use freerelay::attempt::{Attempts, Next};
+use freerelay::config::{self, Config, Configured};
 use freerelay::error::ApiError;
-use freerelay::kv::{keys, Kv};
+use freerelay::event::{self, Event};
+use freerelay::kv::{apply, Kv, KvOp};
 use freerelay::route::{self, Candidate};
-use freerelay::stats::{self, Outcome};
+use freerelay::stats;
 use freerelay::upstream::{self, Failure, Hints};
-use freerelay::wire::openai::{ChatRequest, Usage};
-use freerelay::wire::sse::SseScanner;
+use freerelay::wire::openai::ChatRequest;
 use futures::{SinkExt, StreamExt};
-use spin_sdk::http::{
-    Fields, IncomingRequest, IncomingResponse, OutgoingResponse, ResponseOutparam,
-};
+use respond::Reply;
+use spin_sdk::http::{Fields, IncomingRequest, IncomingResponse, ResponseOutparam};
 use spin_sdk::http_component;
+use std::collections::HashMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Upstream error bodies are read up to this size for their message, then dropped.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
-/// JSON answers are also kept up to this size to read their usage; larger ones are still relayed.
-const USAGE_BODY_LIMIT: usize = 8 * 1024 * 1024;
+/// A JSON answer larger than this is refused as broken (real answers are far smaller).
+const ANSWER_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Per-request context: the id every event and response carries, and the start time.
+struct Ctx {
+    id: String,
+    started: Instant,
+}
+
+impl Ctx {
+    fn ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// One event, one write on stderr. Never called with a secret.
+    fn log(&self, e: &Event) {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(&event::line(now_ms(), &self.id, e));
+    }
+
+    /// Performs state operations where they are decided; a store failure is logged, never fatal.
+    fn apply(&self, store: Option<&kv::SpinKv>, ops: &[KvOp]) {
+        let Some(store) = store else { return };
+        for op in ops {
+            if let Err(e) = apply(store, op) {
+                self.log(&Event::StateWriteFailed {
+                    key: op.key().to_owned(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Sends a whole reply and logs the request's last event.
+    async fn reply(&self, out: ResponseOutparam, reply: Reply) {
+        let status = reply.status;
+        let code = reply.code;
+        if let Err(detail) = reply.send(out, &self.id).await {
+            self.log(&Event::Internal { detail });
+        }
+        self.log(&Event::Response {
+            status,
+            code,
+            ms: self.ms(),
+        });
+    }
+
+    async fn error(&self, out: ResponseOutparam, e: &ApiError) {
+        self.reply(out, Reply::error(e)).await
+    }
+}
 
 #[http_component]
 async fn handle(req: IncomingRequest, out: ResponseOutparam) {
-    let started = Instant::now();
+    let headers = req.headers();
+    let ctx = Ctx {
+        id: event::request_id(header(&headers, "x-request-id").as_deref(), random_16()),
+        started: Instant::now(),
+    };
     let method = req.method().to_string();
     let path = req.path_with_query().unwrap_or_default();
+    ctx.log(&Event::RequestStart {
+        method: method.clone(),
+        path: path
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(256)
+            .collect(),
+    });
     let endpoint = match api::endpoint(&method, &path) {
         Ok(e) => e,
-        Err(e) => return respond_error(out, &e).await,
+        Err(e) => return ctx.error(out, &e).await,
     };
     if endpoint == Endpoint::Health {
-        return respond(
-            out,
-            200,
-            "application/json",
-            br#"{"status":"ok"}"#.to_vec(),
-            &[],
-        )
-        .await;
+        return ctx
+            .reply(out, Reply::json(200, br#"{"status":"ok"}"#.to_vec()))
+            .await;
     }
-    let config = match load_config() {
-        Ok(c) => c,
-        Err(e) => {
-            log("config_error", &[("message", &e.message)]);
-            return respond_error(out, &e).await;
-        }
+    let vars = variables();
+    // Authentication first; no other setting is looked at, or reported, before it passes.
+    let digests = match config::client_keys(|n| vars.get(n).cloned()) {
+        Ok(d) => d,
+        Err(e) => return misconfigured(&ctx, out, e).await,
     };
-    let headers = req.headers();
-    if let Err(e) = freerelay::auth::check(
-        &config.client_key_digests,
-        header(&headers, "authorization").as_deref(),
-    ) {
-        return respond_error(out, &e).await;
+    if let Err(e) = freerelay::auth::check(&digests, header(&headers, "authorization").as_deref()) {
+        return ctx.error(out, &e).await;
     }
+    let config = match Config::from_vars(|n| vars.get(n).cloned()) {
+        Ok(c) => c,
+        Err(e) => return misconfigured(&ctx, out, e).await,
+    };
     match endpoint {
-        Endpoint::Models => respond_json(out, api::models_body(&config)).await,
+        Endpoint::Models => {
+            ctx.reply(out, Reply::json(200, api::models_body(&config)))
+                .await
+        }
         Endpoint::Model(id) => match api::model_body(&config, &id) {
-            Ok(body) => respond_json(out, body).await,
-            Err(e) => respond_error(out, &e).await,
+            Ok(body) => ctx.reply(out, Reply::json(200, body)).await,
+            Err(e) => ctx.error(out, &e).await,
         },
         Endpoint::Stats => {
             let report = kv::SpinKv::open_default()
                 .and_then(|kv| kv.get_many(&stats::all_keys()))
                 .map(|values| stats::report(&values));
             match report {
-                Ok(r) => respond_json(out, serde_json::to_vec(&r).unwrap_or_default()).await,
-                Err(e) => respond_error(out, &ApiError::internal(e.to_string())).await,
+                Ok(r) => {
+                    let body = serde_json::to_vec(&r).unwrap_or_default();
+                    ctx.reply(out, Reply::json(200, body)).await
+                }
+                Err(e) => {
+                    ctx.log(&Event::StateUnavailable {
+                        error: e.to_string(),
+                    });
+                    ctx.error(out, &ApiError::internal("The state store is unavailable."))
+                        .await
+                }
             }
         }
-        Endpoint::ChatCompletions => chat(req, headers, out, &config, started).await,
+        Endpoint::ChatCompletions => chat(&ctx, req, &headers, out, &config).await,
         Endpoint::Health => {}
     }
 }
 
-/// Reads every component variable in one host call (`wasi:config/store.get-all`, which Spin
-/// implements), rather than one `variables::get` per provider setting.
-fn load_config() -> Result<Config, ApiError> {
+async fn misconfigured(ctx: &Ctx, out: ResponseOutparam, e: config::ConfigError) {
+    ctx.log(&Event::ConfigError { detail: e.detail });
+    ctx.error(out, &ApiError::misconfigured()).await
+}
+
+/// Every component variable in one host call (`wasi:config/store.get-all`, which Spin
+/// implements), rather than one `variables::get` per setting.
+fn variables() -> HashMap<String, String> {
     match spin_sdk::wit::wasi::config::store::get_all() {
-        Ok(all) => {
-            let all: std::collections::HashMap<String, String> = all.into_iter().collect();
-            Config::from_vars(|name| all.get(name).cloned())
-        }
-        Err(_) => Config::from_vars(|name| spin_sdk::variables::get(name).ok()),
+        Ok(all) => all.into_iter().collect(),
+        Err(_) => config::GLOBAL_VARIABLES
+            .iter()
+            .map(|n| (*n).to_owned())
+            .chain(freerelay::catalog::PROVIDERS.iter().flat_map(|p| {
+                config::PROVIDER_VARIABLES
+                    .iter()
+                    .map(move |s| format!("{}_{s}", p.id))
+            }))
+            .filter_map(|n| spin_sdk::variables::get(&n).ok().map(|v| (n, v)))
+            .collect(),
     }
 }
 
-/// State changes decided while serving, written once per request when the upstream is done.
-#[derive(Default)]
-struct Pending<'a> {
-    outcomes: Vec<Outcome<'a>>,
-    cooldowns: Vec<(&'a str, Cooldown)>,
-}
-
 async fn chat(
+    ctx: &Ctx,
     req: IncomingRequest,
-    headers: Fields,
+    headers: &Fields,
     out: ResponseOutparam,
     config: &Config,
-    started: Instant,
 ) {
-    let body = match read_body(req, &headers, config.max_body_bytes).await {
+    let body = match read_body(req, headers, config.max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => return respond_error(out, &e).await,
+        Err(e) => return ctx.error(out, &e).await,
     };
     let request = match ChatRequest::parse(&body) {
         Ok(r) => r,
-        Err(e) => return respond_error(out, &e).await,
+        Err(e) => return ctx.error(out, &e).await,
     };
     let plan = match route::plan(config, &request.model) {
         Ok(p) => p,
-        Err(e) => return respond_error(out, &e).await,
+        Err(e) => return ctx.error(out, &e).await,
     };
     // State is best effort: a store failure must not stop traffic.
     let store = match kv::SpinKv::open_default() {
         Ok(s) => Some(s),
         Err(e) => {
-            log("kv_unavailable", &[("error", &e.to_string())]);
+            ctx.log(&Event::StateUnavailable {
+                error: e.to_string(),
+            });
             None
         }
     };
-    let now = now_ms();
-    let cooling = store
-        .as_ref()
-        .and_then(|s| s.get_many(&plan.cooldown_keys()).ok())
-        .unwrap_or_default();
-    let plan = match plan.without_cooling(&cooling, now) {
+    let cooling = match store.as_ref().map(|s| s.get_many(&plan.cooldown_keys())) {
+        Some(Ok(values)) => values,
+        Some(Err(e)) => {
+            ctx.log(&Event::StateUnavailable {
+                error: e.to_string(),
+            });
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let plan = match plan.without_cooling(&cooling, now_ms()) {
         Ok(p) => p,
-        Err(e) => return respond_error(out, &e).await,
+        Err(e) => {
+            ctx.log(&Event::Refused {
+                model: request.model.clone(),
+                retry_after_s: e.retry_after,
+            });
+            ctx.apply(store.as_ref(), &[stats::refused()]);
+            return ctx.error(out, &e).await;
+        }
     };
 
-    let mut pending = Pending::default();
-    let last = plan.candidates.len() - 1;
-    for (i, candidate) in plan.candidates.iter().enumerate() {
-        let provider = candidate.provider.provider.id;
-        match attempt(candidate, &request, config).await {
-            Ok(response) => {
-                let ok = relay(response, out, candidate, &mut pending, store.as_ref()).await;
-                log(
-                    "chat",
-                    &[
-                        ("provider", provider),
-                        ("model", &candidate.model),
-                        ("ok", if ok { "true" } else { "false" }),
-                        ("ms", &started.elapsed().as_millis().to_string()),
-                    ],
-                );
-                return;
+    let mut attempts = Attempts::new(plan);
+    loop {
+        let (attempt, candidate) = match attempts.next_step() {
+            Next::GiveUp(e) => return ctx.error(out, &e).await,
+            Next::Try {
+                attempt,
+                candidate,
+                ops,
+                event,
+            } => {
+                ctx.apply(store.as_ref(), &ops);
+                ctx.log(&event);
+                (attempt, candidate)
             }
-            Err(failure) => {
-                log(
-                    "upstream_failure",
-                    &[
-                        ("provider", provider),
-                        ("status", &failure.error.status.to_string()),
-                    ],
-                );
-                pending.outcomes.push(Outcome {
-                    provider,
-                    ok: false,
-                    usage: None,
+        };
+        let Some(target) = config.provider(&candidate.provider) else {
+            // Plans are made from this configuration; a mismatch is a bug, not the client's.
+            return ctx
+                .error(
+                    out,
+                    &ApiError::internal("The routing plan names an unknown provider."),
+                )
+                .await;
+        };
+        let adapter = adapter::for_wire(target.provider.wire);
+        let sent = Instant::now();
+        let outcome = if request.stream {
+            send(adapter, target, &candidate, &request, config, None).await
+        } else {
+            let deadline = config.timeouts.total_ms;
+            match outbound::within(
+                deadline,
+                answer(adapter, target, &candidate, &request, config),
+            )
+            .await
+            {
+                Some(r) => r,
+                None => Err((
+                    upstream::broken_answer(
+                        target.provider.id,
+                        &format!("no complete answer within {deadline} ms"),
+                        true,
+                    ),
+                    None,
+                )),
+            }
+        };
+        let ttfb_ms = sent.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(Answered::Stream(response)) => {
+                ctx.log(&Event::AttemptAnswered {
+                    attempt,
+                    provider: candidate.provider.clone(),
+                    model: candidate.model.clone(),
+                    upstream_status: response.status(),
+                    ttfb_ms,
+                    stream: true,
                 });
-                if let Some(cd) = failure.cooldown {
-                    pending.cooldowns.push((provider, cd));
+                return relay_stream(
+                    ctx,
+                    response,
+                    out,
+                    adapter,
+                    &candidate,
+                    &request,
+                    store.as_ref(),
+                )
+                .await;
+            }
+            Ok(Answered::Json(status, answer)) => {
+                ctx.log(&Event::AttemptAnswered {
+                    attempt,
+                    provider: candidate.provider.clone(),
+                    model: candidate.model.clone(),
+                    upstream_status: status,
+                    ttfb_ms,
+                    stream: false,
+                });
+                if let Some(u) = answer.usage {
+                    ctx.apply(store.as_ref(), &Attempts::usage(&candidate, u));
                 }
-                if i == last || !failure.retryable {
-                    write_state(store.as_ref(), &pending);
-                    return respond_error(out, &failure.error).await;
-                }
+                let reply = Reply::json(200, answer.body).answered_by(&candidate);
+                return ctx.reply(out, reply).await;
+            }
+            Err((failure, upstream_status)) => {
+                let decided = attempts.failed(&candidate, failure, upstream_status, ttfb_ms);
+                ctx.apply(store.as_ref(), &decided.ops);
+                decided.events.iter().for_each(|e| ctx.log(e));
             }
         }
     }
 }
 
-/// One upstream attempt up to the response head; non-2xx answers become a [`Failure`].
-async fn attempt(
-    c: &Candidate<'_>,
+/// A 2xx upstream answer: a stream's head (its body still to relay) or a whole JSON answer.
+enum Answered {
+    Stream(IncomingResponse),
+    Json(u16, adapter::Answer),
+}
+
+type Attempted = Result<Answered, (Failure, Option<u16>)>;
+
+/// One upstream request up to its 2xx head; non-2xx answers become a [`Failure`].
+async fn send(
+    adapter: &dyn Adapter,
+    target: &Configured,
+    candidate: &Candidate,
     request: &ChatRequest,
     config: &Config,
-) -> Result<IncomingResponse, Failure> {
-    let p: &Configured = c.provider;
-    let auth = format!("Bearer {}", p.api_key);
-    let accept: &[u8] = if request.stream {
-        b"text/event-stream"
-    } else {
-        b"application/json"
-    };
-    let headers: [(&str, &[u8]); 4] = [
-        ("content-type", b"application/json"),
-        ("accept", accept),
-        ("authorization", auth.as_bytes()),
-        ("user-agent", b"freerelay/0.1"),
-    ];
-    let response = outbound::post(
-        &p.chat_url(),
-        &headers,
-        request.upstream_body(&c.model),
-        config.timeouts,
-    )
-    .await
-    .map_err(|t| upstream::judge_transport(p.provider.id, &p.api_key, &t))?;
+    first_byte_ms: Option<u64>,
+) -> Attempted {
+    let mut up = adapter.request(target, &candidate.model, request);
+    adapter.authorize(&mut up, &target.api_key);
+    let mut timeouts = config.timeouts;
+    if let Some(ms) = first_byte_ms {
+        timeouts.first_byte_ms = ms;
+    }
+    let response = outbound::post(up, timeouts).await.map_err(|t| {
+        (
+            upstream::judge_transport(target.provider.id, &target.api_key, &t),
+            None,
+        )
+    })?;
     let status = response.status();
     if (200..300).contains(&status) {
-        return Ok(response);
+        return Ok(Answered::Stream(response));
     }
     let h = response.headers();
     let retry_after = header(&h, "retry-after");
     let reset_requests = header(&h, "x-ratelimit-reset-requests");
     let reset_tokens = header(&h, "x-ratelimit-reset-tokens");
     let body = read_capped(&response, ERROR_BODY_LIMIT).await;
-    Err(upstream::judge_status(
-        p.provider.id,
-        &p.api_key,
-        status,
-        Hints {
-            retry_after: retry_after.as_deref(),
-            reset_requests: reset_requests.as_deref(),
-            reset_tokens: reset_tokens.as_deref(),
-        },
-        &body,
-        now_ms(),
+    let hints = Hints {
+        retry_after: retry_after.as_deref(),
+        reset_requests: reset_requests.as_deref(),
+        reset_tokens: reset_tokens.as_deref(),
+    };
+    Err((
+        adapter.judge(target, status, hints, &body, now_ms()),
+        Some(status),
     ))
 }
 
-/// Relays a 2xx upstream answer to the client chunk by chunk, noting usage and stream health.
-async fn relay<'a>(
+/// A non-streaming attempt: the whole answer is read and checked before anything is sent to
+/// the client, so an upstream that fails after its 200 is a failure (and, under a virtual
+/// model, a fallback), never a truncated 200.
+async fn answer(
+    adapter: &dyn Adapter,
+    target: &Configured,
+    candidate: &Candidate,
+    request: &ChatRequest,
+    config: &Config,
+) -> Attempted {
+    let provider = target.provider.id;
+    // The head of a JSON answer comes when the answer is ready: only the total deadline
+    // (enforced around this whole attempt) bounds it.
+    let first_byte = Some(config.timeouts.total_ms);
+    let response = match send(adapter, target, candidate, request, config, first_byte).await? {
+        Answered::Stream(r) => r,
+        json @ Answered::Json(..) => return Ok(json),
+    };
+    let status = response.status();
+    let mut body = Vec::new();
+    let mut stream = response.take_body_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) if body.len() + bytes.len() > ANSWER_LIMIT => {
+                let why = format!("its answer exceeds {ANSWER_LIMIT} bytes");
+                return Err((upstream::broken_answer(provider, &why, false), Some(status)));
+            }
+            Ok(bytes) => body.extend_from_slice(&bytes),
+            Err(e) => {
+                let timed_out = is_timeout(&e);
+                let why = if timed_out {
+                    "it went silent in the middle of its answer"
+                } else {
+                    "the connection broke in the middle of its answer"
+                };
+                return Err((
+                    upstream::broken_answer(provider, why, timed_out),
+                    Some(status),
+                ));
+            }
+        }
+    }
+    match adapter.answer(&body) {
+        Ok(a) => Ok(Answered::Json(status, a)),
+        Err(why) => Err((upstream::broken_answer(provider, &why, false), Some(status))),
+    }
+}
+
+/// Relays a 2xx stream: whole events only, usage recorded the moment it is known, a clean
+/// error event if it breaks, and the body finished as soon as the answer is complete.
+async fn relay_stream(
+    ctx: &Ctx,
     response: IncomingResponse,
     out: ResponseOutparam,
-    c: &Candidate<'a>,
-    pending: &mut Pending<'a>,
+    adapter: &dyn Adapter,
+    candidate: &Candidate,
+    request: &ChatRequest,
     store: Option<&kv::SpinKv>,
-) -> bool {
-    let provider = c.provider.provider.id;
-    let content_type =
-        header(&response.headers(), "content-type").unwrap_or_else(|| "application/json".into());
-    let sse = content_type.contains("text/event-stream");
-    let mut extra: Vec<(&str, &str)> = vec![
-        ("x-freerelay-provider", provider),
-        ("x-freerelay-model", &c.model),
-    ];
-    if sse {
-        extra.push(("cache-control", "no-cache"));
-        extra.push(("x-accel-buffering", "no"));
-    }
-    let client = new_response(200, &content_type, &extra);
+) {
+    let provider = candidate.provider.as_str();
+    let client = match respond::stream_head(&ctx.id, candidate) {
+        Ok(r) => r,
+        Err(detail) => {
+            ctx.log(&Event::Internal { detail });
+            return ctx
+                .error(out, &ApiError::internal("The response could not be built."))
+                .await;
+        }
+    };
     let mut sink = client.take_body();
     out.set(client);
 
-    let mut scanner = SseScanner::default();
-    let mut kept = Vec::new();
-    let mut failure: Option<String> = None;
+    let mut translator = adapter.stream(request.include_usage);
+    let mut pending = Vec::new();
+    let mut failure: Option<&str> = None;
     let mut client_gone = false;
     let mut upstream_body = response.take_body_stream();
     while let Some(chunk) = upstream_body.next().await {
-        match chunk {
-            Ok(bytes) => {
-                if sse {
-                    scanner.feed(&bytes);
-                } else if kept.len() + bytes.len() <= USAGE_BODY_LIMIT {
-                    kept.extend_from_slice(&bytes);
-                }
-                if sink.send(bytes).await.is_err() {
-                    client_gone = true;
-                    break;
-                }
-            }
+        let bytes = match chunk {
+            Ok(b) => b,
             Err(e) => {
-                let timed_out = e.to_debug_string().to_ascii_lowercase().contains("timeout");
-                failure = Some(if timed_out {
-                    "no data within the between-bytes timeout".into()
+                failure = Some(if is_timeout(&e) {
+                    "no data within the between-bytes timeout"
                 } else {
-                    "the upstream connection failed".into()
+                    "the upstream connection failed"
                 });
                 break;
             }
+        };
+        translator.feed(&bytes, &mut pending);
+        if let Some(u) = translator.take_new_usage() {
+            ctx.apply(store, &Attempts::usage(candidate, u));
+        }
+        let done = translator.state().done || translator.state().broken.is_some();
+        if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
+            client_gone = true;
+            break;
+        }
+        if done {
+            break;
         }
     }
     drop(upstream_body);
-    let mut ok = !client_gone;
-    if sse && !client_gone {
-        let why = match failure {
-            Some(f) => Some(f),
-            None if !scanner.done && !scanner.upstream_error => {
-                Some("it ended before [DONE]".into())
-            }
-            None => None,
-        };
-        if let Some(why) = why {
-            ok = false;
-            let _ = sink
-                .send(upstream::stream_interrupted(provider, &why).sse_event())
-                .await;
-        }
-        if scanner.upstream_error {
-            ok = false;
-        }
-    } else if failure.is_some() {
-        ok = false;
-    }
-    let usage = if sse {
-        scanner.usage
+    let end = if client_gone {
+        None
     } else {
-        Usage::from_body(&kept)
+        Some(translator.end(failure))
     };
-    pending.outcomes.push(Outcome {
-        provider,
-        ok,
-        usage,
-    });
-    // The client already has every byte; state is written before the body is closed because
-    // Spin aborts the guest once the response body is complete, so later work may never run.
-    write_state(store, pending);
+    let state = translator.state();
+    let usage = state.usage;
+    let (ok, why) = match &end {
+        None => (false, Some("the client went away".to_owned())),
+        Some(StreamEnd::Complete) => (true, None),
+        Some(StreamEnd::UpstreamError) => (false, Some("the upstream sent an error event".into())),
+        Some(StreamEnd::Interrupted(why)) => (false, Some(why.clone())),
+    };
+    if let Some(StreamEnd::Interrupted(why)) = &end {
+        // Only whole events were relayed, so this error event starts at an event boundary and
+        // parses; no [DONE] follows, so SDKs raise instead of returning a truncated answer.
+        let _ = sink
+            .send(upstream::stream_interrupted(provider, why).sse_event())
+            .await;
+    }
+    // The answer is complete (or ended): finish the body now, in this poll, so the last bytes
+    // and the end of the body leave together.
     drop(sink);
-    ok
+    let ops = match &end {
+        None => Attempts::client_gone(candidate),
+        Some(StreamEnd::Complete) => Vec::new(),
+        Some(_) => Attempts::broke_after_commit(candidate),
+    };
+    ctx.apply(store, &ops);
+    if client_gone {
+        ctx.log(&Event::ClientGone {
+            provider: provider.to_owned(),
+            ms: ctx.ms(),
+        });
+    }
+    ctx.log(&Event::StreamEnd {
+        provider: provider.to_owned(),
+        model: candidate.model.clone(),
+        ok,
+        why,
+        events: state.events,
+        prompt_tokens: usage.map(|u| u.prompt_tokens),
+        completion_tokens: usage.map(|u| u.completion_tokens),
+        ms: ctx.ms(),
+    });
 }
 
-fn write_state(store: Option<&kv::SpinKv>, pending: &Pending<'_>) {
-    let Some(store) = store else { return };
-    for (provider, cd) in &pending.cooldowns {
-        if let Err(e) = store.set(&keys::cooldown(provider), &cd.encode()) {
-            log("kv_write_failed", &[("error", &e.to_string())]);
-        }
-    }
-    for outcome in &pending.outcomes {
-        for (key, delta) in outcome.increments() {
-            if let Err(e) = store.increment(&key, delta) {
-                log("kv_write_failed", &[("error", &e.to_string())]);
-            }
-        }
-    }
+fn is_timeout(e: &wasi::io::streams::Error) -> bool {
+    e.to_debug_string().to_ascii_lowercase().contains("timeout")
 }
 
 /// Reads the request body, refusing (413) as soon as it passes `limit` — by its declared length
@@ -391,40 +575,6 @@ fn header(fields: &Fields, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
-fn new_response(status: u16, content_type: &str, extra: &[(&str, &str)]) -> OutgoingResponse {
-    let list: Vec<(String, Vec<u8>)> = std::iter::once(("content-type", content_type))
-        .chain(extra.iter().copied())
-        .map(|(k, v)| (k.to_owned(), v.as_bytes().to_vec()))
-        .collect();
-    let headers = Fields::from_list(&list).unwrap_or_else(|_| Fields::new());
-    let response = OutgoingResponse::new(headers);
-    let _ = response.set_status_code(status);
-    response
-}
-
-async fn respond(
-    out: ResponseOutparam,
-    status: u16,
-    content_type: &str,
-    body: Vec<u8>,
-    extra: &[(&str, &str)],
-) {
-    let response = new_response(status, content_type, extra);
-    if let Err(e) = out.set_with_body(response, body).await {
-        log("respond_failed", &[("error", &format!("{e:?}"))]);
-    }
-}
-
-async fn respond_json(out: ResponseOutparam, body: Vec<u8>) {
-    respond(out, 200, "application/json", body, &[]).await
-}
-
-async fn respond_error(out: ResponseOutparam, e: &ApiError) {
-    let retry = e.retry_after.map(|s| s.to_string());
-    let extra: Vec<(&str, &str)> = retry.iter().map(|r| ("retry-after", r.as_str())).collect();
-    respond(out, e.status, "application/json", e.body(), &extra).await
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -432,16 +582,13 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// One structured log line on stderr, written with a single call (the host sees one write, not
-/// one per JSON token). Never called with a secret.
-fn log(event: &str, fields: &[(&str, &str)]) {
-    use std::io::Write;
-    let mut line = serde_json::Map::new();
-    line.insert("event".into(), event.into());
-    for (k, v) in fields {
-        line.insert((*k).into(), (*v).into());
-    }
-    let mut bytes = serde_json::to_vec(&serde_json::Value::Object(line)).unwrap_or_default();
-    bytes.push(b'\n');
-    let _ = std::io::stderr().write_all(&bytes);
+fn random_16() -> [u8; 16] {
+    let (a, b) = (
+        wasi::random::random::get_random_u64(),
+        wasi::random::random::get_random_u64(),
+    );
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&a.to_le_bytes());
+    out[8..].copy_from_slice(&b.to_le_bytes());
+    out
 }

@@ -1,24 +1,44 @@
 //! Sending one upstream request through wasi:http with the deployment's timeouts. spin-sdk's
-//! `send` takes no request options, so this is the small part of it we need, with options.
+//! `send` takes no request options, so this is the small part of it we need, with options; and a
+//! deadline for any future, on wasi's monotonic clock.
 
+use freerelay::adapter::UpstreamRequest;
 use freerelay::config::Timeouts;
 use freerelay::upstream::Transport;
 use futures::SinkExt;
 use spin_sdk::http::{ErrorCode, Fields, IncomingResponse, Method, OutgoingRequest, Scheme};
 use spin_sdk::wit::wasi::http0_2_0::outgoing_handler;
 use spin_sdk::wit::wasi::http0_2_0::types::RequestOptions;
+use std::future::Future;
 use std::task::Poll;
+use wasi::clocks::monotonic_clock;
 
 const MS: u64 = 1_000_000;
 
-/// POSTs `body` to `url` with the given headers and waits for the response head.
-pub async fn post(
-    url: &str,
-    headers: &[(&str, &[u8])],
-    body: Vec<u8>,
-    timeouts: Timeouts,
-) -> Result<IncomingResponse, Transport> {
-    let parsed = url::Url::parse(url).map_err(|e| Transport::Other(format!("bad URL: {e}")))?;
+/// Runs `fut` for at most `ms` milliseconds; `None` when the deadline passed first.
+pub async fn within<T>(ms: u64, fut: impl Future<Output = T>) -> Option<T> {
+    let deadline = monotonic_clock::now().saturating_add(ms.saturating_mul(MS));
+    let timer = futures::future::poll_fn(move |cx| {
+        let ready = monotonic_clock::subscribe_instant(deadline);
+        if ready.ready() {
+            Poll::Ready(())
+        } else {
+            spin_executor::push_waker(ready, cx.waker().clone());
+            Poll::Pending
+        }
+    });
+    futures::pin_mut!(fut);
+    futures::pin_mut!(timer);
+    match futures::future::select(fut, timer).await {
+        futures::future::Either::Left((value, _)) => Some(value),
+        futures::future::Either::Right(_) => None,
+    }
+}
+
+/// Sends a POST built by an adapter and waits for the response head.
+pub async fn post(up: UpstreamRequest, timeouts: Timeouts) -> Result<IncomingResponse, Transport> {
+    let UpstreamRequest { url, headers, body } = up;
+    let parsed = url::Url::parse(&url).map_err(|e| Transport::Other(format!("bad URL: {e}")))?;
     let authority = match (parsed.host_str(), parsed.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
@@ -30,7 +50,7 @@ pub async fn post(
     };
     let list: Vec<(String, Vec<u8>)> = headers
         .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+        .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
         .chain([(
             "content-length".to_owned(),
             body.len().to_string().into_bytes(),

@@ -1,0 +1,168 @@
+//! Writing responses so that real Spin sends each whole in one write: Spin's server leaves
+//! Nagle's algorithm on, and a response whose head leaves before its body waits for the
+//! client's delayed ACK (~40 ms). The body is written and finished *before* the response is
+//! handed to the host, with a `content-length`, so hyper finds head, body and end together.
+
+use freerelay::error::ApiError;
+use freerelay::route::Candidate;
+use spin_sdk::http::{Fields, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use std::task::Poll;
+use wasi::io::streams::{OutputStream, StreamError};
+
+/// A complete response, status to body.
+pub struct Reply {
+    pub status: u16,
+    /// The error code, for the log.
+    pub code: Option<&'static str>,
+    body: Vec<u8>,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Vec<u8>) -> Self {
+        Self {
+            status,
+            code: None,
+            body,
+            headers: vec![("content-type", "application/json".into())],
+        }
+    }
+
+    pub fn error(e: &ApiError) -> Self {
+        let mut r = Self::json(e.status, e.body());
+        r.code = e.code;
+        if let Some(s) = e.retry_after {
+            r.headers.push(("retry-after", s.to_string()));
+        }
+        r
+    }
+
+    /// Adds who answered.
+    pub fn answered_by(mut self, c: &Candidate) -> Self {
+        self.headers
+            .extend(provenance(c).map(|(k, v)| (k, v.to_owned())));
+        self
+    }
+
+    /// Sends it. A response that cannot be built (a header value the host refuses) becomes a
+    /// bare 500; the error says why, for the log.
+    pub async fn send(self, out: ResponseOutparam, request_id: &str) -> Result<(), String> {
+        let len = self.body.len().to_string();
+        let list = self.headers.iter().map(|(k, v)| (*k, v.as_str())).chain([
+            ("content-length", len.as_str()),
+            ("x-request-id", request_id),
+        ]);
+        match build(self.status, list) {
+            Ok(response) => write_whole(out, response, &self.body).await,
+            Err(detail) => {
+                let fallback = ApiError::internal("The response could not be built.").body();
+                let len = fallback.len().to_string();
+                let plain = [
+                    ("content-type", "application/json"),
+                    ("content-length", len.as_str()),
+                ];
+                match build(500, plain.into_iter()) {
+                    Ok(r) => write_whole(out, r, &fallback).await?,
+                    Err(e) => return Err(format!("{detail}; then {e}")),
+                }
+                Err(detail)
+            }
+        }
+    }
+}
+
+/// The head of a streamed answer (SSE), its body to be written as events arrive.
+pub fn stream_head(request_id: &str, c: &Candidate) -> Result<OutgoingResponse, String> {
+    let headers = [
+        ("content-type", "text/event-stream"),
+        ("cache-control", "no-cache"),
+        ("x-accel-buffering", "no"),
+        ("x-request-id", request_id),
+    ];
+    build(200, headers.into_iter().chain(provenance(c)))
+}
+
+fn provenance(c: &Candidate) -> impl Iterator<Item = (&'static str, &str)> + '_ {
+    [
+        ("x-freerelay-provider", c.provider.as_str()),
+        ("x-freerelay-model", c.model.as_str()),
+    ]
+    .into_iter()
+}
+
+fn build<'k, 'v>(
+    status: u16,
+    headers: impl Iterator<Item = (&'k str, &'v str)>,
+) -> Result<OutgoingResponse, String> {
+    let list: Vec<(String, Vec<u8>)> = headers
+        .map(|(k, v)| (k.to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    let fields = Fields::from_list(&list).map_err(|e| {
+        let names: Vec<&str> = list.iter().map(|(k, _)| k.as_str()).collect();
+        format!("response headers refused ({e:?}); names: {names:?}")
+    })?;
+    let response = OutgoingResponse::new(fields);
+    response
+        .set_status_code(status)
+        .map_err(|_| format!("status {status} refused"))?;
+    Ok(response)
+}
+
+/// Writes and finishes the body, then hands the response over: in one piece when the host's
+/// body buffer takes it all (the normal case), else head first and the rest as it drains.
+async fn write_whole(
+    out: ResponseOutparam,
+    response: OutgoingResponse,
+    bytes: &[u8],
+) -> Result<(), String> {
+    let body = response
+        .body()
+        .map_err(|_| "response body already taken".to_owned())?;
+    let stream = body
+        .write()
+        .map_err(|_| "response body not writable".to_owned())?;
+    let fits = matches!(stream.check_write(), Ok(n) if n as usize >= bytes.len());
+    let result = if fits {
+        let r = if bytes.is_empty() {
+            Ok(())
+        } else {
+            stream.write(bytes)
+        };
+        drop(stream);
+        let finished = OutgoingBody::finish(body, None);
+        out.set(response);
+        r.map_err(|e| format!("{e:?}"))
+            .and(finished.map_err(|e| format!("{e:?}")))
+    } else {
+        out.set(response);
+        let r = write_all(&stream, bytes).await;
+        drop(stream);
+        let finished = OutgoingBody::finish(body, None);
+        r.map_err(|e| format!("{e:?}"))
+            .and(finished.map_err(|e| format!("{e:?}")))
+    };
+    result.map_err(|e| format!("writing the response failed: {e}"))
+}
+
+async fn write_all(stream: &OutputStream, mut bytes: &[u8]) -> Result<(), StreamError> {
+    while !bytes.is_empty() {
+        let room = stream.check_write()? as usize;
+        if room == 0 {
+            futures::future::poll_fn(|cx| {
+                let ready = stream.subscribe();
+                if ready.ready() {
+                    Poll::Ready(())
+                } else {
+                    spin_executor::push_waker(ready, cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+            continue;
+        }
+        let n = room.min(bytes.len());
+        stream.write(&bytes[..n])?;
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
