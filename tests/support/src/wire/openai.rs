@@ -64,6 +64,18 @@ pub fn content_text(content: &Value) -> String {
     }
 }
 
+/// How OpenAI names a JSON value's type in its validation messages.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Reads a chat-completions request body, checking what OpenAI checks before it answers.
 pub fn parse_request(body: &[u8]) -> Result<ChatRequest, RequestError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| RequestError {
@@ -122,11 +134,38 @@ pub fn request_from_value(value: &Value) -> Result<ChatRequest, RequestError> {
         }
     }
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(_) if !stream => {
+            return Err(RequestError {
+                message: "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+                    .into(),
+                param: Some("stream_options".into()),
+            })
+        }
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(RequestError {
+                    message: format!(
+                        "Invalid type for 'stream_options.include_usage': expected a boolean, but got {} instead.",
+                        json_type(other)
+                    ),
+                    param: Some("stream_options.include_usage".into()),
+                })
+            }
+        },
+        Some(other) => {
+            return Err(RequestError {
+                message: format!(
+                    "Invalid type for 'stream_options': expected an object, but got {} instead.",
+                    json_type(other)
+                ),
+                param: Some("stream_options".into()),
+            })
+        }
+    };
     let first_tool = obj
         .get("tools")
         .and_then(Value::as_array)
@@ -630,5 +669,72 @@ mod tests {
         assert!(r.stream && r.include_usage);
         assert_eq!(r.prompt_tokens, 4);
         assert_eq!(r.last_user_text, "hi there");
+    }
+
+    #[test]
+    fn stream_options_as_openai_checks_them() {
+        let with = |extra: &str| {
+            parse_request(
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#)
+                    .as_bytes(),
+            )
+        };
+        // Only with stream: true, as OpenAI insists.
+        for extra in [
+            r#","stream_options":{"include_usage":true}"#,
+            r#","stream":false,"stream_options":{"include_usage":false}"#,
+        ] {
+            let e = with(extra).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("stream_options"), "{extra}");
+            assert!(e.message.contains("only allowed when 'stream' is enabled"));
+        }
+        let e = with(r#","stream":true,"stream_options":{"include_usage":"yes"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream_options.include_usage"));
+        let e = with(r#","stream":true,"stream_options":[]"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("stream_options"));
+        assert!(!with(r#","stream_options":null"#).unwrap().include_usage);
+        assert!(
+            !with(r#","stream":true,"stream_options":{}"#)
+                .unwrap()
+                .include_usage
+        );
+        assert!(
+            !with(r#","stream":true,"stream_options":{"include_usage":false}"#)
+                .unwrap()
+                .include_usage
+        );
+    }
+
+    #[test]
+    fn usage_is_reported_only_when_asked() {
+        let reply = Reply {
+            id: "chatcmpl-x".into(),
+            created: 1,
+            model: "m".into(),
+            body: ReplyBody::Text("a b".into()),
+            prompt_tokens: 2,
+            completion_tokens: 2,
+        };
+        let chunks = |include_usage| -> Vec<Value> {
+            let events = stream_events(&reply, include_usage);
+            assert_eq!(events.last().unwrap().as_ref(), DONE_EVENT);
+            events[..events.len() - 1]
+                .iter()
+                .map(|e| serde_json::from_slice(&e[6..e.len() - 2]).unwrap())
+                .collect()
+        };
+        let plain = chunks(false);
+        assert!(plain.iter().all(|c| c.get("usage").is_none()));
+        assert!(plain
+            .iter()
+            .all(|c| c["choices"].as_array().unwrap().len() == 1));
+        let with = chunks(true);
+        assert_eq!(with.len(), plain.len() + 1);
+        let (last, rest) = with.split_last().unwrap();
+        assert!(rest
+            .iter()
+            .all(|c| c.get("usage") == Some(&Value::Null) && c["choices"][0].is_object()));
+        assert_eq!(last["choices"], serde_json::json!([]));
+        assert_eq!(last["usage"]["total_tokens"], 4);
     }
 }
