@@ -539,6 +539,366 @@ async fn drop_sends_n_chunks_then_breaks_the_connection() {
     assert!(!ev.iter().any(|e| e == "[DONE]"));
 }
 
+/// Posts `body` on a fresh connection; the response with its body still streaming.
+async fn send(m: &MockHandle, body: Value) -> http::Response<hyper::body::Incoming> {
+    let a = auth();
+    conn(m)
+        .await
+        .send(
+            Method::POST,
+            CHAT,
+            &[("authorization", &a)],
+            Bytes::from(body.to_string()),
+        )
+        .await
+        .expect("response head")
+}
+
+/// All the bytes of a list of frames.
+fn joined(frames: &[(Duration, Bytes)]) -> String {
+    let all: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    String::from_utf8(all).expect("utf-8")
+}
+
+/// `text` with every reply id and `created` time made equal, to compare two answers' bytes.
+fn normalised(text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    let mut out = String::new();
+    let mut rest = &text[..];
+    loop {
+        let id = rest.find("chatcmpl-mock");
+        let created = rest.find("\"created\":");
+        let (at, skip, with) = match (id, created) {
+            (None, None) => break,
+            (Some(i), c) if c.is_none_or(|c| i < c) => (i, "chatcmpl-mock".len(), "chatcmpl-mockN"),
+            (_, Some(c)) => (c, "\"created\":".len(), "\"created\":N"),
+            _ => unreachable!(),
+        };
+        out.push_str(&rest[..at]);
+        out.push_str(with);
+        rest = rest[at + skip..].trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The complete stream `body` gets when nothing goes wrong.
+async fn whole_stream(m: &MockHandle, body: Value) -> String {
+    let r = post_chat(m, CHAT, body).await;
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn drop_mid_event_cuts_inside_a_data_line() {
+    let m = mock().await;
+    let whole = whole_stream(&m, streaming("one two three", false)).await;
+    let whole_events: Vec<&str> = whole.split_inclusive("\n\n").collect();
+    script(
+        &m,
+        json!([{"kind": "drop", "after_chunks": 2, "mid_event": true}]),
+    )
+    .await;
+    let resp = send(&m, streaming("one two three", false)).await;
+    assert_eq!(resp.status(), 200);
+    let (frames, end) =
+        timed_frames(resp.into_body(), Instant::now(), Duration::from_secs(5)).await;
+    assert!(end.is_err(), "the body must end in an error, not cleanly");
+    assert_ne!(end, Err("timed out".to_string()));
+    let got = joined(&frames);
+    // Two whole events, then the first half of the third: inside its JSON, no newline.
+    let head_len: usize = whole_events[..2].iter().map(|e| e.len()).sum();
+    let third = whole_events[2];
+    assert_eq!(got.len(), head_len + third.len() / 2, "{got:?}");
+    assert_eq!(
+        normalised(got.as_bytes()),
+        normalised(whole[..head_len + third.len() / 2].as_bytes())
+    );
+    let partial = &got[head_len..];
+    assert!(
+        partial.starts_with("data: {") && !partial.contains('\n'),
+        "{partial:?}"
+    );
+    assert!(serde_json::from_str::<Value>(&partial["data: ".len()..]).is_err());
+    assert_eq!(frame_events(&frames).len(), 3, "two events and a fragment");
+}
+
+#[tokio::test]
+async fn drop_before_done_sends_finish_and_usage_chunks() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "drop", "before_done": true}])).await;
+    let resp = send(&m, streaming("one two", true)).await;
+    let (frames, end) =
+        timed_frames(resp.into_body(), Instant::now(), Duration::from_secs(5)).await;
+    assert!(
+        end.is_err() && end != Err("timed out".to_string()),
+        "{end:?}"
+    );
+    let got = joined(&frames);
+    assert!(got.ends_with("\n\n"), "every event is whole: {got:?}");
+    let ev = frame_events(&frames);
+    assert!(!ev.iter().any(|e| e == "[DONE]"));
+    let chunks: Vec<Value> = ev
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let (usage, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["total_tokens"], 8);
+    assert_eq!(rest.last().unwrap()["choices"][0]["finish_reason"], "stop");
+
+    // With mid_event the cut falls inside `data: [DONE]`.
+    script(
+        &m,
+        json!([{"kind": "drop", "before_done": true, "mid_event": true}]),
+    )
+    .await;
+    let resp = send(&m, streaming("one two", false)).await;
+    let (frames, end) =
+        timed_frames(resp.into_body(), Instant::now(), Duration::from_secs(5)).await;
+    assert!(end.is_err());
+    assert!(
+        joined(&frames).ends_with("\n\ndata: ["),
+        "{}",
+        joined(&frames)
+    );
+}
+
+#[tokio::test]
+async fn drop_after_bytes_truncates_a_json_answer_under_its_content_length() {
+    let m = mock().await;
+    let whole = post_chat(&m, CHAT, simple("one two three")).await;
+    let whole_len = whole.body.len();
+    for (after_bytes, want) in [(0, 0), (10, 10), (100_000, whole_len - 1)] {
+        script(&m, json!([{"kind": "drop", "after_bytes": after_bytes}])).await;
+        let resp = send(&m, simple("one two three")).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-length"].to_str().unwrap(),
+            whole_len.to_string(),
+            "the head announces the whole answer"
+        );
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let (frames, end) =
+            timed_frames(resp.into_body(), Instant::now(), Duration::from_secs(5)).await;
+        assert!(
+            end.is_err() && end != Err("timed out".to_string()),
+            "{end:?}"
+        );
+        let got = joined(&frames);
+        assert_eq!(got.len(), want, "after_bytes {after_bytes}");
+        assert_eq!(normalised(got.as_bytes()), normalised(&whole.body[..want]));
+    }
+    // Without after_bytes: half the JSON (after_chunks > 0) or nothing, as before.
+    script(&m, json!([{"kind": "drop", "after_chunks": 1}])).await;
+    let resp = send(&m, simple("one two three")).await;
+    let (frames, end) =
+        timed_frames(resp.into_body(), Instant::now(), Duration::from_secs(5)).await;
+    assert!(end.is_err());
+    assert_eq!(joined(&frames).len(), whole_len / 2);
+}
+
+#[tokio::test]
+async fn after_bytes_cuts_a_stream_anywhere() {
+    let m = mock().await;
+    let whole = whole_stream(&m, streaming("one two", false)).await;
+    script(&m, json!([{"kind": "drop", "after_bytes": 25}])).await;
+    let resp = send(&m, streaming("one two", false)).await;
+    let (frames, end) =
+        timed_frames(resp.into_body(), Instant::now(), Duration::from_secs(5)).await;
+    assert!(end.is_err());
+    assert_eq!(
+        normalised(joined(&frames).as_bytes()),
+        normalised(whole[..25].as_bytes())
+    );
+}
+
+#[tokio::test]
+async fn stall_mid_event_hangs_inside_an_event() {
+    let m = mock().await;
+    script(
+        &m,
+        json!([{"kind": "stall", "after_chunks": 1, "mid_event": true}]),
+    )
+    .await;
+    let resp = send(&m, streaming("one two three", false)).await;
+    let (frames, end) =
+        timed_frames(resp.into_body(), Instant::now(), Duration::from_millis(500)).await;
+    assert_eq!(end, Err("timed out".to_string()));
+    let got = joined(&frames);
+    let (first, partial) = got.split_once("\n\n").unwrap();
+    assert!(first.starts_with("data: {"));
+    assert!(
+        partial.starts_with("data: {") && !partial.contains('\n'),
+        "{partial:?}"
+    );
+}
+
+#[tokio::test]
+async fn omit_done_ends_the_stream_cleanly_without_done() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "ok", "omit_done": true}])).await;
+    let resp = send(&m, streaming("one two", true)).await;
+    let (frames, end) =
+        timed_frames(resp.into_body(), Instant::now(), Duration::from_secs(5)).await;
+    assert_eq!(end, Ok(()));
+    let ev = frame_events(&frames);
+    assert!(!ev.iter().any(|e| e == "[DONE]"));
+    let last: Value = serde_json::from_str(ev.last().unwrap()).unwrap();
+    assert_eq!(last["choices"], json!([]), "the usage chunk is still sent");
+}
+
+/// Reads frames until `n` SSE events have arrived (5 s at most).
+async fn read_events(body: &mut hyper::body::Incoming, n: usize) -> Vec<String> {
+    use http_body_util::BodyExt;
+    let mut text = String::new();
+    loop {
+        let ev = events(&Bytes::from(text.clone()));
+        if ev.len() >= n && text.ends_with("\n\n") {
+            return ev;
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("events arrive")
+            .expect("body goes on")
+            .expect("no error");
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+}
+
+async fn wait_paused(m: &MockHandle, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.paused() != n {
+        assert!(
+            Instant::now() < deadline,
+            "paused: {} (want {n})",
+            m.paused()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn pause_holds_a_stream_until_released() {
+    let m = mock().await;
+    let whole = whole_stream(&m, streaming("one two three", false)).await;
+    script(&m, json!([{"kind": "ok", "pause_after_chunks": 2}])).await;
+    let mut body = send(&m, streaming("one two three", false))
+        .await
+        .into_body();
+    let first = read_events(&mut body, 2).await;
+    assert_eq!(first.len(), 2, "exactly the events before the pause");
+    wait_paused(&m, 1).await;
+    // Nothing more comes while paused.
+    let more = tokio::time::timeout(Duration::from_millis(200), {
+        use http_body_util::BodyExt;
+        body.frame()
+    })
+    .await;
+    assert!(more.is_err(), "a frame arrived during the pause");
+    m.release(1);
+    let (frames, end) = timed_frames(body, Instant::now(), Duration::from_secs(5)).await;
+    assert_eq!(end, Ok(()));
+    assert_eq!(m.paused(), 0);
+    let all: Vec<String> = first.into_iter().chain(frame_events(&frames)).collect();
+    assert_eq!(all.len(), events(&Bytes::from(whole)).len());
+    assert_eq!(all.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn release_before_the_pause_is_kept_and_reset_forgets_it() {
+    let m = mock().await;
+    let r = conn(&m)
+        .await
+        .fetch(
+            Method::POST,
+            "/_mock/release",
+            &[],
+            Bytes::from_static(br#"{"count": 1}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"released": 1}));
+    script(&m, json!([{"kind": "ok", "pause_after_chunks": 1}])).await;
+    let r = post_chat(&m, CHAT, streaming("a", false)).await;
+    assert!(std::str::from_utf8(&r.body)
+        .unwrap()
+        .ends_with("data: [DONE]\n\n"));
+
+    // A release left over from one test does not leak into the next.
+    m.release(1);
+    m.reset();
+    script(&m, json!([{"kind": "ok", "pause_after_chunks": 0}])).await;
+    let mut body = send(&m, streaming("a", false)).await.into_body();
+    wait_paused(&m, 1).await;
+    let r = conn(&m)
+        .await
+        .fetch(Method::GET, "/_mock/paused", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.json(), json!({"paused": 1}));
+    let r = conn(&m)
+        .await
+        .fetch(Method::POST, "/_mock/release", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.json(), json!({"released": 1}));
+    // role, "mock(groq):", " a", finish, [DONE]
+    assert_eq!(read_events(&mut body, 5).await.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn pause_holds_a_json_answer_after_its_head() {
+    let m = mock().await;
+    let whole = post_chat(&m, CHAT, simple("one two")).await.body;
+    script(&m, json!([{"kind": "ok", "pause_after_chunks": 1}])).await;
+    let resp = send(&m, simple("one two")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-length"].to_str().unwrap(),
+        whole.len().to_string()
+    );
+    let mut body = resp.into_body();
+    let first = {
+        use http_body_util::BodyExt;
+        tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+    };
+    assert_eq!(normalised(&first), normalised(&whole[..whole.len() / 2]));
+    wait_paused(&m, 1).await;
+    m.release(1);
+    let (frames, end) = timed_frames(body, Instant::now(), Duration::from_secs(5)).await;
+    assert_eq!(end, Ok(()));
+    let rest: Vec<u8> = frames.iter().flat_map(|(_, b)| b.to_vec()).collect();
+    assert_eq!(normalised(&rest), normalised(&whole[whole.len() / 2..]));
+}
+
+#[tokio::test]
+async fn stream_options_without_stream_is_400_as_at_openai() {
+    let m = mock().await;
+    let mut body = simple("a");
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post_chat(&m, CHAT, body).await;
+    assert_eq!(r.status, 400);
+    let e = &r.json()["error"];
+    assert_eq!(e["param"], "stream_options");
+    assert_eq!(e["type"], "invalid_request_error");
+    assert_eq!(
+        e["message"],
+        "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    );
+    // Recorded all the same: tests can see what the gateway sent.
+    assert_eq!(m.requests().len(), 1);
+}
+
 #[tokio::test]
 async fn close_answers_nothing() {
     let m = mock().await;

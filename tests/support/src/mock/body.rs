@@ -1,16 +1,66 @@
 //! The response body the mock sends: a queue of pieces written one frame each, with an optional
-//! delay between them, and an ending: finish cleanly, abort the connection, or hang.
+//! delay between them, gates where it waits to be released, and an ending: finish cleanly, abort
+//! the connection, or hang.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+
+/// Releases for paused bodies: `POST /_mock/release` adds permits, each gate passed takes one.
+/// A release that comes before the body reaches its gate is kept, not lost.
+#[derive(Debug, Clone)]
+pub struct Gates {
+    permits: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            permits: Arc::new(Semaphore::new(0)),
+            waiting: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Gates {
+    /// Lets `n` gates open.
+    pub fn release(&self, n: usize) {
+        self.permits.add_permits(n);
+    }
+
+    /// Bodies waiting at a gate right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Drops releases no gate has used yet.
+    pub fn clear(&self) {
+        self.permits
+            .forget_permits(self.permits.available_permits());
+    }
+}
+
+/// One step of a body.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    /// One data frame.
+    Data(Bytes),
+    /// Wait here (everything before it flushed) until released.
+    Gate,
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// How long an aborting body waits, pending, so that what it sent is flushed first.
 const ABORT_FLUSH_PAUSE: Duration = Duration::from_millis(20);
@@ -28,7 +78,10 @@ pub enum BodyEnd {
 
 /// A response body made of pieces.
 pub struct MockBody {
-    pieces: VecDeque<Bytes>,
+    pieces: VecDeque<Piece>,
+    gates: Option<Gates>,
+    /// The release being waited for at a gate.
+    acquire: Option<Acquire>,
     delay: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     sent_any: bool,
@@ -45,10 +98,12 @@ impl MockBody {
         let len = bytes.len() as u64;
         let mut pieces = VecDeque::with_capacity(1);
         if !bytes.is_empty() {
-            pieces.push_back(bytes);
+            pieces.push_back(Piece::Data(bytes));
         }
         MockBody {
             pieces,
+            gates: None,
+            acquire: None,
             delay: Duration::ZERO,
             sleep: None,
             sent_any: false,
@@ -65,14 +120,44 @@ impl MockBody {
 
     /// A chunked body: each piece one frame, `delay` between frames, then `end`.
     pub fn pieces(pieces: impl IntoIterator<Item = Bytes>, delay: Duration, end: BodyEnd) -> Self {
+        Self::steps(pieces.into_iter().map(Piece::Data), None, delay, end)
+    }
+
+    /// A chunked body of data frames and gates (which wait on `gates`), `delay` between data
+    /// frames, then `end`.
+    pub fn steps(
+        pieces: impl IntoIterator<Item = Piece>,
+        gates: Option<Gates>,
+        delay: Duration,
+        end: BodyEnd,
+    ) -> Self {
         MockBody {
             pieces: pieces.into_iter().collect(),
+            gates,
+            acquire: None,
             delay,
             sleep: None,
             sent_any: false,
             flushed: false,
             end,
             exact_len: None,
+        }
+    }
+
+    /// Announces `len` bytes (`content-length`) whatever the pieces add up to: with fewer and an
+    /// abort, the answer is visibly truncated.
+    pub fn announcing(mut self, len: u64) -> Self {
+        self.exact_len = Some(len);
+        self
+    }
+}
+
+impl Drop for MockBody {
+    fn drop(&mut self) {
+        if self.acquire.is_some() {
+            if let Some(g) = &self.gates {
+                g.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 }
@@ -86,6 +171,25 @@ impl Body for MockBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        while let Some(Piece::Gate) = this.pieces.front() {
+            let Some(gates) = &this.gates else {
+                this.pieces.pop_front();
+                continue;
+            };
+            let acquire = this.acquire.get_or_insert_with(|| {
+                gates.waiting.fetch_add(1, Ordering::SeqCst);
+                Box::pin(gates.permits.clone().acquire_owned())
+            });
+            let Poll::Ready(permit) = acquire.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            if let Ok(permit) = permit {
+                permit.forget();
+            }
+            this.acquire = None;
+            gates.waiting.fetch_sub(1, Ordering::SeqCst);
+            this.pieces.pop_front();
+        }
         if !this.pieces.is_empty() {
             if this.sent_any && !this.delay.is_zero() {
                 let delay = this.delay;
@@ -98,7 +202,9 @@ impl Body for MockBody {
                 this.sleep = None;
             }
             this.sent_any = true;
-            let piece = this.pieces.pop_front().expect("checked non-empty");
+            let Some(Piece::Data(piece)) = this.pieces.pop_front() else {
+                unreachable!("gates are passed above");
+            };
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
         match this.end {

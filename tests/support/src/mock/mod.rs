@@ -6,6 +6,9 @@
 //! - `POST /_mock/script` (a list of [`Behaviour`]s, or one), `POST /_mock/reset`,
 //!   `GET /_mock/requests` (every chat request received; `?all=1`: every request to the
 //!   provider API, model listings and unknown paths included), `GET /_mock/script` (what is left).
+//! - `POST /_mock/release` (body optional: `{"count": N}`, default 1): lets N answers paused by
+//!   `pause_after_chunks` go on (a release sent before the answer reaches its pause is kept);
+//!   `GET /_mock/paused`: `{"paused": N}`, answers waiting at their pause right now.
 //!
 //! The engine here decides what to answer and when; [`crate::wire`] renders it.
 
@@ -32,8 +35,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-pub use body::{BodyEnd, MockBody};
-pub use script::{parse_script, Behaviour};
+pub use body::{BodyEnd, Gates, MockBody, Piece};
+pub use script::{parse_script, Behaviour, Cut};
 
 use crate::wire::openai::{self, ChatRequest};
 use crate::wire::{Reply, ReplyBody, ToolCall};
@@ -96,9 +99,16 @@ struct State {
     script: Mutex<VecDeque<Behaviour>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     seq: AtomicU64,
+    gates: Gates,
 }
 
 impl State {
+    fn reset(&self) {
+        self.script.lock().unwrap().clear();
+        self.requests.lock().unwrap().clear();
+        self.gates.clear();
+    }
+
     fn recorded(&self, all: bool) -> Vec<RecordedRequest> {
         self.requests
             .lock()
@@ -133,6 +143,7 @@ impl MockProvider {
             script: Mutex::new(VecDeque::new()),
             requests: Mutex::new(VecDeque::new()),
             seq: AtomicU64::new(1),
+            gates: Gates::default(),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(MockHandle { addr, state, task })
@@ -161,10 +172,19 @@ impl MockHandle {
         self.state.script.lock().unwrap().extend(behaviours);
     }
 
-    /// Clears the script and the recorded requests.
+    /// Clears the script, the recorded requests and unused releases.
     pub fn reset(&self) {
-        self.state.script.lock().unwrap().clear();
-        self.state.requests.lock().unwrap().clear();
+        self.state.reset();
+    }
+
+    /// Lets `n` paused answers go on (see `pause_after_chunks`).
+    pub fn release(&self, n: usize) {
+        self.state.gates.release(n);
+    }
+
+    /// Answers waiting at their pause right now.
+    pub fn paused(&self) -> usize {
+        self.state.gates.waiting()
     }
 
     /// Every chat request received so far.
@@ -334,10 +354,38 @@ async fn control(state: &State, action: &str, req: Request<Incoming>) -> Respons
             )
         }
         (Method::POST, "reset") => {
-            state.script.lock().unwrap().clear();
-            state.requests.lock().unwrap().clear();
+            state.reset();
             json_response(StatusCode::OK, Bytes::from_static(b"{\"ok\":true}"))
         }
+        (Method::POST, "release") => {
+            let count = if body.iter().all(u8::is_ascii_whitespace) {
+                Some(1)
+            } else {
+                serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("count").and_then(Value::as_u64))
+            };
+            match count {
+                Some(n) => {
+                    state.gates.release(n as usize);
+                    json_response(
+                        StatusCode::OK,
+                        Bytes::from(serde_json::json!({ "released": n }).to_string()),
+                    )
+                }
+                None => openai_error(
+                    StatusCode::BAD_REQUEST,
+                    "release takes no body or {\"count\": N}",
+                    "invalid_request_error",
+                    None,
+                    None,
+                ),
+            }
+        }
+        (Method::GET, "paused") => json_response(
+            StatusCode::OK,
+            Bytes::from(serde_json::json!({ "paused": state.gates.waiting() }).to_string()),
+        ),
         (Method::GET, "requests") => {
             let requests = state.recorded(all);
             json_response(
@@ -464,16 +512,17 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<MockBody
             latency_ms,
             chunk_delay_ms,
             content,
+            pause_after_chunks,
+            omit_done,
         } => {
             sleep_ms(latency_ms).await;
             let reply = make_reply(state, &chat, content);
-            Ok(reply_response(
-                &reply,
-                &chat,
-                usize::MAX,
-                chunk_delay_ms,
-                BodyEnd::Finish,
-            ))
+            let shape = Shape {
+                pause_after: pause_after_chunks,
+                omit_done,
+                ..Shape::whole()
+            };
+            Ok(reply_response(state, &reply, &chat, chunk_delay_ms, shape))
         }
         Behaviour::Status {
             status,
@@ -528,14 +577,14 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<MockBody
             Ok(resp)
         }
         Behaviour::Stall {
-            after_chunks,
             latency_ms,
             chunk_delay_ms,
+            ..
         }
         | Behaviour::Drop {
-            after_chunks,
             latency_ms,
             chunk_delay_ms,
+            ..
         } => {
             let end = if matches!(behaviour, Behaviour::Stall { .. }) {
                 BodyEnd::Stall
@@ -544,13 +593,12 @@ async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<MockBody
             };
             sleep_ms(latency_ms).await;
             let reply = make_reply(state, &chat, None);
-            Ok(reply_response(
-                &reply,
-                &chat,
-                after_chunks,
-                chunk_delay_ms,
+            let shape = Shape {
+                cut: behaviour.cut(),
                 end,
-            ))
+                ..Shape::whole()
+            };
+            Ok(reply_response(state, &reply, &chat, chunk_delay_ms, shape))
         }
         Behaviour::Close => Err(close_connection()),
     }
@@ -623,26 +671,101 @@ fn make_reply(state: &State, chat: &ChatRequest, content: Option<String>) -> Rep
     }
 }
 
-/// The response for a reply: JSON or SSE per the request, with at most `max_pieces` pieces sent
-/// before `end` (`usize::MAX` for all of them).
+/// How much of a reply is sent and how the body ends.
+struct Shape {
+    /// `None`: all of it.
+    cut: Option<Cut>,
+    /// Wait for a release after this many pieces.
+    pause_after: Option<usize>,
+    /// Leave out the `[DONE]` event (streams).
+    omit_done: bool,
+    end: BodyEnd,
+}
+
+impl Shape {
+    fn whole() -> Self {
+        Shape {
+            cut: None,
+            pause_after: None,
+            omit_done: false,
+            end: BodyEnd::Finish,
+        }
+    }
+}
+
+/// The first `n` bytes of `pieces`, keeping piece boundaries (the last piece may be cut).
+fn first_bytes(pieces: Vec<Bytes>, mut n: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    for piece in pieces {
+        if n == 0 {
+            break;
+        }
+        let take = piece.len().min(n);
+        n -= take;
+        out.push(piece.slice(..take));
+    }
+    out
+}
+
+/// What a cut leaves of a stream's events.
+fn cut_events(events: Vec<Bytes>, cut: Cut) -> Vec<Bytes> {
+    let total: usize = events.iter().map(Bytes::len).sum();
+    if let Some(n) = cut.after_bytes {
+        return first_bytes(events, n.min(total.saturating_sub(1)));
+    }
+    let whole = if cut.before_done {
+        events.len().saturating_sub(1)
+    } else {
+        cut.after_chunks.min(events.len())
+    };
+    let next = events.get(whole).cloned();
+    let mut out: Vec<Bytes> = events.into_iter().take(whole).collect();
+    if let (true, Some(next)) = (cut.mid_event, next) {
+        out.push(next.slice(..(next.len() / 2).max(1)));
+    }
+    out
+}
+
+/// What a cut leaves of a JSON answer.
+fn cut_json(json: &Bytes, cut: Cut) -> Vec<Bytes> {
+    let keep = match cut.after_bytes {
+        Some(n) => n.min(json.len().saturating_sub(1)),
+        None if cut.after_chunks == 0 => 0,
+        None => json.len() / 2,
+    };
+    first_bytes(vec![json.clone()], keep)
+}
+
+/// The pieces with a gate after the first `after` of them (if any).
+fn with_gate(pieces: Vec<Bytes>, after: Option<usize>) -> Vec<Piece> {
+    let mut out: Vec<Piece> = pieces.into_iter().map(Piece::Data).collect();
+    if let Some(n) = after {
+        out.insert(n.min(out.len()), Piece::Gate);
+    }
+    out
+}
+
+/// The response for a reply: JSON or SSE per the request, shaped by `shape`.
 fn reply_response(
+    state: &State,
     reply: &Reply,
     chat: &ChatRequest,
-    max_pieces: usize,
     chunk_delay_ms: u64,
-    end: BodyEnd,
+    shape: Shape,
 ) -> Response<MockBody> {
     let delay = Duration::from_millis(chunk_delay_ms);
+    let gates = shape.pause_after.map(|_| state.gates.clone());
     let mut resp = if chat.stream {
-        let events = openai::stream_events(reply, chat.include_usage);
-        let take = max_pieces.min(events.len());
-        // Cutting the stream short never ends it cleanly.
-        let end = if take < events.len() && end == BodyEnd::Finish {
-            BodyEnd::Abort
-        } else {
-            end
+        let mut events = openai::stream_events(reply, chat.include_usage);
+        if shape.omit_done {
+            events.pop();
+        }
+        let events = match shape.cut {
+            Some(cut) => cut_events(events, cut),
+            None => events,
         };
-        let mut resp = Response::new(MockBody::pieces(events.into_iter().take(take), delay, end));
+        let steps = with_gate(events, shape.pause_after);
+        let mut resp = Response::new(MockBody::steps(steps, gates, delay, shape.end));
         resp.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream; charset=utf-8"),
@@ -652,17 +775,28 @@ fn reply_response(
         resp
     } else {
         let json = openai::completion_json(reply);
-        let mut resp = if end == BodyEnd::Finish {
-            Response::new(MockBody::full(json))
-        } else {
-            // A broken non-streaming answer: half the JSON (if any piece is allowed), then `end`.
-            let pieces = if max_pieces > 0 {
-                vec![json.slice(..json.len() / 2)]
-            } else {
-                Vec::new()
-            };
-            Response::new(MockBody::pieces(pieces, delay, end))
+        let body = match (shape.cut, shape.pause_after) {
+            (None, None) => MockBody::full(json),
+            (Some(cut), _) => MockBody::pieces(cut_json(&json, cut), delay, shape.end)
+                .announcing(json.len() as u64),
+            (None, Some(after)) => {
+                // Paused JSON: the head (0), or the head and the first half (1 or more).
+                let pieces = if after == 0 {
+                    vec![json.clone()]
+                } else {
+                    let half = json.len() / 2;
+                    vec![json.slice(..half), json.slice(half..)]
+                };
+                MockBody::steps(
+                    with_gate(pieces, Some(after.min(1))),
+                    gates,
+                    delay,
+                    shape.end,
+                )
+                .announcing(json.len() as u64)
+            }
         };
+        let mut resp = Response::new(body);
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         resp
