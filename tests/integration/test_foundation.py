@@ -221,7 +221,7 @@ def test_configuration_errors_are_a_fixed_500_after_authentication(make_mock, ma
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq}, extra_env={
         "SPIN_VARIABLE_MAX_BODY_BYTES": "lots-of-secret-bytes",
-        "SPIN_VARIABLE_GROQ_BASE_URL": "ftp://secret-host.example",
+        "SPIN_VARIABLE_UPSTREAM_TOTAL_TIMEOUT_MS": "secret-host-soon",
     })
     with gw.http(auth=False) as anon:
         r = anon.get("/v1/models", headers={"Authorization": "Bearer wrong"})
@@ -229,7 +229,7 @@ def test_configuration_errors_are_a_fixed_500_after_authentication(make_mock, ma
     with gw.http() as c:
         r = c.post("/v1/chat/completions", json=chat_body("auto"))
     err = assert_openai_error(r, 500, code="gateway_misconfigured", type_="server_error")
-    for leak in ("lots-of-secret-bytes", "secret-host", "max_body_bytes", "groq_base_url"):
+    for leak in ("lots-of-secret-bytes", "secret-host", "max_body_bytes", "total_timeout"):
         assert leak not in r.text
     detail = [e for e in log_events(gw) if e["event"] == "config_error"]
     assert detail and "max_body_bytes" in detail[0]["detail"], "the operator gets the detail"

@@ -6,24 +6,35 @@ use freerelay::adapter::UpstreamRequest;
 use freerelay::config::Timeouts;
 use freerelay::upstream::Transport;
 use futures::SinkExt;
+use spin_executor::CancelOnDropToken;
 use spin_sdk::http::{ErrorCode, Fields, IncomingResponse, Method, OutgoingRequest, Scheme};
 use spin_sdk::wit::wasi::http0_2_0::outgoing_handler;
 use spin_sdk::wit::wasi::http0_2_0::types::RequestOptions;
 use std::future::Future;
+use std::task::Context;
 use std::task::Poll;
 use wasi::clocks::monotonic_clock;
+use wasi::io::poll::Pollable;
 
 const MS: u64 = 1_000_000;
 
-/// Runs `fut` for at most `ms` milliseconds; `None` when the deadline passed first.
+/// Registers `pollable` with the executor; dropping the token unregisters (and drops) it.
+pub fn wait_on(pollable: Pollable, cx: &mut Context<'_>) -> CancelOnDropToken {
+    spin_executor::push_waker_and_get_token(pollable, cx.waker().clone()).into()
+}
+
+/// Runs `fut` for at most `ms` milliseconds; `None` when the deadline passed first (`fut` is
+/// then dropped, which must leave no registered pollable behind: see [`wait_on`]).
 pub async fn within<T>(ms: u64, fut: impl Future<Output = T>) -> Option<T> {
     let deadline = monotonic_clock::now().saturating_add(ms.saturating_mul(MS));
+    // The clock decides, not `pollable.ready()`: a deadline pollable is only a wake-up call.
+    let mut waiting: Option<CancelOnDropToken> = None;
     let timer = futures::future::poll_fn(move |cx| {
-        let ready = monotonic_clock::subscribe_instant(deadline);
-        if ready.ready() {
+        if monotonic_clock::now() >= deadline {
+            waiting.take();
             Poll::Ready(())
         } else {
-            spin_executor::push_waker(ready, cx.waker().clone());
+            waiting = Some(wait_on(monotonic_clock::subscribe_instant(deadline), cx));
             Poll::Pending
         }
     });
@@ -80,13 +91,16 @@ pub async fn post(up: UpstreamRequest, timeouts: Timeouts) -> Result<IncomingRes
     let future = outgoing_handler::handle(request, Some(options)).map_err(|e| transport(&e))?;
     let write = sink.send(body).await;
     drop(sink);
+    // Declared after `future`, so dropped before it: a pollable must never outlive its parent
+    // resource (the host traps), which would happen if this attempt is abandoned at a deadline.
+    let mut waiting: Option<CancelOnDropToken> = None;
     let response = futures::future::poll_fn(|cx| match future.get() {
         Some(Ok(r)) => Poll::Ready(r),
         Some(Err(())) => Poll::Ready(Err(ErrorCode::InternalError(Some(
             "response taken twice".into(),
         )))),
         None => {
-            spin_executor::push_waker(future.subscribe(), cx.waker().clone());
+            waiting = Some(wait_on(future.subscribe(), cx));
             Poll::Pending
         }
     })

@@ -148,16 +148,20 @@ async fn write_all(stream: &OutputStream, mut bytes: &[u8]) -> Result<(), Stream
     while !bytes.is_empty() {
         let room = stream.check_write()? as usize;
         if room == 0 {
+            // The registration is dropped with this future, before the caller drops `stream`
+            // (a pollable outliving its stream makes the host trap).
+            let mut waiting = None;
             futures::future::poll_fn(|cx| {
                 let ready = stream.subscribe();
                 if ready.ready() {
                     Poll::Ready(())
                 } else {
-                    spin_executor::push_waker(ready, cx.waker().clone());
+                    waiting = Some(crate::outbound::wait_on(ready, cx));
                     Poll::Pending
                 }
             })
             .await;
+            drop(waiting);
             continue;
         }
         let n = room.min(bytes.len());
