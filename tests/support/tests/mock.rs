@@ -612,7 +612,7 @@ async fn drop_mid_event_cuts_inside_a_data_line() {
     assert_eq!(got.len(), head_len + third.len() / 2, "{got:?}");
     assert_eq!(
         normalised(got.as_bytes()),
-        normalised(whole[..head_len + third.len() / 2].as_bytes())
+        normalised(&whole.as_bytes()[..head_len + third.len() / 2])
     );
     let partial = &got[head_len..];
     assert!(
@@ -709,7 +709,7 @@ async fn after_bytes_cuts_a_stream_anywhere() {
     assert!(end.is_err());
     assert_eq!(
         normalised(joined(&frames).as_bytes()),
-        normalised(whole[..25].as_bytes())
+        normalised(&whole.as_bytes()[..25])
     );
 }
 
@@ -848,6 +848,19 @@ async fn release_before_the_pause_is_kept_and_reset_forgets_it() {
     assert_eq!(r.json(), json!({"released": 1}));
     // role, "mock(groq):", " a", finish, [DONE]
     assert_eq!(read_events(&mut body, 5).await.last().unwrap(), "[DONE]");
+}
+
+#[tokio::test]
+async fn a_paused_answer_whose_client_leaves_stops_waiting() {
+    let m = mock().await;
+    script(&m, json!([{"kind": "ok", "pause_after_chunks": 1}])).await;
+    let mut body = send(&m, streaming("one two", false)).await.into_body();
+    read_events(&mut body, 1).await;
+    wait_paused(&m, 1).await;
+    drop(body);
+    wait_paused(&m, 0).await;
+    // Nothing is left waiting: the next answer comes whole.
+    assert_eq!(post_chat(&m, CHAT, simple("a")).await.status, 200);
 }
 
 #[tokio::test]
