@@ -166,6 +166,15 @@ class Mock:
         """Every request to the provider API: chat, model listings and unknown paths."""
         return self.http.get("/_mock/requests", params={"all": "1"}).json()
 
+    def release(self, count: int = 1) -> None:
+        """Lets `count` answers held by `pause_after_chunks` go on (kept if none waits yet)."""
+        r = self.http.post("/_mock/release", json={"count": count})
+        assert r.status_code == 200, r.text
+
+    def paused(self) -> int:
+        """Answers waiting at their pause right now."""
+        return self.http.get("/_mock/paused").json()["paused"]
+
     def close(self) -> None:
         self.http.close()
         _stop(self.proc)
