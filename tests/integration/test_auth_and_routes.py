@@ -34,11 +34,12 @@ def test_wrong_key_is_401_invalid_api_key(gw, shared, method, path):
 
 
 def test_malformed_authorization_header_is_401(gw):
+    """Anything but `Bearer <token>` carries no key at all."""
     for value in ["Basic Zm9vOmJhcg==", "Bearer", gw.client_key, f"bearer-{gw.client_key}"]:
         with httpx.Client(base_url=gw.url, timeout=10) as c:
             r = c.get("/v1/models", headers={"Authorization": value})
         assert r.status_code == 401, (value, r.text)
-        assert_openai_error(r, 401)
+        assert_openai_error(r, 401, code="missing_api_key", type_="invalid_request_error")
 
 
 def test_provider_key_is_not_a_client_key(gw, shared):
@@ -64,7 +65,8 @@ def test_every_listed_client_key_is_accepted(gw, shared):
 
 
 def test_client_key_goes_no_further_and_provider_key_does(gw, shared, client):
-    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "who am i"}])
+    r = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "who am i"}])
+    assert r.choices[0].message.content == "mock(groq): who am i"
     [req] = shared.groq.requests()
     assert req["headers"].get("authorization") == f"Bearer {shared.groq.key}"
     seen = " ".join(req["headers"].values()) + (req.get("body_text") or "") + str(req["body"])
@@ -75,24 +77,25 @@ def test_client_key_goes_no_further_and_provider_key_does(gw, shared, client):
 def test_provider_keys_never_in_responses(gw, shared):
     with gw.http() as c:
         responses = [
-            c.get("/healthz"),
-            c.get("/v1/models"),
-            c.post("/v1/chat/completions", json=chat_body()),
-            c.post("/v1/chat/completions", json=chat_body(stream=True)),
-            c.post("/v1/chat/completions", json=chat_body(model="no-such-model")),
-            c.post("/v1/chat/completions", content=b"{oops"),
-            c.get("/v1/freerelay/stats"),
+            (c.get("/healthz"), 200),
+            (c.get("/v1/models"), 200),
+            (c.post("/v1/chat/completions", json=chat_body()), 200),
+            (c.post("/v1/chat/completions", json=chat_body(stream=True)), 200),
+            (c.post("/v1/chat/completions", json=chat_body(model="no-such-model")), 404),
+            (c.post("/v1/chat/completions", content=b"{oops"), 400),
+            (c.get("/v1/freerelay/stats"), 200),
         ]
-    for r in responses:
+    for r, status in responses:
+        assert r.status_code == status, (r.request.method, r.request.url.path, r.text[:300])
         assert_no_secrets(r, shared.provider_keys())
+    assert len(shared.groq.requests()) == 2
 
 
 @pytest.mark.parametrize("path", ["/v1/nope", "/v1/chat/nope", "/nope", "/v2/chat/completions"])
 def test_unknown_path_is_404(gw, path):
     with gw.http() as c:
         r = c.get(path)
-    assert r.status_code == 404, r.text
-    assert_openai_error(r, 404)
+    assert_openai_error(r, 404, code="unknown_url", type_="invalid_request_error")
 
 
 @pytest.mark.parametrize("method,path", [
@@ -105,4 +108,4 @@ def test_unknown_path_is_404(gw, path):
 def test_wrong_method_is_405(gw, method, path):
     with gw.http() as c:
         r = c.request(method, path, content=b"{}")
-    assert_openai_error(r, 405)
+    assert_openai_error(r, 405, code="method_not_allowed", type_="invalid_request_error")

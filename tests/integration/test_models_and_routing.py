@@ -48,7 +48,8 @@ def test_models_auto_and_configured_providers_only(client):
 
 
 def test_models_list_does_not_call_providers(gw, shared, client):
-    client.models.list()
+    ids = {m.id for m in client.models.list()}
+    assert {"auto", "groq/llama-3.1-8b-instant", "gemini/gemini-2.5-flash"} <= ids, ids
     for m in shared.mocks.values():
         assert m.all_requests() == []
 
