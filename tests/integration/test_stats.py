@@ -4,7 +4,7 @@ import concurrent.futures
 
 import pytest
 
-from helpers import wait_until, words
+from helpers import assert_openai_error, wait_until, words
 
 PROMPT = "count these five words"
 EXPECTED_PROMPT = words(PROMPT)
@@ -14,6 +14,11 @@ EXPECTED_COMPLETION = words("mock(groq): " + PROMPT)
 def _groq(stats: dict) -> dict:
     return stats["providers"].get("groq", {"requests": 0, "errors": 0, "prompt_tokens": 0,
                                            "completion_tokens": 0})
+
+
+def _counts(p: dict, want: dict) -> dict:
+    """The counters of `p` that `want` names (the report may carry more)."""
+    return {k: p.get(k, 0) for k in want}
 
 
 def _settled(gw, pred, timeout=5.0) -> dict:
@@ -40,16 +45,18 @@ def test_stats_shape(gw):
 def test_stats_count_json_and_streamed_usage(gw, shared, client):
     before = _groq(gw.stats())
     msgs = [{"role": "user", "content": PROMPT}]
-    client.chat.completions.create(model="auto", messages=msgs)
-    list(client.chat.completions.create(model="auto", messages=msgs, stream=True,
-                                        stream_options={"include_usage": True}))
+    r = client.chat.completions.create(model="auto", messages=msgs)
+    assert r.choices[0].message.content == "mock(groq): " + PROMPT
+    chunks = list(client.chat.completions.create(model="auto", messages=msgs, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == EXPECTED_COMPLETION
     want = {
         "requests": before["requests"] + 2,
         "prompt_tokens": before["prompt_tokens"] + 2 * EXPECTED_PROMPT,
         "completion_tokens": before["completion_tokens"] + 2 * EXPECTED_COMPLETION,
     }
-    after = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= want["requests"]))
-    assert {k: after[k] for k in want} == want
+    after = _groq(_settled(gw, lambda s: _counts(_groq(s), want) == want))
+    assert _counts(after, want) == want
     assert after["errors"] == before["errors"]
 
 
@@ -58,9 +65,10 @@ def test_stats_count_upstream_errors(make_mock, make_gateway):
     gw = make_gateway({"groq": groq})
     groq.script({"kind": "status", "status": 500})
     with gw.http() as c:
-        assert c.post("/v1/chat/completions", json={
+        r = c.post("/v1/chat/completions", json={
             "model": "groq/llama-3.1-8b-instant",
-            "messages": [{"role": "user", "content": "x"}]}).status_code == 502
+            "messages": [{"role": "user", "content": "x"}]})
+    assert_openai_error(r, 502, code="upstream_error")
     s = _groq(_settled(gw, lambda s: _groq(s)["errors"] >= 1))
     assert s["errors"] == 1
     assert s["prompt_tokens"] == 0 and s["completion_tokens"] == 0
@@ -68,14 +76,17 @@ def test_stats_count_upstream_errors(make_mock, make_gateway):
 
 def test_stats_separate_per_provider(gw, shared, client):
     before = gw.stats()["providers"]
-    client.chat.completions.create(model="gemini/gemini-2.5-flash",
-                                   messages=[{"role": "user", "content": PROMPT}])
-    after = _settled(gw, lambda s: s["providers"].get("gemini", {}).get("requests", 0)
-                     > before.get("gemini", {}).get("requests", 0))["providers"]
-    g0 = before.get("gemini", {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
-    assert after["gemini"]["requests"] == g0["requests"] + 1
-    assert after["gemini"]["prompt_tokens"] == g0["prompt_tokens"] + EXPECTED_PROMPT
-    assert after["gemini"]["completion_tokens"] == g0["completion_tokens"] + words("mock(gemini): " + PROMPT)
+    r = client.chat.completions.create(model="gemini/gemini-2.5-flash",
+                                       messages=[{"role": "user", "content": PROMPT}])
+    assert r.choices[0].message.content == "mock(gemini): " + PROMPT
+    g0 = before.get("gemini", {})
+    want = {
+        "requests": g0.get("requests", 0) + 1,
+        "prompt_tokens": g0.get("prompt_tokens", 0) + EXPECTED_PROMPT,
+        "completion_tokens": g0.get("completion_tokens", 0) + words("mock(gemini): " + PROMPT),
+    }
+    after = _settled(gw, lambda s: _counts(s["providers"].get("gemini", {}), want) == want)["providers"]
+    assert _counts(after["gemini"], want) == want
     assert _groq({"providers": after}) == _groq({"providers": before})
 
 
@@ -98,25 +109,33 @@ def test_stats_exact_under_32_concurrent_requests(make_mock, make_gateway, strea
         results = list(pool.map(one, range(n)))
     assert results == ["mock(groq): " + PROMPT] * n
     assert len(groq.requests()) == n
-    s = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= n, timeout=10))
-    assert s == {"requests": n, "errors": 0, "prompt_tokens": n * EXPECTED_PROMPT,
-                 "completion_tokens": n * EXPECTED_COMPLETION}
+    want = {"requests": n, "errors": 0, "prompt_tokens": n * EXPECTED_PROMPT,
+            "completion_tokens": n * EXPECTED_COMPLETION}
+    s = _groq(_settled(gw, lambda s: _counts(_groq(s), want) == want, timeout=10))
+    assert _counts(s, want) == want
+    assert s.get("client_gone", 0) == 0
 
 
 def test_stats_survive_restart(make_mock, make_gateway):
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq})
     client = gw.client()
+    msgs = [{"role": "user", "content": PROMPT}]
     for _ in range(3):
-        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": PROMPT}])
-    before = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= 3))
-    assert before["requests"] == 3
+        r = client.chat.completions.create(model="auto", messages=msgs)
+        assert r.choices[0].message.content == "mock(groq): " + PROMPT
+
+    def totals(k):
+        return {"requests": k, "prompt_tokens": k * EXPECTED_PROMPT,
+                "completion_tokens": k * EXPECTED_COMPLETION}
+
+    before = _groq(_settled(gw, lambda s: _counts(_groq(s), totals(3)) == totals(3)))
+    assert _counts(before, totals(3)) == totals(3)
 
     gw.restart()
     assert _groq(gw.stats()) == before
 
-    gw.client().chat.completions.create(model="auto", messages=[{"role": "user", "content": PROMPT}])
-    after = _groq(_settled(gw, lambda s: _groq(s)["requests"] >= 4))
-    assert after["requests"] == 4
-    assert after["prompt_tokens"] == 4 * EXPECTED_PROMPT
-    assert after["completion_tokens"] == 4 * EXPECTED_COMPLETION
+    r = gw.client().chat.completions.create(model="auto", messages=msgs)
+    assert r.choices[0].message.content == "mock(groq): " + PROMPT
+    after = _groq(_settled(gw, lambda s: _counts(_groq(s), totals(4)) == totals(4)))
+    assert _counts(after, totals(4)) == totals(4)
