@@ -43,17 +43,17 @@ def test_missing_or_invalid_field_names_param(gw, shared, body, param):
     assert shared.groq.all_requests() == []
 
 
-@pytest.mark.parametrize("messages", [
-    [{"content": "no role"}],
-    [{"role": "wizard", "content": "bad role"}],
-    [{"role": 5, "content": "role not a string"}],
-    [{"role": "user", "content": "fine"}, {"role": "", "content": "empty role"}],
-    ["not an object"],
+@pytest.mark.parametrize("messages,param", [
+    ([{"content": "no role"}], "messages[0].role"),
+    ([{"role": "wizard", "content": "bad role"}], "messages[0].role"),
+    ([{"role": 5, "content": "role not a string"}], "messages[0].role"),
+    ([{"role": "user", "content": "fine"}, {"role": "", "content": "empty role"}], "messages[1].role"),
+    (["not an object"], "messages[0]"),
 ])
-def test_message_without_valid_role_is_400(gw, shared, messages):
+def test_message_without_valid_role_is_400(gw, shared, messages, param):
     r = _post(gw, json.dumps({"model": "auto", "messages": messages}).encode())
     err = assert_openai_error(r, 400, type_="invalid_request_error")
-    assert err["param"] and err["param"].startswith("messages"), err
+    assert err["param"] == param, err
     assert shared.groq.all_requests() == []
 
 
@@ -88,20 +88,30 @@ def test_max_body_bytes_is_configurable(make_mock, make_gateway):
     assert len(groq.requests()) == 1
 
 
-@pytest.mark.parametrize("content,ctype", [
-    (b"", "application/json"),
-    (b"\xff\xfe\x00garbage", "application/json"),
-    (b'{"model":"auto","messages":[{"role":"user","content":"hi"}]', "application/json"),
-    (b'{"model":"auto","messages":[{"role":"user","content":{"deep":[[[[]]]]}}]}', "application/json"),
-    (b'{"model":"auto","messages":[{"role":"user","content":"hi"}]}', "text/plain"),
-    (b'{"model":"' + b"m" * 5000 + b'","messages":[{"role":"user","content":"hi"}]}', "application/json"),
-    (b'{"model":"auto","messages":[1,2,3]}', "application/json"),
-    (b'{"model":"auto","messages":[{"role":"user"}]}', "application/json"),
-    (b'{"model":"auto","messages":[{"role":"user","content":"hi"}],"stream":"yes"}', "application/json"),
-    (b"[" * 10000 + b"]" * 10000, "application/json"),
+@pytest.mark.parametrize("content,ctype,param", [
+    (b"", "application/json", None),
+    (b"\xff\xfe\x00garbage", "application/json", None),
+    (b'{"model":"auto","messages":[{"role":"user","content":"hi"}]', "application/json", None),
+    (b'{"model":"auto","messages":[{"role":"user","content":{"deep":[[[[]]]]}}]}', "application/json",
+     "messages[0].content"),
+    (b'{"model":"' + b"m" * 5000 + b'","messages":[{"role":"user","content":"hi"}]}', "application/json",
+     "model"),
+    (b'{"model":"auto","messages":[1,2,3]}', "application/json", "messages[0]"),
+    (b'{"model":"auto","messages":[{"role":"user"}]}', "application/json", "messages[0].content"),
+    (b'{"model":"auto","messages":[{"role":"user","content":"hi"}],"stream":"yes"}', "application/json",
+     "stream"),
+    (b"[" * 10000 + b"]" * 10000, "application/json", None),
 ])
-def test_odd_input_never_500(gw, shared, content, ctype):
+def test_odd_input_is_400_naming_the_field(gw, shared, content, ctype, param):
     r = _post(gw, content, ctype)
-    assert r.status_code < 500, f"{r.status_code}: {r.text[:300]}"
-    if r.status_code >= 400:
-        assert_openai_error(r, r.status_code)
+    err = assert_openai_error(r, 400, type_="invalid_request_error")
+    assert err["param"] == param, err
+    assert shared.groq.all_requests() == []
+
+
+def test_content_type_is_not_judged(gw, shared):
+    """A JSON body sent as text/plain (curl -d without -H) is served like any other."""
+    r = _post(gw, b'{"model":"auto","messages":[{"role":"user","content":"hi"}]}', "text/plain")
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["choices"][0]["message"]["content"] == "mock(groq): hi"
+    assert len(shared.groq.requests()) == 1
