@@ -419,8 +419,11 @@ impl App {
             Ok(resp) => {
                 // As Spin: whatever the guest does after setting its response, a failure is
                 // reported here; an abort (the response body was dropped) is not an error.
+                // Shutdown waits for the report too, not only for the guest.
                 let component = route.component.clone();
+                let guard = self.inflight.enter();
                 tokio::spawn(async move {
+                    let _guard = guard;
                     match task.await {
                         Ok(Ok(())) => {}
                         Err(e) if e.is_cancelled() => {}

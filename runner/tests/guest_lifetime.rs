@@ -71,16 +71,27 @@ impl Runner {
         out
     }
 
-    /// Waits until the runner's stderr contains `needle` (or `limit` passes); returns the text.
-    fn stderr_after(&self, needle: &str, limit: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-            if text.contains(needle) || start.elapsed() > limit {
-                return text;
+    /// Stops the runner as Ctrl-C would and returns everything it wrote to stderr.
+    ///
+    /// A graceful shutdown waits for every guest task still running (and for the report of
+    /// its result), so once the process has exited the log is complete: a guest that was not
+    /// aborted would have finished, and printed, by then. No wall-clock guess involved.
+    fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "cannot signal the runner");
+        // Far beyond the runner's own 10 s grace period: only a hung runner gets here.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
             }
+            assert!(Instant::now() < deadline, "the runner did not exit");
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
+        let log = std::fs::read_to_string(&self.stderr_path).unwrap();
+        assert!(status.success(), "runner exited with {status}:\n{log}");
+        log
     }
 }
 
@@ -121,22 +132,16 @@ fn guest_is_aborted_at_its_next_yield_once_the_response_body_is_complete() {
     let resp = runner.get("/sleep-then-finish");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert_eq!(body(&resp), "ok", "{resp}");
-    let log = runner.stderr_after(
-        "probe: sleep-then-finish before-finish",
-        Duration::from_secs(5),
-    );
-    assert!(
-        log.contains("probe: sleep-then-finish before-finish"),
-        "{log}"
-    );
 
     // After `finish`, the guest runs until it yields (the print before the wait), then is gone.
     let resp = runner.get("/finish-then-sleep");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert_eq!(body(&resp), "ok", "{resp}");
-    let log = runner.stderr_after(
-        "probe: finish-then-sleep after-finish",
-        Duration::from_secs(1),
+
+    let log = runner.stop();
+    assert!(
+        log.contains("probe: sleep-then-finish before-finish"),
+        "{log}"
     );
     assert!(log.contains("probe: finish-then-sleep finished"), "{log}");
     assert!(
@@ -152,7 +157,7 @@ fn error_after_a_complete_body_without_a_yield_is_still_logged() {
     let resp = runner.get("/finish-then-trap");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert_eq!(body(&resp), "ok", "{resp}");
-    let log = runner.stderr_after("failed after its response started", Duration::from_secs(5));
+    let log = runner.stop();
     assert!(log.contains("probe: finish-then-trap trapping"), "{log}");
     assert!(
         log.contains("error: component 'probe' failed after its response started"),

@@ -156,30 +156,32 @@ fn concurrent_cas_counters_never_lose_updates() {
     assert_eq!(dbs[0].get("default", "c").unwrap().unwrap(), b"200");
 }
 
-/// Child half of `separate_processes_incrementing_give_the_exact_total` (no-op unless spawned).
-#[test]
-fn child_incrementer() {
-    let Ok(path) = std::env::var("FREERELAY_KV_CHILD_DB") else {
-        return;
-    };
-    let db = Arc::new(SqliteBackend::open(std::path::Path::new(&path)).unwrap());
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let db = db.clone();
-            std::thread::spawn(move || {
-                for _ in 0..250 {
-                    db.increment("default", "procs", 1).unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-}
+/// Marks a child process of [`separate_processes_incrementing_give_the_exact_total`]; holds the
+/// database path.
+const CHILD_ENV: &str = "FREERELAY_KV_CHILD_DB";
 
+/// Three processes (this test binary re-run as children) × 4 threads × 250 increments on one
+/// file. Run normally it is the parent, and passes only with the exact total; a child (the same
+/// test, with [`CHILD_ENV`] set) does its share and returns.
 #[test]
 fn separate_processes_incrementing_give_the_exact_total() {
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        let db = Arc::new(SqliteBackend::open(std::path::Path::new(&path)).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..250 {
+                        db.increment("default", "procs", 1).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kv.db");
     SqliteBackend::open(&path).unwrap();
@@ -187,8 +189,13 @@ fn separate_processes_incrementing_give_the_exact_total() {
     let children: Vec<_> = (0..3)
         .map(|_| {
             std::process::Command::new(&exe)
-                .args(["--exact", "child_incrementer", "--test-threads", "1"])
-                .env("FREERELAY_KV_CHILD_DB", &path)
+                .args([
+                    "--exact",
+                    "separate_processes_incrementing_give_the_exact_total",
+                    "--test-threads",
+                    "1",
+                ])
+                .env(CHILD_ENV, &path)
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .unwrap()
@@ -197,6 +204,7 @@ fn separate_processes_incrementing_give_the_exact_total() {
     for mut c in children {
         assert!(c.wait().unwrap().success(), "a child process failed");
     }
+    // Exact: a child that ran no test (or lost an update) cannot give 3000.
     let db = SqliteBackend::open(&path).unwrap();
     assert_eq!(
         db.get("default", "procs").unwrap().unwrap(),
