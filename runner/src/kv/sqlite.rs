@@ -1,10 +1,10 @@
 //! The default key-value backend: a SQLite file with Spin's exact schema, so the file is
 //! interchangeable with `spin up`'s `.spin/sqlite_key_value.db`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -20,12 +20,19 @@ use super::{CasExpectation, KvBackend, KvError};
 /// last few commits before a power loss (not a process crash) may be lost, which is acceptable
 /// for counters and routing state. Spin opens WAL databases transparently, so the file stays
 /// interchangeable. `busy_timeout` and `BEGIN IMMEDIATE` make read-modify-write operations
-/// atomic even when another process (another runner, or Spin) shares the file. WAL checkpoints
-/// run on a background thread with its own connection instead of inside a commit.
+/// atomic even when another process (another runner, or Spin) shares the file.
+///
+/// The write-ahead log is bounded (see [`WalControl`]): SQLite only starts the WAL over from its
+/// beginning when a writer finds every frame already copied into the database, which never
+/// happens on its own while requests write continuously, so without help the file grows by every
+/// commit forever. Background checkpoints copy frames without blocking anyone; once the WAL
+/// passes its limit a `RESTART` checkpoint briefly holds writers back so the next commit starts
+/// the log over, and `journal_size_limit` gives the disk space back.
 pub struct SqliteBackend {
-    conn: Mutex<Connection>,
-    /// Background WAL checkpoints (file databases only).
-    checkpointer: Option<Checkpointer>,
+    /// Shared with the checkpoint thread, which holds it during a `RESTART` checkpoint.
+    conn: Arc<Mutex<Connection>>,
+    /// WAL size control (file databases only).
+    wal: Option<WalControl>,
 }
 
 /// How long an operation keeps retrying when the database is busy.
@@ -48,13 +55,26 @@ fn other(e: rusqlite::Error) -> KvError {
     }
 }
 
+/// Locks the connection. A panic while holding the lock cannot leave SQLite inconsistent
+/// (transactions roll back on drop), so a poisoned lock is still usable.
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 const UPSERT: &str = "INSERT INTO spin_key_value (store, key, value) VALUES (?1, ?2, ?3)
      ON CONFLICT(store, key) DO UPDATE SET value = excluded.value";
 const SELECT: &str = "SELECT value FROM spin_key_value WHERE store = ?1 AND key = ?2";
 
 impl SqliteBackend {
-    /// Opens (creating if needed) the database file and its parent directory.
+    /// Opens (creating if needed) the database file and its parent directory, with the default
+    /// WAL limit ([`WAL_LIMIT`]).
     pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Self::open_with_wal_limit(path, WAL_LIMIT)
+    }
+
+    /// [`Self::open`] with another WAL limit in bytes: past it the log is started over (see
+    /// [`WalControl`]); at four times it a writer does that itself before going on.
+    pub fn open_with_wal_limit(path: &Path, wal_limit: u64) -> anyhow::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -68,15 +88,35 @@ impl SqliteBackend {
                 path.display()
             )
         })?;
-        {
-            // Checkpoints move to a background thread (see `Checkpointer`).
+        let page_size = {
             let conn = backend.conn();
+            // Checkpoints move to a background thread (see `WalControl`); when a checkpoint has
+            // started the log over, the next commit truncates a larger file back to the limit.
             conn.pragma_update(None, "wal_autocheckpoint", 0)
-                .map_err(|e| anyhow::anyhow!("cannot configure {}: {e}", path.display()))?;
-        }
-        backend.checkpointer = Some(Checkpointer::start(path).map_err(|e| {
-            anyhow::anyhow!("cannot open key-value database {}: {e}", path.display())
-        })?);
+                .and_then(|()| {
+                    conn.query_row(
+                        &format!("PRAGMA journal_size_limit={wal_limit}"),
+                        [],
+                        |_| Ok(()),
+                    )
+                })
+                .and_then(|()| conn.query_row("PRAGMA page_size", [], |r| r.get::<_, u64>(0)))
+                .map_err(|e| anyhow::anyhow!("cannot configure {}: {e}", path.display()))?
+        };
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        backend.wal = Some(
+            WalControl::start(
+                path,
+                PathBuf::from(wal_path),
+                wal_limit,
+                page_size,
+                backend.conn.clone(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("cannot open key-value database {}: {e}", path.display())
+            })?,
+        );
         Ok(backend)
     }
 
@@ -102,15 +142,13 @@ impl SqliteBackend {
         // No waiting inside SQLite on the fast path; `run_waiting` sets a timeout when it waits.
         conn.busy_timeout(Duration::ZERO)?;
         Ok(Self {
-            conn: Mutex::new(conn),
-            checkpointer: None,
+            conn: Arc::new(Mutex::new(conn)),
+            wal: None,
         })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
-        // back on drop), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.conn)
     }
 
     /// Runs `op` on the connection, retrying while another process holds the database.
@@ -162,47 +200,103 @@ impl SqliteBackend {
         result
     }
 
-    /// [`Self::run`] for an operation that writes: counts commits and asks the background
-    /// checkpointer to fold the WAL into the database every [`CHECKPOINT_EVERY`] writes.
+    /// [`Self::run`] for an operation that writes: counts commits for [`WalControl`].
     fn run_write<T>(
         &self,
         op: impl FnMut(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, KvError> {
         let result = self.run(op);
-        if let Some(ck) = &self.checkpointer {
-            let n = ck.writes.fetch_add(1, Ordering::Relaxed) + 1;
-            if n % CHECKPOINT_EVERY == 0 {
-                let _ = ck.wake.try_send(());
-            }
+        if let Some(wal) = &self.wal {
+            wal.after_write();
         }
         result
     }
 }
 
-/// Writes between two background WAL checkpoints (SQLite's own default is every 1000 WAL pages;
-/// a write here appends one or two pages).
+/// The default WAL limit: 16 MiB, about 4000 single-page commits. Every time the log reaches
+/// it, writers wait for one `RESTART` checkpoint (two fsyncs); a larger limit makes that rarer
+/// and the file larger.
+pub const WAL_LIMIT: u64 = 16 << 20;
+
+/// Writes between two background `PASSIVE` checkpoints (SQLite's own default is every 1000 WAL
+/// pages; a write here appends one or two pages).
 const CHECKPOINT_EVERY: u64 = 500;
 
-/// The background WAL checkpointer of a file database: its own connection and thread, so a
-/// checkpoint (which copies pages and fsyncs) never runs inside a guest's key-value call.
-struct Checkpointer {
+/// Writes between two looks at the WAL file's size.
+const SIZE_CHECK_EVERY: u64 = 64;
+
+/// How long a `RESTART` checkpoint waits for another process's reader or writer. Writers of this
+/// process wait meanwhile, so it is short; a checkpoint that gives up is tried again later.
+const RESTART_WAIT: Duration = Duration::from_millis(200);
+
+/// After a writer's own `RESTART` failed (another process keeps a snapshot open), writers
+/// leave it to the background thread for this long.
+const INLINE_RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Keeps a file database's write-ahead log bounded.
+///
+/// SQLite appends every commit to the WAL and starts writing it from the beginning again only
+/// when a writer finds all of it copied into the database (and no reader using it). A
+/// background `PASSIVE` checkpoint copies frames without blocking anyone, but while requests
+/// keep writing there are always newer frames than it copied, so the log is never started over
+/// and grows by every commit (about 12 KB per gateway request, gigabytes an hour). So:
+///
+/// - every [`CHECKPOINT_EVERY`] writes a background thread runs a `PASSIVE` checkpoint (copies
+///   and fsyncs the bulk, off the request path);
+/// - when the WAL holds more than `limit` bytes, that thread takes this process's connection
+///   (in-process reads and writes wait on its lock) and runs a `RESTART` checkpoint on it: it
+///   copies the few frames written since the last one and waits for other processes' readers,
+///   so the next commit starts the log over, and truncates the file back to `limit`
+///   (`journal_size_limit`);
+/// - if the file still reaches four times `limit` (the thread fell behind), the writer that
+///   sees it runs the `RESTART` itself — the bound holds however the threads are scheduled.
+///
+/// Only a reader in another process that keeps one snapshot open for longer than
+/// [`RESTART_WAIT`] at every attempt can keep the log growing, as with any SQLite WAL database.
+struct WalControl {
+    /// The `-wal` file.
+    path: PathBuf,
+    limit: u64,
     writes: AtomicU64,
     wake: SyncSender<()>,
+    conn: Arc<Mutex<Connection>>,
+    /// Held for a whole checkpoint: SQLite lets one checkpoint run at a time and fails another
+    /// at once, so a writer's `RESTART` waits here for the background thread's instead.
+    checkpointing: Arc<Mutex<()>>,
+    /// Until when writers leave restarts to the background thread.
+    backoff_until: Mutex<Option<Instant>>,
 }
 
-impl Checkpointer {
-    fn start(path: &Path) -> rusqlite::Result<Self> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(1))?;
+impl WalControl {
+    fn start(
+        db_path: &Path,
+        path: PathBuf,
+        limit: u64,
+        page_size: u64,
+        conn: Arc<Mutex<Connection>>,
+    ) -> rusqlite::Result<Self> {
+        let ckpt = Connection::open(db_path)?;
+        ckpt.busy_timeout(Duration::from_secs(1))?;
         let (wake, rx) = sync_channel::<()>(1);
+        let shared = conn.clone();
+        let checkpointing = Arc::new(Mutex::new(()));
+        let ckpt_lock = checkpointing.clone();
+        // A WAL frame is a page plus a 24-byte header.
+        let frame_bytes = page_size + 24;
         std::thread::Builder::new()
             .name("kv-checkpoint".into())
             .spawn(move || {
                 // Ends when the backend (and so the sender) is dropped.
                 while rx.recv().is_ok() {
-                    // PASSIVE never blocks writers; a checkpoint that cannot finish now (a
-                    // reader or another process) is simply retried at the next wake-up.
-                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    let _checkpointing = ckpt_lock.lock().unwrap_or_else(|p| p.into_inner());
+                    // PASSIVE never blocks anyone; what it cannot copy now (a reader, or another
+                    // process) is copied at the next wake-up.
+                    let frames = ckpt
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+                        .unwrap_or(0);
+                    if frames > 0 && frames as u64 * frame_bytes > limit {
+                        restart(&shared);
+                    }
                 }
             })
             .map_err(|e| {
@@ -212,10 +306,67 @@ impl Checkpointer {
                 )
             })?;
         Ok(Self {
+            path,
+            limit,
             writes: AtomicU64::new(0),
             wake,
+            conn,
+            checkpointing,
+            backoff_until: Mutex::new(None),
         })
     }
+
+    /// Called after every write (committed or not): wakes the background thread, and restarts
+    /// the log here if it has fallen far behind.
+    fn after_write(&self) {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_multiple_of(CHECKPOINT_EVERY) {
+            let _ = self.wake.try_send(());
+        }
+        if !n.is_multiple_of(SIZE_CHECK_EVERY) {
+            return;
+        }
+        let Ok(size) = std::fs::metadata(&self.path).map(|m| m.len()) else {
+            return;
+        };
+        if size <= self.limit {
+            return;
+        }
+        let _ = self.wake.try_send(());
+        if size <= self.limit.saturating_mul(4) {
+            return;
+        }
+        {
+            let mut until = self.backoff_until.lock().unwrap_or_else(|p| p.into_inner());
+            if until.is_some_and(|t| Instant::now() < t) {
+                return;
+            }
+            *until = None;
+        }
+        let restarted = super::blocking(|| {
+            let _checkpointing = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
+            restart(&self.conn)
+        });
+        if !restarted {
+            // Another process keeps a snapshot open (this one's checkpoints wait for each other).
+            *self.backoff_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + INLINE_RESTART_BACKOFF);
+        }
+    }
+}
+
+/// Runs a `RESTART` checkpoint on this process's connection, holding its lock (so writers of
+/// this process wait on the lock, not in SQLite's busy loop). Returns whether it completed: all
+/// frames copied, the database synced, and no reader left on the log, so the next commit
+/// starts it over.
+fn restart(conn: &Mutex<Connection>) -> bool {
+    let conn = lock(conn);
+    let _ = conn.busy_timeout(RESTART_WAIT);
+    let busy = conn
+        .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0))
+        .unwrap_or(1);
+    let _ = conn.busy_timeout(Duration::ZERO);
+    busy == 0
 }
 
 impl KvBackend for SqliteBackend {
