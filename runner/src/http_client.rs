@@ -53,11 +53,18 @@ pub struct OutboundClient {
 }
 
 impl OutboundClient {
-    /// A client with hyper-util's default pool (idle connections kept per scheme + authority).
+    /// A client with hyper-util's default pool (idle connections kept per scheme + authority)
+    /// whose connections set TCP_NODELAY.
     pub fn new() -> Self {
+        Self::with_nodelay(true)
+    }
+
+    /// [`Self::new`], choosing TCP_NODELAY: `false` leaves Nagle's algorithm on, as Spin's
+    /// outbound connections do (`freerelay up --spin-nagle`).
+    pub fn with_nodelay(nodelay: bool) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .build(Connector::new());
+            .build(Connector::new(nodelay));
         Self { client }
     }
 
@@ -161,10 +168,11 @@ impl StdError for ConnectError {}
 #[derive(Clone)]
 struct Connector {
     tls: Arc<rustls::ClientConfig>,
+    nodelay: bool,
 }
 
 impl Connector {
-    fn new() -> Self {
+    fn new(nodelay: bool) -> Self {
         // The same configuration as wasmtime-wasi-http's default sender, built once.
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.into(),
@@ -174,11 +182,13 @@ impl Connector {
             .with_no_client_auth();
         Self {
             tls: Arc::new(config),
+            nodelay,
         }
     }
 
     async fn connect(
         tls: Arc<rustls::ClientConfig>,
+        nodelay: bool,
         uri: Uri,
         timeout: Duration,
     ) -> Result<Stream, Error> {
@@ -193,7 +203,9 @@ impl Connector {
             }
             .map_err(Error::Connect)?;
             // Loopback and pooled connections would otherwise pay Nagle + delayed-ACK stalls.
-            let _ = tcp.set_nodelay(true);
+            if nodelay {
+                let _ = tcp.set_nodelay(true);
+            }
             if !use_tls {
                 return Ok(Stream::Tcp(tcp));
             }
@@ -225,8 +237,9 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let timeout = CONNECT_TIMEOUT.try_with(|t| *t).unwrap_or(DEFAULT_TIMEOUT);
         let tls = self.tls.clone();
+        let nodelay = self.nodelay;
         Box::pin(async move {
-            Self::connect(tls, uri, timeout)
+            Self::connect(tls, nodelay, uri, timeout)
                 .await
                 .map(TokioIo::new)
                 .map_err(ConnectError::new)

@@ -47,6 +47,10 @@ struct UpArgs {
     /// State directory (compile cache, default key-value store). Default: `<manifest dir>/.spin`.
     #[arg(long = "state-dir")]
     state_dir: Option<PathBuf>,
+    /// Leave Nagle's algorithm on (no TCP_NODELAY) for client and outbound connections, as
+    /// Spin does, to reproduce its delayed-ACK stalls. Also FREERELAY_SPIN_NAGLE=1.
+    #[arg(long = "spin-nagle")]
+    spin_nagle: bool,
 }
 
 #[derive(clap::Args)]
@@ -106,6 +110,15 @@ fn run_up(args: UpArgs) -> Result<()> {
         args.runtime_config_file.as_deref(),
     )?);
 
+    let serve_opts = server::ServeOptions {
+        spin_nagle: args.spin_nagle
+            || std::env::var_os("FREERELAY_SPIN_NAGLE").is_some_and(|v| v == "1"),
+    };
+
+    if serve_opts.spin_nagle {
+        eprintln!("note: Nagle's algorithm left on (no TCP_NODELAY), as Spin");
+    }
+
     // This runtime only binds, accepts and waits for shutdown; requests are served by one
     // worker runtime per core (`server::serve`).
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -126,7 +139,7 @@ fn run_up(args: UpArgs) -> Result<()> {
         )?;
         app.set_self_addr(local);
         server::print_startup(&app, local);
-        server::serve(app, listener, shutdown_signal()).await
+        server::serve(app, listener, shutdown_signal(), serve_opts).await
     })
 }
 

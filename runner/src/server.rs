@@ -1,6 +1,6 @@
-//! The HTTP front end: hyper HTTP/1.1 with keep-alive and TCP_NODELAY, Spin's routing and
-//! well-known endpoints, and graceful shutdown. One acceptor hands connections round-robin to
-//! one worker thread per core (see [`Workers`]).
+//! The HTTP front end: hyper HTTP/1.1 with keep-alive and TCP_NODELAY (unless
+//! [`ServeOptions::spin_nagle`]), Spin's routing and well-known endpoints, and graceful shutdown.
+//! One acceptor hands connections round-robin to one worker thread per core (see [`Workers`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,6 +36,16 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
+/// How `serve` treats connections.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServeOptions {
+    /// Leave Nagle's algorithm on for accepted and outbound connections, as Spin does, instead
+    /// of setting TCP_NODELAY. A response or request written in more than one piece (a head,
+    /// then body chunks) then waits for the peer's delayed ACK (~40 ms on Linux loopback) before
+    /// its second piece goes out: Spin's stall, reproducible locally (`freerelay up --spin-nagle`).
+    pub spin_nagle: bool,
+}
+
 /// Prints Spin's startup lines (`Serving http://…` and the routes) to stdout and flushes.
 pub fn print_startup(app: &App, local: SocketAddr) {
     let base = format!("http://{local}");
@@ -69,7 +79,7 @@ struct Worker {
 }
 
 impl Workers {
-    fn start() -> anyhow::Result<Self> {
+    fn start(opts: ServeOptions) -> anyhow::Result<Self> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut workers = Self {
             workers: Vec::with_capacity(n),
@@ -94,7 +104,7 @@ impl Workers {
                 .map_err(|e| anyhow::anyhow!("cannot start worker thread: {e}"))?;
             workers.workers.push(Worker {
                 handle,
-                outbound: OutboundClient::new(),
+                outbound: OutboundClient::with_nodelay(!opts.spin_nagle),
                 stop: Some(stop),
                 thread: Some(thread),
             });
@@ -132,8 +142,9 @@ pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    opts: ServeOptions,
 ) -> anyhow::Result<()> {
-    let mut workers = Workers::start()?;
+    let mut workers = Workers::start(opts)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
@@ -149,8 +160,10 @@ pub async fn serve(
                         continue;
                     }
                 };
-                if let Err(e) = stream.set_nodelay(true) {
-                    eprintln!("warning: cannot set TCP_NODELAY: {e}");
+                if !opts.spin_nagle {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        eprintln!("warning: cannot set TCP_NODELAY: {e}");
+                    }
                 }
                 // Move the socket to the worker's own I/O driver.
                 let stream = match stream.into_std() {
