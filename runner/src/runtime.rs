@@ -5,10 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -17,7 +15,6 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Notify};
-use tokio::task::AbortHandle;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Enabled, Engine, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -395,7 +392,8 @@ impl App {
         let pre = comp.pre.clone();
         let guard = self.inflight.enter();
         // The guest runs in its own task, as in Spin's trigger-http: the response can stream
-        // while the guest is still producing it, and dropping the response body aborts it.
+        // while the guest is still producing it, and the guest runs to its end even after the
+        // response is complete or the client has gone (its writes then fail), as under Spin.
         let task = tokio::spawn(async move {
             let _guard = guard;
             let proxy = pre.instantiate_async(&mut store).await?;
@@ -407,19 +405,17 @@ impl App {
                 // The guest has returned: let the response go out (its connection task was
                 // woken onto this worker) before tearing the instance down, which costs tens
                 // of microseconds. This is after the guest's last instruction, so it moves no
-                // abort point; an error result is returned at once so it is always logged.
+                // observable point; an error result is returned at once so it is always logged.
                 tokio::task::yield_now().await;
             }
             drop(store);
             result
         });
-        let abort = task.abort_handle();
 
         match rx.await {
             Ok(resp) => {
                 // As Spin: whatever the guest does after setting its response, a failure is
-                // reported here; an abort (the response body was dropped) is not an error.
-                // Shutdown waits for the report too, not only for the guest.
+                // reported here. Shutdown waits for the report too, not only for the guest.
                 let component = route.component.clone();
                 let guard = self.inflight.enter();
                 tokio::spawn(async move {
@@ -434,7 +430,7 @@ impl App {
                     }
                 });
                 match resp {
-                    Ok(resp) => Ok(resp.map(|body| AbortOnDrop { body, abort }.boxed_unsync())),
+                    Ok(resp) => Ok(resp.map(|body| body.boxed_unsync())),
                     Err(code) => bail!("guest returned an error response: {code:?}"),
                 }
             }
@@ -544,42 +540,6 @@ fn prepare_request(
         );
     }
     Ok(Request::from_parts(parts, body))
-}
-
-/// A response body that aborts the guest task when dropped, as Spin's trigger-http does.
-///
-/// hyper drops a response body once it is complete (not only when the client goes away), so
-/// guest work after the body is finished is cut off at its next yield point, exactly as under
-/// Spin. Dropping the guest's store also cancels its pending outbound requests.
-struct AbortOnDrop {
-    body: WasiBody,
-    abort: AbortHandle,
-}
-
-impl http_body::Body for AbortOnDrop {
-    type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.abort.abort();
-    }
 }
 
 /// wasi:http outgoing hooks: Spin's allowed-hosts check, chaining and self requests.

@@ -3,8 +3,7 @@
 //! Every route answers `200 ok` and prints `probe: <route> <stage>` lines on stderr, so a test
 //! can see which stages ran:
 //! - `/finish-then-sleep`: finishes the body, then waits 300 ms (a host yield point) and prints
-//!   `after-finish`. Under Spin the guest is aborted when the body is dropped, so that line never
-//!   appears.
+//!   `after-finish`. Spin lets the guest run to its end, so that line appears.
 //! - `/sleep-then-finish`: waits 300 ms and prints `before-finish` while the body is still open,
 //!   then finishes it (control: the same wait and print do run).
 //! - `/finish-then-trap`: finishes the body, then traps without yielding (the error must still be
