@@ -5,9 +5,10 @@
 use freerelay::adapter::UpstreamRequest;
 use freerelay::config::Timeouts;
 use freerelay::upstream::Transport;
-use futures::SinkExt;
 use spin_executor::CancelOnDropToken;
-use spin_sdk::http::{ErrorCode, Fields, IncomingResponse, Method, OutgoingRequest, Scheme};
+use spin_sdk::http::{
+    ErrorCode, Fields, IncomingResponse, Method, OutgoingBody, OutgoingRequest, Scheme,
+};
 use spin_sdk::wit::wasi::http0_2_0::outgoing_handler;
 use spin_sdk::wit::wasi::http0_2_0::types::RequestOptions;
 use std::future::Future;
@@ -15,6 +16,7 @@ use std::task::Context;
 use std::task::Poll;
 use wasi::clocks::monotonic_clock;
 use wasi::io::poll::Pollable;
+use wasi::io::streams::{OutputStream, StreamError};
 
 const MS: u64 = 1_000_000;
 
@@ -87,10 +89,26 @@ pub async fn post(up: UpstreamRequest, timeouts: Timeouts) -> Result<IncomingRes
     let _ = options.set_first_byte_timeout(Some(timeouts.first_byte_ms * MS));
     let _ = options.set_between_bytes_timeout(Some(timeouts.between_bytes_ms * MS));
 
-    let mut sink = request.take_body();
+    // The body is written and finished before the request is handed to the host whenever the
+    // host's buffer takes it, so head and body leave in one write: Spin's outbound connections
+    // leave Nagle's algorithm on, and a body sent after its head waits for the delayed ACK.
+    let out = request
+        .body()
+        .map_err(|_| Transport::Other("request body already taken".into()))?;
+    let stream = out
+        .write()
+        .map_err(|_| Transport::Other("request body not writable".into()))?;
+    let fits = matches!(stream.check_write(), Ok(n) if n as usize >= body.len());
+    let mut write = Ok(());
+    if fits && !body.is_empty() {
+        write = stream.write(&body);
+    }
     let future = outgoing_handler::handle(request, Some(options)).map_err(|e| transport(&e))?;
-    let write = sink.send(body).await;
-    drop(sink);
+    if !fits {
+        write = write_all(&stream, &body).await;
+    }
+    drop(stream);
+    let _ = OutgoingBody::finish(out, None);
     // Declared after `future`, so dropped before it: a pollable must never outlive its parent
     // resource (the host traps), which would happen if this attempt is abandoned at a deadline.
     let mut waiting: Option<CancelOnDropToken> = None;
@@ -110,6 +128,32 @@ pub async fn post(up: UpstreamRequest, timeouts: Timeouts) -> Result<IncomingRes
     // its answer is what counts.
     let _ = write;
     Ok(response)
+}
+
+/// Writes all of `bytes`, waiting for room as the host drains the stream.
+pub async fn write_all(stream: &OutputStream, mut bytes: &[u8]) -> Result<(), StreamError> {
+    while !bytes.is_empty() {
+        let room = stream.check_write()? as usize;
+        if room == 0 {
+            // The registration is dropped with this future, before the caller drops `stream`
+            // (a pollable outliving its stream makes the host trap).
+            let mut waiting = None;
+            futures::future::poll_fn(|cx| match stream.check_write() {
+                Ok(0) => {
+                    waiting = Some(wait_on(stream.subscribe(), cx));
+                    Poll::Pending
+                }
+                _ => Poll::Ready(()),
+            })
+            .await;
+            drop(waiting);
+            continue;
+        }
+        let n = room.min(bytes.len());
+        stream.write(&bytes[..n])?;
+        bytes = &bytes[n..];
+    }
+    Ok(())
 }
 
 /// Classifies a wasi:http error code.

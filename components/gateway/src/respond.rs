@@ -6,8 +6,6 @@
 use freerelay::error::ApiError;
 use freerelay::route::Candidate;
 use spin_sdk::http::{Fields, OutgoingBody, OutgoingResponse, ResponseOutparam};
-use std::task::Poll;
-use wasi::io::streams::{OutputStream, StreamError};
 
 /// A complete response, status to body.
 pub struct Reply {
@@ -135,38 +133,11 @@ async fn write_whole(
             .and(finished.map_err(|e| format!("{e:?}")))
     } else {
         out.set(response);
-        let r = write_all(&stream, bytes).await;
+        let r = crate::outbound::write_all(&stream, bytes).await;
         drop(stream);
         let finished = OutgoingBody::finish(body, None);
         r.map_err(|e| format!("{e:?}"))
             .and(finished.map_err(|e| format!("{e:?}")))
     };
     result.map_err(|e| format!("writing the response failed: {e}"))
-}
-
-async fn write_all(stream: &OutputStream, mut bytes: &[u8]) -> Result<(), StreamError> {
-    while !bytes.is_empty() {
-        let room = stream.check_write()? as usize;
-        if room == 0 {
-            // The registration is dropped with this future, before the caller drops `stream`
-            // (a pollable outliving its stream makes the host trap).
-            let mut waiting = None;
-            futures::future::poll_fn(|cx| {
-                let ready = stream.subscribe();
-                if ready.ready() {
-                    Poll::Ready(())
-                } else {
-                    waiting = Some(crate::outbound::wait_on(ready, cx));
-                    Poll::Pending
-                }
-            })
-            .await;
-            drop(waiting);
-            continue;
-        }
-        let n = room.min(bytes.len());
-        stream.write(&bytes[..n])?;
-        bytes = &bytes[n..];
-    }
-    Ok(())
 }
