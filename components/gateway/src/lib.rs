@@ -29,10 +29,21 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// A JSON answer larger than this is refused as broken (real answers are far smaller).
 const ANSWER_LIMIT: usize = 16 * 1024 * 1024;
 
-/// Per-request context: the id every event and response carries, and the start time.
+/// Per-request context: the id every event and response carries, the start time, and the
+/// events not yet written.
 struct Ctx {
     id: String,
     started: Instant,
+    /// Events are written in batches — before each upstream request and when the request ends
+    /// (on drop) — so a request costs two writes on stderr, not one per event: every write is a
+    /// host call, and under Spin a slow one.
+    pending: std::cell::RefCell<Vec<u8>>,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 impl Ctx {
@@ -40,10 +51,21 @@ impl Ctx {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// One event, one write on stderr. Never called with a secret.
+    /// Records one event, stamped now. Never called with a secret.
     fn log(&self, e: &Event) {
+        self.pending
+            .borrow_mut()
+            .extend_from_slice(&event::line(now_ms(), &self.id, e));
+    }
+
+    /// Writes the recorded events in one write.
+    fn flush(&self) {
         use std::io::Write;
-        let _ = std::io::stderr().write_all(&event::line(now_ms(), &self.id, e));
+        let mut pending = self.pending.borrow_mut();
+        if !pending.is_empty() {
+            let _ = std::io::stderr().write_all(&pending);
+            pending.clear();
+        }
     }
 
     /// Performs state operations where they are decided; a store failure is logged, never fatal.
@@ -84,6 +106,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     let ctx = Ctx {
         id: event::request_id(header(&headers, "x-request-id").as_deref(), random_16()),
         started: Instant::now(),
+        pending: Default::default(),
     };
     let method = req.method().to_string();
     let path = req.path_with_query().unwrap_or_default();
@@ -250,6 +273,8 @@ async fn chat(
                 .await;
         };
         let adapter = adapter::for_wire(target.provider.wire);
+        // What happened so far is on stderr before the upstream is waited for.
+        ctx.flush();
         let sent = Instant::now();
         let outcome = if request.stream {
             send(adapter, target, &candidate, &request, config, None).await
@@ -438,6 +463,7 @@ async fn relay_stream(
     };
     let mut sink = client.take_body();
     out.set(client);
+    ctx.flush();
 
     let mut translator = adapter.stream(request.include_usage);
     let mut pending = Vec::new();
