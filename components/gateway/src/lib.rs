@@ -277,7 +277,9 @@ async fn chat(
         ctx.flush();
         let sent = Instant::now();
         let outcome = if request.stream {
-            send(adapter, target, &candidate, &request, config, None).await
+            send(adapter, target, &candidate, &request, config, None)
+                .await
+                .map(Answered::Stream)
         } else {
             let deadline = config.timeouts.total_ms;
             match outbound::within(
@@ -349,7 +351,9 @@ enum Answered {
     Json(u16, adapter::Answer),
 }
 
-type Attempted = Result<Answered, (Failure, Option<u16>)>;
+/// A failed attempt: the judgement, and the upstream's status when it answered.
+type Failed = (Failure, Option<u16>);
+type Attempted = Result<Answered, Failed>;
 
 /// One upstream request up to its 2xx head; non-2xx answers become a [`Failure`].
 async fn send(
@@ -359,7 +363,7 @@ async fn send(
     request: &ChatRequest,
     config: &Config,
     first_byte_ms: Option<u64>,
-) -> Attempted {
+) -> Result<IncomingResponse, Failed> {
     let mut up = adapter.request(target, &candidate.model, request);
     adapter.authorize(&mut up, &target.api_key);
     let mut timeouts = config.timeouts;
@@ -374,7 +378,7 @@ async fn send(
     })?;
     let status = response.status();
     if (200..300).contains(&status) {
-        return Ok(Answered::Stream(response));
+        return Ok(response);
     }
     let h = response.headers();
     let retry_after = header(&h, "retry-after");
@@ -406,10 +410,7 @@ async fn answer(
     // The head of a JSON answer comes when the answer is ready: only the total deadline
     // (enforced around this whole attempt) bounds it.
     let first_byte = Some(config.timeouts.total_ms);
-    let response = match send(adapter, target, candidate, request, config, first_byte).await? {
-        Answered::Stream(r) => r,
-        json @ Answered::Json(..) => return Ok(json),
-    };
+    let response = send(adapter, target, candidate, request, config, first_byte).await?;
     let status = response.status();
     let mut body = Vec::new();
     let mut stream = response.take_body_stream();
