@@ -10,6 +10,7 @@ pub const CONNECT_TIMEOUT_MS: &str = "upstream_connect_timeout_ms";
 pub const FIRST_BYTE_TIMEOUT_MS: &str = "upstream_first_byte_timeout_ms";
 pub const BETWEEN_BYTES_TIMEOUT_MS: &str = "upstream_between_bytes_timeout_ms";
 pub const TOTAL_TIMEOUT_MS: &str = "upstream_total_timeout_ms";
+pub const LOG_EVENTS: &str = "log_events";
 
 /// Every variable that is not per provider (the manifest test checks each is declared).
 pub const GLOBAL_VARIABLES: &[&str] = &[
@@ -19,7 +20,21 @@ pub const GLOBAL_VARIABLES: &[&str] = &[
     FIRST_BYTE_TIMEOUT_MS,
     BETWEEN_BYTES_TIMEOUT_MS,
     TOTAL_TIMEOUT_MS,
+    LOG_EVENTS,
 ];
+
+/// Which requests leave their events on stderr (`log_events`). Every request's events are
+/// recorded; this decides which are written, so a busy deployment can keep its log proportional
+/// to its failures (under `spin up`, Spin appends component output to `.spin/logs/` unrotated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogEvents {
+    /// Every request (the default).
+    All,
+    /// Only requests that met a failure (any non-2xx answer, a failed attempt or state write, an
+    /// interrupted stream, a client gone) — with their whole trail, start included.
+    Failures,
+    Off,
+}
 /// Per-provider variables, as `<id>_<suffix>`.
 pub const PROVIDER_VARIABLES: &[&str] = &["api_key", "base_url"];
 
@@ -52,6 +67,19 @@ pub struct ConfigError {
 impl ConfigError {
     fn new(detail: String) -> Self {
         Self { detail }
+    }
+}
+
+/// The `log_events` setting, readable on its own: the component applies it before anything
+/// else is known about the deployment.
+pub fn log_events(get: impl Fn(&str) -> Option<String>) -> Result<LogEvents, ConfigError> {
+    match get(LOG_EVENTS).unwrap_or_default().trim() {
+        "" | "all" => Ok(LogEvents::All),
+        "failures" => Ok(LogEvents::Failures),
+        "off" => Ok(LogEvents::Off),
+        other => Err(ConfigError::new(format!(
+            "variable `{LOG_EVENTS}` must be `all`, `failures` or `off`, got {other:?}"
+        ))),
     }
 }
 
@@ -100,6 +128,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Configured providers, in catalogue order.
     pub providers: Vec<Configured>,
+    pub log_events: LogEvents,
 }
 
 impl Config {
@@ -142,6 +171,7 @@ impl Config {
                 total_ms: number(TOTAL_TIMEOUT_MS, 300_000)?,
             },
             providers,
+            log_events: log_events(&get)?,
         })
     }
 
@@ -249,6 +279,15 @@ pub(crate) mod tests {
         assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.timeouts.first_byte_ms, 60_000);
         assert_eq!(c.timeouts.total_ms, 300_000);
+        assert_eq!(c.log_events, LogEvents::All);
+        assert_eq!(
+            config_of(&[("log_events", "failures")]).unwrap().log_events,
+            LogEvents::Failures
+        );
+        assert!(config_of(&[("log_events", "verbose")])
+            .unwrap_err()
+            .detail
+            .contains("log_events"));
         assert!(c.providers.is_empty());
     }
 }

@@ -85,6 +85,27 @@ pub enum Event {
     Internal { detail: String },
 }
 
+impl Event {
+    /// Does this event mean the request met a failure (for `log_events = "failures"`)?
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Event::Response { status, .. } => *status >= 400,
+            Event::StreamEnd { ok, .. } => !ok,
+            Event::Refused { .. }
+            | Event::AttemptFailed { .. }
+            | Event::ClientGone { .. }
+            | Event::StateWriteFailed { .. }
+            | Event::StateUnavailable { .. }
+            | Event::ConfigError { .. }
+            | Event::Internal { .. } => true,
+            Event::RequestStart { .. }
+            | Event::AttemptStart { .. }
+            | Event::Fallback { .. }
+            | Event::AttemptAnswered { .. } => false,
+        }
+    }
+}
+
 /// One log line: `{"ts_ms":…,"request_id":…,"event":…,…}` and a newline, ready for one write.
 pub fn line(ts_ms: u64, request_id: &str, event: &Event) -> Vec<u8> {
     #[derive(Serialize)]
@@ -143,6 +164,26 @@ mod tests {
         for bad in ["", "a b", "x\r\ny: z", "é", &"x".repeat(MAX_REQUEST_ID + 1)] {
             assert_eq!(request_id(Some(bad), r), made, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn failures_are_told_apart() {
+        let ok = Event::Response {
+            status: 200,
+            code: None,
+            ms: 1,
+        };
+        let bad = Event::Response {
+            status: 429,
+            code: None,
+            ms: 1,
+        };
+        assert!(!ok.is_failure() && bad.is_failure());
+        assert!(Event::ClientGone {
+            provider: "p".into(),
+            ms: 1
+        }
+        .is_failure());
     }
 
     #[test]

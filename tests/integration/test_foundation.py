@@ -287,3 +287,35 @@ def test_json_answers_and_errors_have_a_content_length(gw, shared):
     for r in (ok, models, bad):
         assert r.headers.get("content-length") == str(len(r.content)), r.headers
         assert "chunked" not in r.headers.get("transfer-encoding", "")
+
+
+def test_log_events_failures_keeps_only_failing_requests_with_their_whole_trail(make_mock, make_gateway):
+    groq, gemini = make_mock("groq"), make_mock("gemini")
+    gw = make_gateway({"groq": groq, "gemini": gemini},
+                      extra_env={"SPIN_VARIABLE_LOG_EVENTS": "failures"})
+    groq.script({"kind": "status", "status": 429, "retry_after": 60})
+    with gw.http() as c:
+        fell_back = c.post("/v1/chat/completions", json=chat_body("auto"),
+                           headers={"x-request-id": "had-a-429"})
+        clean = c.post("/v1/chat/completions", json=chat_body("auto"),
+                       headers={"x-request-id": "all-good"})
+        bad = c.post("/v1/chat/completions", json={"model": "auto"},
+                     headers={"x-request-id": "bad-body"})
+    assert fell_back.status_code == 200 and clean.status_code == 200 and bad.status_code == 400
+    # A request's events are written when it ends: wait for the last request's, then read all.
+    assert wait_until(lambda: any(e.get("request_id") == "bad-body" for e in log_events(gw)))
+    events = log_events(gw)
+    kinds = [e["event"] for e in events if e.get("request_id") == "had-a-429"]
+    assert kinds[:2] == ["request_start", "attempt_start"], kinds
+    assert "attempt_failed" in kinds and "fallback" in kinds and kinds[-1] == "response", kinds
+    assert not [e for e in events if e.get("request_id") == "all-good"]
+
+
+def test_log_events_off_writes_nothing(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_LOG_EVENTS": "off"})
+    with gw.http() as c:
+        assert c.post("/v1/chat/completions", json=chat_body("auto")).status_code == 200
+        assert c.get("/v2/nothing").status_code == 404
+    gw.stop()  # a graceful stop waits for every guest: the log is complete now
+    assert log_events(gw) == []

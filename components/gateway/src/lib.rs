@@ -9,7 +9,7 @@ mod respond;
 use freerelay::adapter::{self, Adapter, StreamEnd};
 use freerelay::api::{self, Endpoint};
 use freerelay::attempt::{Attempts, Next};
-use freerelay::config::{self, Config, Configured};
+use freerelay::config::{self, Config, Configured, LogEvents};
 use freerelay::error::ApiError;
 use freerelay::event::{self, Event};
 use freerelay::kv::{apply, Kv, KvOp};
@@ -38,6 +38,10 @@ struct Ctx {
     /// (on drop) — so a request costs two writes on stderr, not one per event: every write is a
     /// host call, and under Spin a slow one.
     pending: std::cell::RefCell<Vec<u8>>,
+    /// Which requests' events are written (`log_events`; `All` until the variables are read).
+    level: std::cell::Cell<LogEvents>,
+    /// An event so far meant a failure.
+    failed: std::cell::Cell<bool>,
 }
 
 impl Drop for Ctx {
@@ -51,18 +55,37 @@ impl Ctx {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// Applies `log_events` (an invalid value keeps `all`; the configuration check reports it).
+    fn set_level(&self, vars: &HashMap<String, String>) {
+        if let Ok(level) = config::log_events(|n| vars.get(n).cloned()) {
+            self.level.set(level);
+        }
+    }
+
     /// Records one event, stamped now. Never called with a secret.
     fn log(&self, e: &Event) {
+        if e.is_failure() {
+            self.failed.set(true);
+        }
         self.pending
             .borrow_mut()
             .extend_from_slice(&event::line(now_ms(), &self.id, e));
     }
 
-    /// Writes the recorded events in one write.
+    /// Writes the recorded events in one write — under `failures`, only once the request has
+    /// failed (its earlier events then go out with it; a request that never fails leaves none).
     fn flush(&self) {
         use std::io::Write;
         let mut pending = self.pending.borrow_mut();
-        if !pending.is_empty() {
+        let write = match self.level.get() {
+            LogEvents::All => true,
+            LogEvents::Failures => self.failed.get(),
+            LogEvents::Off => {
+                pending.clear();
+                false
+            }
+        };
+        if write && !pending.is_empty() {
             let _ = std::io::stderr().write_all(&pending);
             pending.clear();
         }
@@ -107,6 +130,8 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         id: event::request_id(header(&headers, "x-request-id").as_deref(), random_16()),
         started: Instant::now(),
         pending: Default::default(),
+        level: std::cell::Cell::new(LogEvents::All),
+        failed: Default::default(),
     };
     let method = req.method().to_string();
     let path = req.path_with_query().unwrap_or_default();
@@ -122,7 +147,10 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
     });
     let endpoint = match api::endpoint(&method, &path) {
         Ok(e) => e,
-        Err(e) => return ctx.error(out, &e).await,
+        Err(e) => {
+            ctx.set_level(&variables());
+            return ctx.error(out, &e).await;
+        }
     };
     if endpoint == Endpoint::Health {
         return ctx
@@ -130,6 +158,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
             .await;
     }
     let vars = variables();
+    ctx.set_level(&vars);
     // Authentication first; no other setting is looked at, or reported, before it passes.
     let digests = match config::client_keys(|n| vars.get(n).cloned()) {
         Ok(d) => d,
