@@ -1,7 +1,6 @@
 //! The HTTP surface: which endpoint a method and path name, and the bodies that need no
 //! upstream (health, model list).
 
-use crate::catalog::Tier;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::route::VIRTUAL_MODELS;
@@ -54,26 +53,36 @@ pub fn endpoint(method: &str, path_and_query: &str) -> Result<Endpoint, ApiError
 pub fn model_objects(config: &Config) -> Vec<Value> {
     let mut out = Vec::new();
     for (name, tiers) in VIRTUAL_MODELS {
-        if config
-            .providers
-            .iter()
-            .any(|c| tiers.contains(&c.provider.tier))
-            || *name == "auto"
-        {
+        if config.providers.iter().any(|c| tiers.contains(&c.tier)) || *name == "auto" {
             out.push(json!({"id": name, "object": "model", "created": 0, "owned_by": "freerelay"}));
         }
     }
     for c in &config.providers {
-        let p = c.provider;
-        for m in p.models {
-            out.push(json!({
-                "id": format!("{}/{}", p.id, m.id),
+        for id in c.model_ids() {
+            let info = c.model_info(id);
+            let caps = info.caps;
+            let named = [
+                (caps.tools, "tools"),
+                (caps.json_mode, "json_mode"),
+                (caps.json_schema, "json_schema"),
+                (caps.vision, "vision"),
+                (caps.reasoning, "reasoning"),
+                (caps.prefill, "prefill"),
+            ];
+            let mut m = json!({
+                "id": format!("{}/{}", c.provider.id, id),
                 "object": "model",
                 "created": 0,
-                "owned_by": p.id,
-                "context_window": m.context_window,
-                "tier": if p.tier == Tier::Free { "free" } else { "paid" },
-            }));
+                "owned_by": c.provider.id,
+                "context_window": info.context_window,
+                "max_output_tokens": info.max_output,
+                "tier": c.tier.as_str(),
+                "capabilities": named.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect::<Vec<_>>(),
+            });
+            if let Some(p) = c.price(id) {
+                m["price_per_million_tokens"] = json!({"input": p.input, "output": p.output});
+            }
+            out.push(m);
         }
     }
     out

@@ -1,8 +1,10 @@
-//! The provider catalogue: the one place that knows which providers exist, how to reach them and
-//! what they serve. Routing reads it as data; no code is written per vendor.
+//! The provider catalogue: the one place that knows which providers exist, how to reach them,
+//! what each model costs and allows. Routing, quotas and translators read it as data; no code is
+//! written per vendor.
 //!
-//! Kept as static Rust data (not a file parsed at start-up) because every request runs in a fresh
-//! wasm instance: a parse per request would be pure overhead.
+//! The data lives in `src/catalog.toml` (with the source and date of every figure) and is
+//! compiled into static Rust by `build.rs`: every request runs in a fresh wasm instance, and a
+//! parse per request would be pure overhead.
 
 /// Whether a provider costs money per token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,158 +13,192 @@ pub enum Tier {
     Paid,
 }
 
-/// How requests to a provider are encoded: selects the adapter (`crate::adapter::for_wire`).
-/// Native Anthropic Messages and Gemini `generateContent` come with their own variants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    OpenAi,
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Paid => "paid",
+        }
+    }
 }
 
-/// A model as listed by `/v1/models`.
+/// How requests to a provider are encoded: selects the adapter (`crate::adapter::for_wire`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// OpenAI chat completions (and the many providers that copy it).
+    OpenAi,
+    /// Anthropic Messages (`POST /v1/messages`).
+    Anthropic,
+    /// Gemini `generateContent` / `streamGenerateContent?alt=sse`.
+    Gemini,
+}
+
+/// How the provider key is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// `Authorization: Bearer <key>`.
+    Bearer,
+    /// `x-api-key: <key>` (Anthropic).
+    XApiKey,
+    /// `x-goog-api-key: <key>` (Gemini).
+    XGoogApiKey,
+}
+
+/// When per-day limits start again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    UtcMidnight,
+    /// Midnight in America/Los_Angeles (Gemini), daylight saving time included.
+    PacificMidnight,
+}
+
+/// What one set of limits is counted over, per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Each model has its own allowance (Groq, Gemini, OpenAI).
+    Model,
+    /// One allowance for every model of the provider.
+    Key,
+    /// One allowance shared by every model in the named pool (OpenRouter's `:free` models).
+    Pool(&'static str),
+}
+
+/// Which token-limit field a provider reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxTokensField {
+    /// Either, as the client sent it.
+    Any,
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+/// What an OpenAI-compatible provider does differently, as data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quirks {
+    /// Accepts `stream_options` (Mistral answers 422), so the usage chunk can be asked for;
+    /// otherwise the field is dropped and the usage chunk synthesised.
+    pub stream_options: bool,
+    pub max_tokens: MaxTokensField,
+    /// Most `stop` strings accepted; extra ones are dropped (Continue sends 7, OpenAI takes 4).
+    pub max_stop: Option<u8>,
+    /// Parameters it rejects: removed from the request.
+    pub drop: &'static [&'static str],
+    /// Parameters it names differently: (OpenAI name, its name).
+    pub rename: &'static [(&'static str, &'static str)],
+    /// A trailing assistant message continues only with `"prefix": true` (Mistral).
+    pub prefix_flag: bool,
+}
+
+/// Price in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    pub source: &'static str,
+}
+
+/// What a model can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Caps {
+    pub tools: bool,
+    pub json_mode: bool,
+    pub json_schema: bool,
+    pub vision: bool,
+    pub reasoning: bool,
+    /// Continues a trailing assistant message (a prefill) instead of rejecting it.
+    pub prefill: bool,
+}
+
+/// Documented limits (`None`: not documented) and what they are counted over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: Option<u32>,
+    pub rpd: Option<u32>,
+    pub tpm: Option<u32>,
+    pub tpd: Option<u32>,
+    pub scope: Scope,
+    pub source: Option<&'static str>,
+}
+
+/// Everything known about one model, apart from its id.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelInfo {
+    pub context_window: u32,
+    pub max_output: u32,
+    pub price: Option<Price>,
+    pub caps: Caps,
+    pub limits: Limits,
+}
+
+/// A catalogued model.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Model {
     /// The provider's own model id, sent upstream.
     pub id: &'static str,
-    pub context_window: u32,
+    pub info: ModelInfo,
 }
 
-/// One provider: identity, endpoint, wire format and the models worth offering.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One provider: identity, endpoint, wire format, quirks and the models worth offering.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Provider {
     /// Stable id: the prefix of Spin variables (`<id>_base_url`, `<id>_api_key`) and of model ids.
     pub id: &'static str,
+    pub name: &'static str,
     pub tier: Tier,
     pub wire: Wire,
-    /// The origin used when `<id>_base_url` is not set (Spin's allowed hosts take no path).
+    pub auth: Auth,
+    /// The origin used when `<id>_base_url` is not set ("" when it must be set).
     pub default_origin: &'static str,
-    /// Path prefix of the OpenAI-compatible API under the origin.
+    /// Path of the API under the origin.
     pub api_path: &'static str,
-    /// The model `auto` picks on this provider.
+    /// The model `auto` picks on this provider ("" for the custom provider: its first model).
     pub default_model: &'static str,
+    pub reset: Reset,
+    pub quirks: Quirks,
     pub models: &'static [Model],
-    /// Accepts `stream_options` (Mistral answers 422 to it), so usage can be asked for.
-    pub stream_options: bool,
 }
 
-const fn m(id: &'static str, context_window: u32) -> Model {
-    Model { id, context_window }
+impl Provider {
+    /// What is known of `model` here: its catalogue entry, or conservative defaults for a model
+    /// the catalogue does not list (price unknown, limits undocumented).
+    pub fn model_info(&self, model: &str) -> ModelInfo {
+        self.models
+            .iter()
+            .find(|m| m.id == model)
+            .map(|m| m.info)
+            .unwrap_or_else(|| self.unlisted())
+    }
+
+    /// Defaults for a model the catalogue does not list.
+    pub fn unlisted(&self) -> ModelInfo {
+        ModelInfo {
+            context_window: 8_192,
+            max_output: 4_096,
+            price: None,
+            caps: Caps {
+                tools: true,
+                json_mode: true,
+                ..Caps::default()
+            },
+            limits: Limits {
+                rpm: None,
+                rpd: None,
+                tpm: None,
+                tpd: None,
+                scope: self
+                    .models
+                    .first()
+                    .map_or(Scope::Model, |m| m.info.limits.scope),
+                source: None,
+            },
+        }
+    }
 }
 
-/// Every provider, in the order `auto` tries them: free tiers first, then paid.
-pub static PROVIDERS: &[Provider] = &[
-    Provider {
-        id: "groq",
-        tier: Tier::Free,
-        wire: Wire::OpenAi,
-        default_origin: "https://api.groq.com",
-        api_path: "/openai/v1",
-        default_model: "llama-3.1-8b-instant",
-        models: &[
-            m("llama-3.1-8b-instant", 131_072),
-            m("llama-3.3-70b-versatile", 131_072),
-            m("openai/gpt-oss-120b", 131_072),
-            m("openai/gpt-oss-20b", 131_072),
-        ],
-        stream_options: true,
-    },
-    Provider {
-        id: "gemini",
-        tier: Tier::Free,
-        wire: Wire::OpenAi,
-        default_origin: "https://generativelanguage.googleapis.com",
-        api_path: "/v1beta/openai",
-        default_model: "gemini-2.5-flash",
-        models: &[
-            m("gemini-2.5-flash", 1_048_576),
-            m("gemini-2.5-flash-lite", 1_048_576),
-            m("gemini-2.5-pro", 1_048_576),
-        ],
-        stream_options: true,
-    },
-    Provider {
-        id: "openrouter",
-        tier: Tier::Free,
-        wire: Wire::OpenAi,
-        default_origin: "https://openrouter.ai",
-        api_path: "/api/v1",
-        default_model: "meta-llama/llama-3.3-70b-instruct:free",
-        models: &[
-            m("meta-llama/llama-3.3-70b-instruct:free", 131_072),
-            m("deepseek/deepseek-chat-v3-0324:free", 163_840),
-            m("qwen/qwen3-coder:free", 262_144),
-        ],
-        stream_options: true,
-    },
-    Provider {
-        id: "mistral",
-        tier: Tier::Free,
-        wire: Wire::OpenAi,
-        default_origin: "https://api.mistral.ai",
-        api_path: "/v1",
-        default_model: "mistral-small-latest",
-        models: &[
-            m("mistral-small-latest", 131_072),
-            m("mistral-large-latest", 131_072),
-            m("codestral-latest", 262_144),
-        ],
-        stream_options: false,
-    },
-    Provider {
-        id: "nvidia",
-        tier: Tier::Free,
-        wire: Wire::OpenAi,
-        default_origin: "https://integrate.api.nvidia.com",
-        api_path: "/v1",
-        default_model: "meta/llama-3.3-70b-instruct",
-        models: &[
-            m("meta/llama-3.3-70b-instruct", 131_072),
-            m("deepseek-ai/deepseek-r1", 131_072),
-        ],
-        stream_options: true,
-    },
-    Provider {
-        id: "together",
-        tier: Tier::Paid,
-        wire: Wire::OpenAi,
-        default_origin: "https://api.together.xyz",
-        api_path: "/v1",
-        default_model: "meta-llama/Llama-3.3-70B-Instruct-Turbo",
-        models: &[
-            m("meta-llama/Llama-3.3-70B-Instruct-Turbo", 131_072),
-            m("deepseek-ai/DeepSeek-V3", 131_072),
-        ],
-        stream_options: true,
-    },
-    Provider {
-        id: "openai",
-        tier: Tier::Paid,
-        wire: Wire::OpenAi,
-        default_origin: "https://api.openai.com",
-        api_path: "/v1",
-        default_model: "gpt-4o-mini",
-        models: &[
-            m("gpt-4o-mini", 128_000),
-            m("gpt-4o", 128_000),
-            m("gpt-4.1", 1_047_576),
-            m("gpt-4.1-mini", 1_047_576),
-        ],
-        stream_options: true,
-    },
-    Provider {
-        id: "anthropic",
-        tier: Tier::Paid,
-        wire: Wire::OpenAi,
-        default_origin: "https://api.anthropic.com",
-        api_path: "/v1",
-        default_model: "claude-haiku-4-5",
-        models: &[
-            m("claude-haiku-4-5", 200_000),
-            m("claude-sonnet-4-5", 200_000),
-            m("claude-opus-4-1", 200_000),
-        ],
-        stream_options: true,
-    },
-];
+include!(concat!(env!("OUT_DIR"), "/catalog_data.rs"));
+
+/// The id of the provider declared only by variables (`custom_base_url`, `custom_models`, …).
+pub const CUSTOM: &str = "custom";
 
 /// The provider with this id.
 pub fn provider(id: &str) -> Option<&'static Provider> {
@@ -177,17 +213,70 @@ mod tests {
     fn ids_are_unique_and_defaults_are_listed() {
         for (i, p) in PROVIDERS.iter().enumerate() {
             assert!(PROVIDERS[i + 1..].iter().all(|q| q.id != p.id), "{}", p.id);
-            assert!(p.models.iter().any(|m| m.id == p.default_model), "{}", p.id);
+            assert!(
+                p.id == CUSTOM || p.models.iter().any(|m| m.id == p.default_model),
+                "{}",
+                p.id
+            );
             assert!(!p.default_origin.ends_with('/'));
             assert!(p.api_path.starts_with('/') && !p.api_path.ends_with('/'));
         }
     }
 
     #[test]
-    fn free_tiers_come_first() {
-        let first_paid = PROVIDERS.iter().position(|p| p.tier == Tier::Paid).unwrap();
-        assert!(PROVIDERS[first_paid..].iter().all(|p| p.tier == Tier::Paid));
+    fn free_tiers_come_first_and_sources_are_known() {
+        let listed: Vec<_> = PROVIDERS.iter().filter(|p| p.id != CUSTOM).collect();
+        let first_paid = listed.iter().position(|p| p.tier == Tier::Paid).unwrap();
+        assert!(listed[first_paid..].iter().all(|p| p.tier == Tier::Paid));
         // Together dropped its free tier (FIELD-NOTES, Nov 2026).
         assert_eq!(provider("together").unwrap().tier, Tier::Paid);
+        for p in PROVIDERS {
+            for m in p.models {
+                let cited = [m.info.price.map(|p| p.source), m.info.limits.source];
+                for s in cited.into_iter().flatten() {
+                    assert!(SOURCES.iter().any(|(k, url, as_of)| *k == s
+                        && url.starts_with("https://")
+                        && as_of.len() >= 7));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_catalogue_carries_what_routing_needs() {
+        let gemini = provider("gemini").unwrap();
+        assert_eq!(
+            (gemini.wire, gemini.auth),
+            (Wire::Gemini, Auth::XGoogApiKey)
+        );
+        assert_eq!(gemini.reset, Reset::PacificMidnight);
+        let or = provider("openrouter").unwrap();
+        assert!(or
+            .models
+            .iter()
+            .all(|m| m.info.limits.scope == Scope::Pool("free") && m.info.limits.rpd == Some(50)));
+        let groq = provider("groq")
+            .unwrap()
+            .model_info("llama-3.3-70b-versatile");
+        assert_eq!(
+            (groq.limits.rpm, groq.limits.tpd, groq.limits.scope),
+            (Some(30), Some(100_000), Scope::Model)
+        );
+        let mistral = provider("mistral").unwrap();
+        assert!(!mistral.quirks.stream_options && mistral.quirks.prefix_flag);
+        assert_eq!(mistral.quirks.rename, &[("seed", "random_seed")]);
+        let haiku = provider("anthropic")
+            .unwrap()
+            .model_info("claude-haiku-4-5");
+        assert!(haiku.caps.prefill && haiku.price.unwrap().output == 5.0);
+        assert!(
+            !provider("anthropic")
+                .unwrap()
+                .model_info("claude-opus-4-6")
+                .caps
+                .prefill
+        );
+        let unknown = provider("groq").unwrap().model_info("brand-new");
+        assert_eq!((unknown.price, unknown.limits.rpm), (None, None));
     }
 }

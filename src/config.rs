@@ -1,7 +1,8 @@
 //! Gateway configuration, read from Spin variables once per request and validated in one place so
 //! that a bad setting is reported by name instead of surfacing as an odd upstream failure.
 
-use crate::catalog::{Provider, PROVIDERS};
+use crate::adapter::Target;
+use crate::catalog::{ModelInfo, Price, Provider, Tier, CUSTOM, PROVIDERS};
 
 /// Variable names that are not per provider.
 pub const CLIENT_KEYS: &str = "client_keys";
@@ -36,7 +37,17 @@ pub enum LogEvents {
     Off,
 }
 /// Per-provider variables, as `<id>_<suffix>`.
-pub const PROVIDER_VARIABLES: &[&str] = &["api_key", "base_url"];
+pub const PROVIDER_VARIABLES: &[&str] =
+    &["api_key", "base_url", "tier", "rpm", "rpd", "tpm", "tpd"];
+
+/// Variables only the custom provider has, as `custom_<suffix>`.
+pub const CUSTOM_VARIABLES: &[&str] = &[
+    "models",
+    "api_path",
+    "price_input",
+    "price_output",
+    "context_window",
+];
 
 /// The request body limit when `max_body_bytes` is unset.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
@@ -104,25 +115,126 @@ pub fn client_keys(get: impl Fn(&str) -> Option<String>) -> Result<Vec<String>, 
     }
 }
 
-/// A provider that has an API key, with its resolved endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One provider key. Its `Debug` shows only the fingerprint, so a key never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    secret: String,
+    /// A fingerprint (`k` + 10 hex digits of the key's SHA-256): names the key in state, events
+    /// and reports without revealing it.
+    pub id: String,
+}
+
+impl ApiKey {
+    pub fn new(secret: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(secret.as_bytes());
+        let hex: String = digest[..5].iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            secret: secret.to_owned(),
+            id: format!("k{hex}"),
+        }
+    }
+
+    /// The key itself, for the request's credentials only.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKey({})", self.id)
+    }
+}
+
+/// A deployment's own limits for a provider (`<id>_rpm`, …); `None`: the catalogue's figure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitOverrides {
+    pub rpm: Option<u32>,
+    pub rpd: Option<u32>,
+    pub tpm: Option<u32>,
+    pub tpd: Option<u32>,
+}
+
+/// A provider the deployment can use: its endpoint, keys, tier and overrides.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Configured {
     pub provider: &'static Provider,
-    /// Base of the OpenAI-compatible API, without trailing slash (origin + api path).
+    /// Base of the API, without trailing slash (origin + API path).
     pub base_url: String,
-    pub api_key: String,
+    /// At least one; a keyless custom endpoint has one empty key.
+    pub keys: Vec<ApiKey>,
+    /// The catalogue's tier unless `<id>_tier` says otherwise.
+    pub tier: Tier,
+    pub limits: LimitOverrides,
+    /// The custom provider's declared models (empty for catalogued providers).
+    pub custom_models: Vec<String>,
+    /// The custom provider's price and context window.
+    pub custom_info: Option<ModelInfo>,
 }
 
 impl Configured {
-    /// The chat-completions endpoint.
-    pub fn chat_url(&self) -> String {
-        format!("{}/chat/completions", self.base_url)
+    /// The model `auto` picks here.
+    pub fn default_model(&self) -> &str {
+        self.custom_models
+            .first()
+            .map_or(self.provider.default_model, String::as_str)
+    }
+
+    /// The models offered by `/v1/models`.
+    pub fn model_ids(&self) -> Vec<&str> {
+        if self.custom_info.is_some() {
+            self.custom_models.iter().map(String::as_str).collect()
+        } else {
+            self.provider.models.iter().map(|m| m.id).collect()
+        }
+    }
+
+    /// What is known of `model` here, with the deployment's limits applied.
+    pub fn model_info(&self, model: &str) -> ModelInfo {
+        let mut info = self
+            .custom_info
+            .unwrap_or_else(|| self.provider.model_info(model));
+        let o = self.limits;
+        let l = &mut info.limits;
+        l.rpm = o.rpm.or(l.rpm);
+        l.rpd = o.rpd.or(l.rpd);
+        l.tpm = o.tpm.or(l.tpm);
+        l.tpd = o.tpd.or(l.tpd);
+        info
+    }
+
+    /// What tokens of `model` cost the deployment: nothing on a free tier.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        match self.tier {
+            Tier::Free => Some(Price {
+                input: 0.0,
+                output: 0.0,
+                source: "free tier",
+            }),
+            Tier::Paid => self.model_info(model).price,
+        }
+    }
+
+    /// Where an attempt at `model` goes.
+    pub fn target<'a>(&'a self, model: &'a str) -> Target<'a> {
+        Target {
+            provider: self.provider,
+            base_url: &self.base_url,
+            model,
+            info: self.model_info(model),
+        }
+    }
+
+    /// The key with this fingerprint.
+    pub fn key(&self, id: &str) -> Option<&ApiKey> {
+        self.keys.iter().find(|k| k.id == id)
     }
 }
 
 /// Everything one request needs to know about the deployment (client keys apart: see
 /// [`client_keys`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub max_body_bytes: u64,
     pub timeouts: Timeouts,
@@ -150,17 +262,9 @@ impl Config {
         };
         let mut providers = Vec::new();
         for p in PROVIDERS {
-            let api_key = var(&format!("{}_api_key", p.id));
-            if api_key.is_empty() {
-                continue;
+            if let Some(c) = configure(p, &var)? {
+                providers.push(c);
             }
-            let origin = var(&format!("{}_base_url", p.id));
-            let base_url = resolve_base_url(p, &origin)?;
-            providers.push(Configured {
-                provider: p,
-                base_url,
-                api_key,
-            });
         }
         Ok(Self {
             max_body_bytes: number(MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES)?,
@@ -181,14 +285,152 @@ impl Config {
     }
 }
 
+/// One provider's configuration, or `None` when it is not turned on (no key; for the custom
+/// provider, no models).
+fn configure(
+    p: &'static Provider,
+    var: &impl Fn(&str) -> String,
+) -> Result<Option<Configured>, ConfigError> {
+    let id = p.id;
+    let custom = id == CUSTOM;
+    let mut keys: Vec<ApiKey> = Vec::new();
+    for k in var(&format!("{id}_api_key")).split(',').map(str::trim) {
+        if !k.is_empty() && !keys.iter().any(|have| have.secret == k) {
+            keys.push(ApiKey::new(k));
+        }
+    }
+    let custom_models: Vec<String> = if custom {
+        let mut models: Vec<String> = Vec::new();
+        for m in var("custom_models").split(',').map(str::trim) {
+            if !m.is_empty() && !models.iter().any(|have| have == m) {
+                models.push(m.to_owned());
+            }
+        }
+        if models.is_empty() {
+            return Ok(None);
+        }
+        if keys.is_empty() {
+            // A local endpoint (Ollama, LM Studio) usually takes no key.
+            keys.push(ApiKey::new(""));
+        }
+        models
+    } else {
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        Vec::new()
+    };
+    let tier = match var(&format!("{id}_tier")).as_str() {
+        "" => p.tier,
+        "free" => Tier::Free,
+        "paid" => Tier::Paid,
+        other => {
+            return Err(ConfigError::new(format!(
+                "variable `{id}_tier` must be `free` or `paid`, got {other:?}"
+            )))
+        }
+    };
+    let limit = |suffix: &str| -> Result<Option<u32>, ConfigError> {
+        let name = format!("{id}_{suffix}");
+        let raw = var(&name);
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        match raw.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(ConfigError::new(format!(
+                "variable `{name}` must be a positive whole number, or empty for the \
+                 documented limit; got {raw:?}"
+            ))),
+        }
+    };
+    let limits = LimitOverrides {
+        rpm: limit("rpm")?,
+        rpd: limit("rpd")?,
+        tpm: limit("tpm")?,
+        tpd: limit("tpd")?,
+    };
+    let api_path = if custom {
+        let path = var("custom_api_path");
+        let path = if path.is_empty() {
+            p.api_path.to_owned()
+        } else {
+            path
+        };
+        if !path.starts_with('/') {
+            return Err(ConfigError::new(format!(
+                "variable `custom_api_path` must start with `/`, got {path:?}"
+            )));
+        }
+        path.trim_end_matches('/').to_owned()
+    } else {
+        p.api_path.to_owned()
+    };
+    let custom_info = if custom {
+        let price_of = |name: &str| -> Result<Option<f64>, ConfigError> {
+            let raw = var(name);
+            if raw.is_empty() {
+                return Ok(None);
+            }
+            match raw.parse::<f64>() {
+                Ok(x) if x.is_finite() && x >= 0.0 => Ok(Some(x)),
+                _ => Err(ConfigError::new(format!(
+                    "variable `{name}` must be a price in USD per million tokens, got {raw:?}"
+                ))),
+            }
+        };
+        let (input, output) = (
+            price_of("custom_price_input")?,
+            price_of("custom_price_output")?,
+        );
+        let mut info = p.unlisted();
+        info.price = Some(Price {
+            input: input.unwrap_or(0.0),
+            output: output.unwrap_or(0.0),
+            source: "custom_price_input/custom_price_output",
+        });
+        let raw = var("custom_context_window");
+        if !raw.is_empty() {
+            info.context_window = match raw.parse::<u32>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(ConfigError::new(format!(
+                        "variable `custom_context_window` must be a positive whole number, got \
+                         {raw:?}"
+                    )))
+                }
+            };
+        }
+        Some(info)
+    } else {
+        None
+    };
+    let base_url = resolve_base_url(p, &var(&format!("{id}_base_url")), &api_path)?;
+    Ok(Some(Configured {
+        provider: p,
+        base_url,
+        keys,
+        tier,
+        limits,
+        custom_models,
+        custom_info,
+    }))
+}
+
 /// `<id>_base_url` is an origin (Spin's allowed hosts reject paths); the catalogue adds the API
 /// path. A URL that does carry a path is taken as the full base, for runners that allow it.
-fn resolve_base_url(p: &Provider, configured: &str) -> Result<String, ConfigError> {
+fn resolve_base_url(p: &Provider, configured: &str, api_path: &str) -> Result<String, ConfigError> {
     let raw = if configured.is_empty() {
         p.default_origin
     } else {
         configured
     };
+    if raw.is_empty() {
+        return Err(ConfigError::new(format!(
+            "variable `{}_base_url` must be set",
+            p.id
+        )));
+    }
     let url = url::Url::parse(raw).map_err(|e| {
         ConfigError::new(format!("`{}_base_url` is not a URL ({e}): {raw:?}", p.id))
     })?;
@@ -200,7 +442,7 @@ fn resolve_base_url(p: &Provider, configured: &str) -> Result<String, ConfigErro
     }
     let trimmed = raw.trim_end_matches('/');
     Ok(if url.path() == "/" || url.path().is_empty() {
-        format!("{trimmed}{}", p.api_path)
+        format!("{trimmed}{api_path}")
     } else {
         trimmed.to_owned()
     })
@@ -237,8 +479,8 @@ pub(crate) mod tests {
         ])
         .unwrap();
         assert_eq!(
-            c.provider("groq").unwrap().chat_url(),
-            "http://127.0.0.1:9000/openai/v1/chat/completions"
+            c.provider("groq").unwrap().base_url,
+            "http://127.0.0.1:9000/openai/v1"
         );
         assert_eq!(
             c.provider("openai").unwrap().base_url,

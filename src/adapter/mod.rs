@@ -1,16 +1,31 @@
 //! Upstream adapters, one per wire format: each builds the upstream request, translates a JSON
 //! answer and a stream (incrementally, into OpenAI chunks), and reads an error body. The
-//! component only moves the bytes these produce; the catalogue says which adapter a provider uses.
+//! component only moves the bytes these produce; the catalogue says which adapter a provider
+//! uses.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 
-use crate::catalog::Wire;
-use crate::config::Configured;
+use crate::catalog::{Auth, ModelInfo, Price, Provider, Wire};
+use crate::error::ApiError;
 use crate::upstream::{self, Failure, Hints};
 use crate::wire::openai::{ChatRequest, Usage};
+use serde_json::{json, Value};
 
-/// An upstream request, ready to send. Built without secrets; [`Adapter::authorize`] adds them
-/// last, right before sending, so a request logged or returned by mistake carries no key.
+/// Where one attempt goes: the provider, its resolved API base, the upstream model id and what
+/// the catalogue knows of that model. Secret-free.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub provider: &'static Provider,
+    /// Origin + API path, without trailing slash (e.g. `https://api.anthropic.com/v1`).
+    pub base_url: &'a str,
+    pub model: &'a str,
+    pub info: ModelInfo,
+}
+
+/// An upstream request, ready to send. Built without secrets; [`authorize`] adds them last,
+/// right before sending, so a request logged or returned by mistake carries no key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamRequest {
     pub url: String,
@@ -18,11 +33,56 @@ pub struct UpstreamRequest {
     pub body: Vec<u8>,
 }
 
+/// Adds the key as the provider expects it; an empty key (a keyless local endpoint) adds none.
+pub fn authorize(request: &mut UpstreamRequest, auth: Auth, api_key: &str) {
+    if api_key.is_empty() {
+        return;
+    }
+    let header = match auth {
+        Auth::Bearer => ("authorization", format!("Bearer {api_key}")),
+        Auth::XApiKey => ("x-api-key", api_key.to_owned()),
+        Auth::XGoogApiKey => ("x-goog-api-key", api_key.to_owned()),
+    };
+    request.headers.push(header);
+}
+
+/// The identity of one answer as the client sees it. Translated answers get the gateway's id
+/// and timestamp, as OpenAI's carry OpenAI's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplyCtx {
+    /// `chatcmpl-…`, used by translators (pass-through keeps the upstream's id).
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model reported to the client (the upstream model id).
+    pub model: String,
+    /// The client asked for the final usage chunk (`stream_options.include_usage`).
+    pub client_usage: bool,
+    /// What the answer's tokens cost, per million (`None`: unknown). Free tiers: zero.
+    pub price: Option<Price>,
+}
+
+impl ReplyCtx {
+    /// The cost of `usage` in USD, if the price is known.
+    pub fn cost(&self, usage: Usage) -> Option<f64> {
+        cost_usd(self.price, usage)
+    }
+}
+
+/// USD for `usage` at `price` (per million tokens).
+pub fn cost_usd(price: Option<Price>, usage: Usage) -> Option<f64> {
+    price.map(|p| {
+        (usage.prompt_tokens as f64 * p.input + usage.completion_tokens as f64 * p.output) / 1e6
+    })
+}
+
 /// A complete, valid JSON answer in OpenAI's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub body: Vec<u8>,
     pub usage: Option<Usage>,
+    /// The first choice's `finish_reason`, for the log.
+    pub finish_reason: Option<String>,
 }
 
 /// What a stream translator has seen so far.
@@ -30,12 +90,13 @@ pub struct Answer {
 pub struct StreamState {
     /// Data events seen (the terminator excluded).
     pub events: u64,
-    /// The upstream said the answer is complete (`[DONE]` for OpenAI).
+    /// The upstream said the answer is complete (`[DONE]` for OpenAI, `message_stop` for
+    /// Anthropic, the finishing chunk for Gemini), and the client has its terminator.
     pub done: bool,
     pub usage: Option<Usage>,
-    /// The last non-null `finish_reason`.
+    /// The last non-null `finish_reason` (OpenAI's vocabulary).
     pub finish_reason: Option<String>,
-    /// The upstream sent an error event (already relayed to the client).
+    /// The upstream sent an error event (already relayed to the client as an OpenAI one).
     pub upstream_error: bool,
     /// The stream can no longer be translated (e.g. an event over the size limit).
     pub broken: Option<String>,
@@ -61,8 +122,10 @@ pub trait StreamTranslator {
     fn state(&self) -> &StreamState;
     /// The usage, the first time it is known (so it can be recorded at once).
     fn take_new_usage(&mut self) -> Option<Usage>;
-    /// Called once, when the upstream body ended (`failure`: it broke, and why).
-    fn end(&mut self, failure: Option<&str>) -> StreamEnd {
+    /// Called once, when the upstream body ended cleanly (`failure: None`) or broke (`Some`):
+    /// may append last bytes (a format whose end is the end of the body finishes there) and
+    /// judges the stream.
+    fn end(&mut self, failure: Option<&str>, _out: &mut Vec<u8>) -> StreamEnd {
         let s = self.state();
         if let Some(why) = failure.or(s.broken.as_deref()) {
             return StreamEnd::Interrupted(why.to_owned());
@@ -79,36 +142,28 @@ pub trait StreamTranslator {
 
 /// One wire format.
 pub trait Adapter: Sync {
-    /// The request for `model` at `target`, without credentials.
-    fn request(&self, target: &Configured, model: &str, req: &ChatRequest) -> UpstreamRequest;
-    /// Adds the credentials, last.
-    fn authorize(&self, request: &mut UpstreamRequest, api_key: &str);
+    /// The request for `target`, without credentials. `Err`: this format cannot carry what the
+    /// client asked (another candidate may).
+    fn request(&self, target: &Target<'_>, req: &ChatRequest) -> Result<UpstreamRequest, ApiError>;
     /// Translates a complete 2xx JSON body; `Err` says why it is not a usable answer.
-    fn answer(&self, body: &[u8]) -> Result<Answer, String>;
-    /// A translator for one streamed answer; `client_usage`: the client asked for the usage
-    /// chunk (it is always requested upstream, and dropped here when the client did not ask).
-    fn stream(&self, client_usage: bool) -> Box<dyn StreamTranslator>;
+    fn answer(&self, body: &[u8], ctx: &ReplyCtx) -> Result<Answer, String>;
+    /// A translator for one streamed answer.
+    fn stream(&self, ctx: ReplyCtx) -> Box<dyn StreamTranslator>;
     /// The human-readable message in an error body, if it has one.
     fn error_detail(&self, body: &[u8]) -> Option<String>;
 
     /// Judges a non-2xx answer.
     fn judge(
         &self,
-        target: &Configured,
+        provider: &str,
+        api_key: &str,
         status: u16,
         hints: Hints<'_>,
         body: &[u8],
         now_ms: u64,
     ) -> Failure {
         let detail = self.error_detail(body);
-        upstream::judge_status(
-            target.provider.id,
-            &target.api_key,
-            status,
-            hints,
-            detail.as_deref(),
-            now_ms,
-        )
+        upstream::judge_status(provider, api_key, status, hints, detail.as_deref(), now_ms)
     }
 }
 
@@ -116,5 +171,83 @@ pub trait Adapter: Sync {
 pub fn for_wire(wire: Wire) -> &'static dyn Adapter {
     match wire {
         Wire::OpenAi => &openai::OpenAi,
+        Wire::Anthropic => &anthropic::Anthropic,
+        Wire::Gemini => &gemini::Gemini,
+    }
+}
+
+/// Building blocks every translator uses to speak OpenAI to the client.
+pub mod out {
+    use super::*;
+
+    /// The stream's terminator.
+    pub const DONE: &[u8] = b"data: [DONE]\n\n";
+
+    /// Appends one `data:` event.
+    pub fn event(value: &Value, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"data: ");
+        // Serialising a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+        out.extend_from_slice(b"\n\n");
+    }
+
+    /// A `chat.completion.chunk` with one choice.
+    pub fn chunk(ctx: &ReplyCtx, delta: Value, finish_reason: Option<&str>) -> Value {
+        json!({
+            "id": ctx.id,
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        })
+    }
+
+    /// OpenAI's `usage` object; details only when the upstream reported them. `cost` (USD,
+    /// OpenRouter's field) when the price is known.
+    pub fn usage(
+        ctx: &ReplyCtx,
+        prompt: u64,
+        completion: u64,
+        cached: Option<u64>,
+        reasoning: Option<u64>,
+    ) -> Value {
+        let mut u = json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        });
+        if let Some(c) = cached {
+            u["prompt_tokens_details"] = json!({ "cached_tokens": c });
+        }
+        if let Some(r) = reasoning {
+            u["completion_tokens_details"] = json!({ "reasoning_tokens": r });
+        }
+        if let Some(cost) = ctx.cost(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        }) {
+            u["cost"] = json!(cost);
+        }
+        u
+    }
+
+    /// The final usage chunk (`choices: []`), as OpenAI sends it when asked.
+    pub fn usage_chunk(ctx: &ReplyCtx, usage: Value) -> Value {
+        json!({
+            "id": ctx.id,
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [],
+            "usage": usage,
+        })
+    }
+
+    /// An OpenAI-shaped error event for an error the upstream reported mid-stream.
+    pub fn error_event(message: &str, kind: &str, code: Option<&str>, out: &mut Vec<u8>) {
+        event(
+            &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+            out,
+        );
     }
 }

@@ -1,25 +1,28 @@
-//! The OpenAI-compatible wire format (OpenAI, Groq, OpenRouter, Mistral, NVIDIA, Together, …):
-//! requests and answers pass through byte for byte, except the model, the usage request on
-//! streams, and the usage chunk a client did not ask for.
+//! The OpenAI-compatible wire format (OpenAI, Groq, OpenRouter, Mistral, NVIDIA, Cerebras,
+//! Together, custom endpoints): requests and answers pass through, except what the catalogue's
+//! quirks say a provider needs changed, and the guarantees every stream gets (a first chunk
+//! with `role`, a `finish_reason`, the usage chunk when asked for, `[DONE]`).
 
-use super::{Adapter, Answer, StreamState, StreamTranslator, UpstreamRequest};
-use crate::config::Configured;
-use crate::wire::openai::{error_message, ChatRequest, StreamOptions, Usage};
+use super::{
+    out, Adapter, Answer, ReplyCtx, StreamEnd, StreamState, StreamTranslator, Target,
+    UpstreamRequest,
+};
+use crate::catalog::{MaxTokensField, Quirks};
+use crate::error::ApiError;
+use crate::wire::openai::{error_message, ChatRequest, Usage};
 use crate::wire::sse::SseFramer;
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
 /// The OpenAI-compatible adapter.
 pub struct OpenAi;
 
 impl Adapter for OpenAi {
-    fn request(&self, target: &Configured, model: &str, req: &ChatRequest) -> UpstreamRequest {
-        let usage = match (req.stream, target.provider.stream_options) {
-            (false, _) => StreamOptions::Keep,
-            (true, true) => StreamOptions::AskUsage,
-            (true, false) => StreamOptions::Remove,
-        };
-        UpstreamRequest {
-            url: target.chat_url(),
+    fn request(&self, target: &Target<'_>, req: &ChatRequest) -> Result<UpstreamRequest, ApiError> {
+        let mut body = req.body().clone();
+        body.insert("model".into(), Value::String(target.model.to_owned()));
+        apply_quirks(&mut body, &target.provider.quirks, req.stream);
+        Ok(UpstreamRequest {
+            url: format!("{}/chat/completions", target.base_url),
             headers: vec![
                 ("content-type", "application/json".into()),
                 (
@@ -36,17 +39,11 @@ impl Adapter for OpenAi {
                     concat!("freerelay/", env!("CARGO_PKG_VERSION")).into(),
                 ),
             ],
-            body: req.upstream_body(model, usage),
-        }
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+        })
     }
 
-    fn authorize(&self, request: &mut UpstreamRequest, api_key: &str) {
-        request
-            .headers
-            .push(("authorization", format!("Bearer {api_key}")));
-    }
-
-    fn answer(&self, body: &[u8]) -> Result<Answer, String> {
+    fn answer(&self, body: &[u8], _ctx: &ReplyCtx) -> Result<Answer, String> {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| format!("its answer is not complete JSON ({e})"))?;
         if v.get("error").is_some_and(|e| !e.is_null()) {
@@ -56,16 +53,24 @@ impl Adapter for OpenAi {
         if !v.get("choices").is_some_and(Value::is_array) {
             return Err("its answer has no `choices`".into());
         }
+        let finish_reason = v["choices"][0]["finish_reason"].as_str().map(str::to_owned);
         Ok(Answer {
             body: body.to_vec(),
             usage: Usage::from_object(&v),
+            finish_reason,
         })
     }
 
-    fn stream(&self, client_usage: bool) -> Box<dyn StreamTranslator> {
+    fn stream(&self, ctx: ReplyCtx) -> Box<dyn StreamTranslator> {
         Box::new(OpenAiStream {
-            client_usage,
-            ..Default::default()
+            framer: SseFramer::default(),
+            relay: Relay {
+                ctx,
+                state: StreamState::default(),
+                new_usage: None,
+                usage_sent: false,
+                role_checked: false,
+            },
         })
     }
 
@@ -74,94 +79,248 @@ impl Adapter for OpenAi {
     }
 }
 
-/// Relays whole events; notes `[DONE]`, usage, finish reasons and error events.
-#[derive(Debug, Default)]
+/// Rewrites a client body for a provider's quirks (catalogue data, no code per vendor).
+pub fn apply_quirks(body: &mut Map<String, Value>, q: &Quirks, stream: bool) {
+    if !stream {
+        // OpenAI answers 400 to stream_options without stream.
+        body.remove("stream_options");
+    } else if q.stream_options {
+        // Always ask for usage: stats and quotas must never see 0 tokens for a stream.
+        let so = body
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !so.is_object() {
+            *so = Value::Object(Map::new());
+        }
+        if let Value::Object(o) = so {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    } else {
+        body.remove("stream_options");
+    }
+    let (from, to) = match q.max_tokens {
+        MaxTokensField::Any => ("", ""),
+        MaxTokensField::MaxTokens => ("max_completion_tokens", "max_tokens"),
+        MaxTokensField::MaxCompletionTokens => ("max_tokens", "max_completion_tokens"),
+    };
+    if !from.is_empty() {
+        if let Some(v) = body.remove(from) {
+            body.entry(to).or_insert(v);
+        }
+    }
+    if let (Some(max), Some(Value::Array(stops))) = (q.max_stop, body.get_mut("stop")) {
+        stops.truncate(max as usize);
+    }
+    for name in q.drop {
+        body.remove(*name);
+    }
+    for (from, to) in q.rename {
+        if let Some(v) = body.remove(*from) {
+            body.insert((*to).to_owned(), v);
+        }
+    }
+    if q.prefix_flag {
+        if let Some(Value::Array(messages)) = body.get_mut("messages") {
+            if let Some(Value::Object(last)) = messages.last_mut() {
+                if last.get("role").and_then(Value::as_str) == Some("assistant") {
+                    last.insert("prefix".into(), Value::Bool(true));
+                }
+            }
+        }
+    }
+}
+
+/// Relays whole events; notes `[DONE]`, usage, finish reasons and error events, and makes
+/// every stream well-formed: a `role` in the first chunk, a `finish_reason`, the usage chunk when
+/// the client asked for it (with its cost), and `[DONE]` after a finished answer.
+#[derive(Debug)]
 pub struct OpenAiStream {
     framer: SseFramer,
-    client_usage: bool,
+    relay: Relay,
+}
+
+/// The stream's state apart from its framing (so events can be handled while framing).
+#[derive(Debug)]
+struct Relay {
+    ctx: ReplyCtx,
     state: StreamState,
     new_usage: Option<Usage>,
+    /// The client has its usage chunk.
+    usage_sent: bool,
+    /// The first chunk with choices was checked for its `role`.
+    role_checked: bool,
 }
 
 impl StreamTranslator for OpenAiStream {
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        if self.state.broken.is_some() {
+        let relay = &mut self.relay;
+        if relay.state.broken.is_some() || relay.state.done {
             return;
         }
-        let (state, new_usage, client_usage) =
-            (&mut self.state, &mut self.new_usage, self.client_usage);
         let framed = self.framer.feed(chunk, |ev| {
-            if keep(ev.has_data, ev.data, state, new_usage, client_usage) {
-                out.extend_from_slice(ev.raw);
+            if !relay.state.done {
+                relay.event(ev.raw, ev.has_data, ev.data, out);
             }
         });
         if let Err(why) = framed {
-            self.state.broken = Some(why);
+            relay.state.broken = Some(why);
         }
     }
 
     fn state(&self) -> &StreamState {
-        &self.state
+        &self.relay.state
     }
 
     fn take_new_usage(&mut self) -> Option<Usage> {
-        self.new_usage.take()
+        self.relay.new_usage.take()
+    }
+
+    fn end(&mut self, failure: Option<&str>, out: &mut Vec<u8>) -> StreamEnd {
+        self.relay.end(failure, out)
     }
 }
 
-/// Reads one event; false when the client must not get it (a usage chunk it did not ask for).
-fn keep(
-    has_data: bool,
-    data: &[u8],
-    state: &mut StreamState,
-    new_usage: &mut Option<Usage>,
-    client_usage: bool,
-) -> bool {
-    if !has_data {
-        return true;
-    }
-    if data == b"[DONE]" {
-        state.done = true;
-        return true;
-    }
-    state.events += 1;
-    // Most chunks carry nothing to note: parse only those that may.
-    let worth_parsing = field_is(data, b"\"usage\"", |b| b == b'{')
-        || field_is(data, b"\"finish_reason\"", |b| b != b'n')
-        || field_is(data, b"\"error\"", |b| b != b'n');
-    if !worth_parsing {
-        return true;
-    }
-    let Ok(v) = serde_json::from_slice::<Value>(data) else {
-        return true;
-    };
-    if v.get("error").is_some_and(|e| !e.is_null()) {
-        state.upstream_error = true;
-    }
-    if let Some(reason) = v
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .rev()
-        .find_map(|c| c.get("finish_reason").and_then(Value::as_str))
-    {
-        state.finish_reason = Some(reason.to_owned());
-    }
-    if let Some(u) = Usage::from_object(&v) {
-        if state.usage.is_none() {
-            *new_usage = Some(u);
+impl Relay {
+    fn end(&mut self, failure: Option<&str>, out: &mut Vec<u8>) -> StreamEnd {
+        // Finished (finish_reason seen) but no [DONE]: the answer is whole; end it cleanly.
+        if failure.is_none()
+            && self.state.broken.is_none()
+            && !self.state.done
+            && !self.state.upstream_error
+            && self.state.finish_reason.is_some()
+        {
+            self.finish(out);
         }
-        state.usage = Some(u);
-        let usage_only = v
+        let s = &self.state;
+        if let Some(why) = failure.or(s.broken.as_deref()) {
+            return StreamEnd::Interrupted(why.to_owned());
+        }
+        if s.done {
+            StreamEnd::Complete
+        } else if s.upstream_error {
+            StreamEnd::UpstreamError
+        } else {
+            StreamEnd::Interrupted("it ended before the answer was complete".into())
+        }
+    }
+
+    fn event(&mut self, raw: &[u8], has_data: bool, data: &[u8], out: &mut Vec<u8>) {
+        if !has_data {
+            out.extend_from_slice(raw);
+            return;
+        }
+        if data == b"[DONE]" {
+            self.finish(out);
+            return;
+        }
+        self.state.events += 1;
+        let first = !self.role_checked;
+        // Most chunks carry nothing to note: parse only those that may.
+        let worth_parsing = first
+            || field_is(data, b"\"usage\"", |b| b == b'{')
+            || field_is(data, b"\"finish_reason\"", |b| b != b'n')
+            || field_is(data, b"\"error\"", |b| b != b'n');
+        if !worth_parsing {
+            out.extend_from_slice(raw);
+            return;
+        }
+        let Ok(mut v) = serde_json::from_slice::<Value>(data) else {
+            out.extend_from_slice(raw);
+            return;
+        };
+        let mut rewrite = false;
+        if first {
+            // Synthesised chunks carry the upstream's id, model and timestamp.
+            if let Some(id) = v.get("id").and_then(Value::as_str) {
+                self.ctx.id = id.to_owned();
+            }
+            if let Some(m) = v.get("model").and_then(Value::as_str) {
+                self.ctx.model = m.to_owned();
+            }
+            if let Some(c) = v.get("created").and_then(Value::as_u64) {
+                self.ctx.created = c;
+            }
+            if let Some(delta) = v
+                .get_mut("choices")
+                .and_then(Value::as_array_mut)
+                .and_then(|c| c.first_mut())
+                .and_then(|c| c.get_mut("delta"))
+                .and_then(Value::as_object_mut)
+            {
+                self.role_checked = true;
+                if !delta.contains_key("role") {
+                    delta.insert("role".into(), json!("assistant"));
+                    rewrite = true;
+                }
+            }
+        }
+        if v.get("error").is_some_and(|e| !e.is_null()) {
+            self.state.upstream_error = true;
+        }
+        if let Some(reason) = v
             .get("choices")
             .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty);
-        if usage_only && !client_usage {
-            return false;
+            .into_iter()
+            .flatten()
+            .rev()
+            .find_map(|c| c.get("finish_reason").and_then(Value::as_str))
+        {
+            self.state.finish_reason = Some(reason.to_owned());
+        }
+        if let Some(u) = Usage::from_object(&v) {
+            if self.state.usage.is_none() {
+                self.new_usage = Some(u);
+            }
+            self.state.usage = Some(u);
+            let usage_only = v
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty);
+            if usage_only {
+                if !self.ctx.client_usage {
+                    return;
+                }
+                self.usage_sent = true;
+                if let (Some(cost), Some(obj)) = (
+                    self.ctx.cost(u),
+                    v.get_mut("usage").and_then(Value::as_object_mut),
+                ) {
+                    obj.entry("cost").or_insert(json!(cost));
+                    rewrite = true;
+                }
+            }
+        }
+        if rewrite {
+            out::event(&v, out);
+        } else {
+            out.extend_from_slice(raw);
         }
     }
-    true
+
+    /// The answer is complete: what the client is still owed, then `[DONE]`.
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.state.finish_reason.is_none() && !self.state.upstream_error {
+            // Every stream ends with a finish_reason, even from upstreams that omit it.
+            let delta = if self.role_checked {
+                json!({})
+            } else {
+                json!({"role": "assistant"})
+            };
+            out::event(&out::chunk(&self.ctx, delta, Some("stop")), out);
+            self.state.finish_reason = Some("stop".into());
+        }
+        if self.ctx.client_usage && !self.usage_sent {
+            // The provider takes no stream_options (or ignored it): the usage it reported on
+            // another chunk goes in the chunk the client asked for.
+            if let Some(u) = self.state.usage {
+                let usage = out::usage(&self.ctx, u.prompt_tokens, u.completion_tokens, None, None);
+                out::event(&out::usage_chunk(&self.ctx, usage), out);
+                self.usage_sent = true;
+            }
+        }
+        out.extend_from_slice(out::DONE);
+        self.state.done = true;
+    }
 }
 
 /// Does `"name"` appear with a value whose first byte satisfies `first`?
@@ -189,22 +348,45 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::StreamEnd;
+    use crate::adapter::{authorize, StreamEnd};
     use crate::config::tests::config_of;
 
-    const STREAM: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}],\"usage\":null}\n\n\
-data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}],\"usage\":null}\n\n\
-data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
-data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1,\"total_tokens\":5}}\n\n\
+    const STREAM: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}],\"usage\":null}\n\n\
+data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}],\"usage\":null}\n\n\
+data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
+data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1,\"total_tokens\":5}}\n\n\
 data: [DONE]\n\n";
 
-    fn run(client_usage: bool, chunks: &[&[u8]]) -> (Vec<u8>, Box<dyn StreamTranslator>) {
-        let mut t = OpenAi.stream(client_usage);
+    pub(crate) fn ctx(client_usage: bool) -> ReplyCtx {
+        ReplyCtx {
+            id: "chatcmpl-test".into(),
+            created: 1_700_000_000,
+            model: "m".into(),
+            client_usage,
+            price: None,
+        }
+    }
+
+    fn run_with(ctx: ReplyCtx, chunks: &[&[u8]]) -> (Vec<u8>, Box<dyn StreamTranslator>) {
+        let mut t = OpenAi.stream(ctx);
         let mut out = Vec::new();
         for c in chunks {
             t.feed(c, &mut out);
         }
         (out, t)
+    }
+
+    fn run(client_usage: bool, chunks: &[&[u8]]) -> (Vec<u8>, Box<dyn StreamTranslator>) {
+        run_with(ctx(client_usage), chunks)
+    }
+
+    fn data_events(out: &[u8]) -> Vec<Value> {
+        String::from_utf8_lossy(out)
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
     }
 
     #[test]
@@ -222,10 +404,68 @@ data: [DONE]\n\n";
         );
         assert_eq!(t.take_new_usage(), None);
         assert_eq!(t.state().finish_reason.as_deref(), Some("stop"));
-        assert_eq!(t.end(None), StreamEnd::Complete);
+        assert_eq!(t.end(None, &mut Vec::new()), StreamEnd::Complete);
 
         let (out, _) = run(true, &[STREAM.as_bytes()]);
         assert_eq!(out, STREAM.as_bytes(), "asked for usage: relayed unchanged");
+    }
+
+    #[test]
+    fn the_usage_chunk_carries_its_cost_when_the_price_is_known() {
+        let mut c = ctx(true);
+        c.price = Some(crate::catalog::Price {
+            input: 1.0,
+            output: 5.0,
+            source: "t",
+        });
+        let (out, _) = run_with(c, &[STREAM.as_bytes()]);
+        let usage = data_events(&out).pop().unwrap();
+        assert_eq!(usage["usage"]["cost"], json!(0.000009));
+        assert_eq!(usage["usage"]["prompt_tokens"], 4);
+    }
+
+    #[test]
+    fn streams_are_made_whole_role_finish_usage_done() {
+        // No role in the first chunk, usage only on the finish chunk (Mistral), no
+        // usage-only chunk, then [DONE].
+        let s = "data: {\"id\":\"x\",\"model\":\"mm\",\"created\":5,\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n\
+data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n\
+data: [DONE]\n\n";
+        let (out, _) = run(true, &[s.as_bytes()]);
+        let ev = data_events(&out);
+        assert_eq!(ev[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(ev[0]["choices"][0]["delta"]["content"], "a");
+        let last = ev.last().unwrap();
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(last["usage"]["completion_tokens"], 1);
+        assert_eq!(
+            (last["id"].as_str(), last["model"].as_str()),
+            (Some("x"), Some("mm"))
+        );
+        assert!(out.ends_with(b"data: [DONE]\n\n"));
+
+        // No finish_reason at all before [DONE]: one is added.
+        let s = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n";
+        let (out, mut t) = run(false, &[s.as_bytes()]);
+        let ev = data_events(&out);
+        assert_eq!(ev.last().unwrap()["choices"][0]["finish_reason"], "stop");
+        assert_eq!(t.end(None, &mut Vec::new()), StreamEnd::Complete);
+    }
+
+    #[test]
+    fn a_finished_stream_without_done_ends_cleanly() {
+        let cut = &STREAM[..STREAM.find("data: [DONE]").unwrap()];
+        let (mut out, mut t) = run(false, &[cut.as_bytes()]);
+        assert_eq!(t.end(None, &mut out), StreamEnd::Complete);
+        assert!(out.ends_with(b"data: [DONE]\n\n"));
+        // Not finished: interrupted, and nothing is added.
+        let cut = &STREAM[..STREAM
+            .find("data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},")
+            .unwrap()];
+        let (mut out, mut t) = run(false, &[cut.as_bytes()]);
+        let before = out.len();
+        assert!(matches!(t.end(None, &mut out), StreamEnd::Interrupted(_)));
+        assert_eq!(out.len(), before);
     }
 
     #[test]
@@ -234,9 +474,14 @@ data: [DONE]\n\n";
         let (out, mut t) = run(true, &[cut]);
         assert!(out.ends_with(b"\n\n"));
         assert_eq!(t.state().events, 1);
-        assert!(matches!(t.end(Some("reset")), StreamEnd::Interrupted(w) if w == "reset"));
+        assert!(
+            matches!(t.end(Some("reset"), &mut Vec::new()), StreamEnd::Interrupted(w) if w == "reset")
+        );
         let (_, mut t) = run(true, &[cut]);
-        assert!(matches!(t.end(None), StreamEnd::Interrupted(_)));
+        assert!(matches!(
+            t.end(None, &mut Vec::new()),
+            StreamEnd::Interrupted(_)
+        ));
     }
 
     #[test]
@@ -244,7 +489,7 @@ data: [DONE]\n\n";
         let (out, mut t) = run(false, &[b"data: {\"error\":{\"message\":\"boom\"}}\n\n"]);
         assert!(!out.is_empty());
         assert!(t.state().upstream_error);
-        assert_eq!(t.end(None), StreamEnd::UpstreamError);
+        assert_eq!(t.end(None, &mut Vec::new()), StreamEnd::UpstreamError);
     }
 
     #[test]
@@ -258,6 +503,14 @@ data: [DONE]\n\n";
         ));
     }
 
+    fn body_for(provider: &str, req: &str) -> Value {
+        let c = config_of(&[(&*format!("{provider}_api_key"), "k")]).unwrap();
+        let p = c.provider(provider).unwrap();
+        let req = ChatRequest::parse(req.as_bytes()).unwrap();
+        let up = OpenAi.request(&p.target("mm"), &req).unwrap();
+        serde_json::from_slice(&up.body).unwrap()
+    }
+
     #[test]
     fn requests_ask_for_usage_on_streams_and_carry_no_key_until_authorized() {
         let c = config_of(&[("groq_api_key", "gsk-secret"), ("mistral_api_key", "m")]).unwrap();
@@ -266,31 +519,72 @@ data: [DONE]\n\n";
         )
         .unwrap();
         let groq = c.provider("groq").unwrap();
-        let mut up = OpenAi.request(groq, "llama", &req);
+        let mut up = OpenAi.request(&groq.target("llama"), &req).unwrap();
+        assert_eq!(up.url, "https://api.groq.com/openai/v1/chat/completions");
         let body: Value = serde_json::from_slice(&up.body).unwrap();
         assert_eq!(body["model"], "llama");
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["stream_options"]["x"], 1);
         assert!(!format!("{up:?}").contains("gsk-secret"));
-        OpenAi.authorize(&mut up, &groq.api_key);
+        authorize(&mut up, groq.provider.auth, groq.keys[0].secret());
         assert!(up
             .headers
             .contains(&("authorization", "Bearer gsk-secret".into())));
         // Mistral rejects stream_options (422): never sent there.
-        let up = OpenAi.request(c.provider("mistral").unwrap(), "m", &req);
+        let up = OpenAi
+            .request(&c.provider("mistral").unwrap().target("m"), &req)
+            .unwrap();
         let body: Value = serde_json::from_slice(&up.body).unwrap();
         assert!(body.get("stream_options").is_none());
     }
 
     #[test]
-    fn answers_must_be_whole() {
-        let ok = br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
-        assert_eq!(
-            OpenAi.answer(ok).unwrap().usage.unwrap().completion_tokens,
-            2
+    fn quirks_are_applied_as_data() {
+        // Continue's autocomplete: 7 stop strings; OpenAI and Groq take 4.
+        let seven = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e","f","g"],"max_tokens":9,"seed":1,"logit_bias":{"1":2},"stream_options":{"include_usage":true}}"#;
+        let groq = body_for("groq", seven);
+        assert_eq!(groq["stop"].as_array().unwrap().len(), 4);
+        assert_eq!(groq["max_tokens"], 9);
+        assert!(groq.get("logit_bias").is_none());
+        assert!(
+            groq.get("stream_options").is_none(),
+            "no stream: no stream_options"
         );
-        assert!(OpenAi.answer(&ok[..20]).is_err());
-        assert!(OpenAi.answer(br#"{"error":{"message":"x"}}"#).is_err());
-        assert!(OpenAi.answer(br#"{"id":"x"}"#).is_err());
+        let openai = body_for("openai", seven);
+        assert_eq!(openai["max_completion_tokens"], 9);
+        assert!(openai.get("max_tokens").is_none());
+        assert_eq!(openai["logit_bias"]["1"], 2);
+        let mistral = body_for("mistral", seven);
+        assert_eq!(mistral["stop"].as_array().unwrap().len(), 7);
+        assert_eq!(
+            (mistral["random_seed"].as_i64(), mistral.get("seed")),
+            (Some(1), None)
+        );
+        let mistral = body_for(
+            "mistral",
+            r#"{"model":"m","max_completion_tokens":5,"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"def "}]}"#,
+        );
+        assert_eq!(mistral["max_tokens"], 5);
+        assert_eq!(mistral["messages"][1]["prefix"], true);
+        // Unknown fields a provider accepts are carried through untouched.
+        let nvidia = body_for(
+            "nvidia",
+            r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c","content":"ok"}],"x_vendor":{"a":[1]}}"#,
+        );
+        assert_eq!(nvidia["x_vendor"]["a"][0], 1);
+        assert_eq!(nvidia["messages"][0]["content"], Value::Null);
+    }
+
+    #[test]
+    fn answers_must_be_whole() {
+        let ok = br#"{"choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let a = OpenAi.answer(ok, &ctx(false)).unwrap();
+        assert_eq!(a.usage.unwrap().completion_tokens, 2);
+        assert_eq!(a.finish_reason.as_deref(), Some("stop"));
+        assert!(OpenAi.answer(&ok[..20], &ctx(false)).is_err());
+        assert!(OpenAi
+            .answer(br#"{"error":{"message":"x"}}"#, &ctx(false))
+            .is_err());
+        assert!(OpenAi.answer(br#"{"id":"x"}"#, &ctx(false)).is_err());
     }
 }

@@ -102,6 +102,11 @@ impl ChatRequest {
         })
     }
 
+    /// The body as the client sent it (validated), for translators to read.
+    pub fn body(&self) -> &Map<String, Value> {
+        &self.body
+    }
+
     /// The body to send upstream: the client's, with `model` replaced and `stream_options`
     /// as `options` says.
     pub fn upstream_body(&self, upstream_model: &str, options: StreamOptions) -> Vec<u8> {
