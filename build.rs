@@ -124,7 +124,7 @@ fn generate(cat: &Catalogue) -> Result<String, String> {
                 "id must be lower-case letters and digits (it prefixes variables)",
             ));
         }
-        if p.origin.ends_with('/') || !(p.api_path.starts_with('/') && !p.api_path.ends_with('/')) {
+        if p.origin.ends_with('/') || !p.api_path.starts_with('/') || p.api_path.ends_with('/') {
             return Err(at("origin without trailing slash, api_path as /path"));
         }
         if !p.default_model.is_empty() && !p.model.iter().any(|m| m.id == p.default_model) {

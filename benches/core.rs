@@ -30,6 +30,17 @@ fn stream(n: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The identity of a translated answer, as the gateway builds it per attempt.
+fn ctx() -> adapter::ReplyCtx {
+    adapter::ReplyCtx {
+        id: "chatcmpl-bench".into(),
+        created: 1_700_000_000,
+        model: "m".into(),
+        client_usage: false,
+        price: None,
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let cfg = config();
     let openai = adapter::for_wire(Wire::OpenAi);
@@ -37,18 +48,20 @@ fn bench(c: &mut Criterion) {
     c.bench_function("parse+plan+upstream_request", |b| {
         b.iter(|| {
             let req = ChatRequest::parse(black_box(body)).unwrap();
-            let plan = route::plan(&cfg, &req.model).unwrap();
+            let plan = route::plan(&cfg, &req.model, 7).unwrap();
             let cand = &plan.candidates[0];
-            let target = cfg.provider(&cand.provider).unwrap();
-            let mut up = openai.request(target, &cand.model, &req);
-            openai.authorize(&mut up, &target.api_key);
+            let configured = cfg.provider(&cand.provider).unwrap();
+            let target = configured.target(&cand.model);
+            let mut up = openai.request(&target, &req).unwrap();
+            let key = configured.key(&cand.keys[0]).unwrap();
+            adapter::authorize(&mut up, target.provider.auth, key.secret());
             black_box(up)
         })
     });
     c.bench_function("config_from_vars", |b| b.iter(|| black_box(config())));
     let answer = br#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, friend of mine."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#;
     c.bench_function("translate_json_answer", |b| {
-        b.iter(|| black_box(openai.answer(black_box(answer)).unwrap()))
+        b.iter(|| black_box(openai.answer(black_box(answer), &ctx()).unwrap()))
     });
     for n in [50usize, 200] {
         let s = stream(n);
@@ -56,12 +69,13 @@ fn bench(c: &mut Criterion) {
         let pieces: Vec<&[u8]> = s.split_inclusive(|&b| b == b'\n').collect();
         c.bench_function(&format!("translate_stream_{n}_chunks"), |b| {
             b.iter(|| {
-                let mut t = openai.stream(false);
+                let mut t = openai.stream(ctx());
                 let mut out = Vec::with_capacity(s.len());
                 for p in &pieces {
                     t.feed(black_box(p), &mut out);
                 }
-                black_box((out.len(), t.end(None)))
+                let end = t.end(None, &mut out);
+                black_box((out.len(), end))
             })
         });
     }

@@ -3,7 +3,7 @@
 //! returned key-value operations, at the moment each is decided.
 
 use crate::event::Event;
-use crate::kv::KvOp;
+use crate::kv::{keys, KvOp};
 use crate::route::{Candidate, Plan};
 use crate::stats;
 use crate::upstream::Failure;
@@ -13,12 +13,14 @@ use crate::ApiError;
 /// What to do next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
-    /// Send to this candidate; perform `ops` (its attempt counter) first, log `event`.
+    /// Send to this candidate with this key (a fingerprint); perform `ops` (its attempt
+    /// counter) first, log `event`.
     Try {
         attempt: u32,
         candidate: Candidate,
+        key: String,
         ops: Vec<KvOp>,
-        event: Event,
+        event: Box<Event>,
     },
     /// Nothing more to try: answer with this error.
     GiveUp(ApiError),
@@ -31,11 +33,16 @@ pub struct Decided {
     pub events: Vec<Event>,
 }
 
-/// One request's walk through its plan.
+/// One request's walk through its plan: each candidate with its keys in order. A failure that
+/// belongs to the key (429, 401/403) moves to the candidate's next key; any other retryable
+/// failure moves to the next candidate. Each key is tried at most once per request.
 #[derive(Debug, Clone)]
 pub struct Attempts {
     plan: Plan,
-    next: usize,
+    /// The next (candidate, key) position to try.
+    pos: (usize, usize),
+    /// The position of the attempt in flight.
+    current: (usize, usize),
     attempt: u32,
     /// Set when the walk must stop: the error the client gets.
     stop: Option<ApiError>,
@@ -45,7 +52,8 @@ impl Attempts {
     pub fn new(plan: Plan) -> Self {
         Self {
             plan,
-            next: 0,
+            pos: (0, 0),
+            current: (0, 0),
             attempt: 0,
             stop: None,
         }
@@ -59,40 +67,65 @@ impl Attempts {
     /// The next step. Call once at the start, and after each [`Self::failed`].
     pub fn next_step(&mut self) -> Next {
         if let Some(e) = self.stop.take() {
-            self.next = self.plan.candidates.len();
+            self.pos = (self.plan.candidates.len(), 0);
             return Next::GiveUp(e);
         }
-        let Some(candidate) = self.plan.candidates.get(self.next).cloned() else {
+        let Some((candidate, key)) = self.at(self.pos) else {
             return Next::GiveUp(ApiError::internal("no candidate left to try"));
         };
-        self.next += 1;
+        self.current = self.pos;
+        self.pos.1 += 1;
         self.attempt += 1;
         Next::Try {
             attempt: self.attempt,
             ops: vec![stats::attempt_started(&candidate.provider)],
-            event: Event::AttemptStart {
+            event: Box::new(Event::AttemptStart {
                 attempt: self.attempt,
                 provider: candidate.provider.clone(),
                 model: candidate.model.clone(),
-            },
+                key: key.clone(),
+            }),
             candidate,
+            key,
         }
     }
 
-    /// The current attempt failed before any byte reached the client (`upstream_status`: the
-    /// upstream's status when it answered). Decides whether another candidate is tried.
+    /// The candidate and key at `pos`, moving on to the next candidate past a last key.
+    fn at(&mut self, pos: (usize, usize)) -> Option<(Candidate, String)> {
+        let (mut ci, mut ki) = pos;
+        loop {
+            let c = self.plan.candidates.get(ci)?;
+            if let Some(k) = c.keys.get(ki) {
+                self.pos = (ci, ki);
+                return Some((c.clone(), k.clone()));
+            }
+            ci += 1;
+            ki = 0;
+        }
+    }
+
+    /// The current attempt (with `key`) failed before any byte reached the client
+    /// (`upstream_status`: the upstream's status when it answered). Decides what is tried next.
     pub fn failed(
         &mut self,
         candidate: &Candidate,
+        key: &str,
         failure: Failure,
         upstream_status: Option<u16>,
         ms: u64,
     ) -> Decided {
-        let mut ops = vec![stats::attempt_failed(&candidate.provider)];
+        let mut ops = Vec::with_capacity(2);
+        let mut events = Vec::with_capacity(3);
         if let Some(cd) = &failure.cooldown {
-            ops.insert(0, cd.op(&candidate.provider));
+            let ledger = if failure.key_refused {
+                None
+            } else {
+                candidate.ledger.as_deref()
+            };
+            ops.push(cd.op(keys::cooldown(&candidate.provider, key, ledger)));
         }
-        let mut events = vec![Event::AttemptFailed {
+        ops.push(stats::attempt_failed(&candidate.provider));
+        events.push(Event::AttemptFailed {
             attempt: self.attempt,
             provider: candidate.provider.clone(),
             model: candidate.model.clone(),
@@ -102,17 +135,40 @@ impl Attempts {
             retryable: failure.retryable,
             cooldown_until_ms: failure.cooldown.map(|c| c.until_ms),
             ms,
-        }];
-        let more = self.next < self.plan.candidates.len();
-        if failure.retryable && more {
-            let to = &self.plan.candidates[self.next];
-            events.push(Event::Fallback {
+        });
+        if failure.key_refused {
+            events.push(Event::KeySetAside {
+                provider: candidate.provider.clone(),
+                key: key.to_owned(),
+                status: upstream_status.unwrap_or(0),
+                until_ms: failure.cooldown.map_or(0, |c| c.until_ms),
+            });
+        }
+        // A failure of the key (rate limit, refused key) leaves the candidate's other keys to
+        // try; any other failure is the provider's or the model's: skip to the next candidate.
+        let key_failure = failure.key_refused || failure.cooldown.is_some();
+        let (ci, ki) = self.current;
+        let next_pos = if key_failure {
+            (ci, ki + 1)
+        } else {
+            (ci + 1, 0)
+        };
+        let next = if failure.retryable {
+            self.at(next_pos)
+        } else {
+            None
+        };
+        match next {
+            Some((to, to_key)) => events.push(Event::Fallback {
                 from: format!("{}/{}", candidate.provider, candidate.model),
                 to: format!("{}/{}", to.provider, to.model),
-                reason: format!("HTTP {}", failure.error.status),
-            });
-        } else {
-            self.stop = Some(failure.error);
+                reason: if to.provider == candidate.provider && to.model == candidate.model {
+                    format!("HTTP {}; next key {to_key}", failure.error.status)
+                } else {
+                    format!("HTTP {}", failure.error.status)
+                },
+            }),
+            None => self.stop = Some(failure.error),
         }
         Decided { ops, events }
     }
@@ -137,6 +193,7 @@ impl Attempts {
 mod tests {
     use super::*;
     use crate::config::tests::config_of;
+    use crate::config::ApiKey;
     use crate::cooldown::Cooldown;
     use crate::kv::{apply, decode_counter, Kv, MemKv};
     use crate::route;
@@ -159,13 +216,17 @@ mod tests {
         mut script: Vec<Script>,
         now: u64,
     ) -> (Result<String, ApiError>, Vec<Event>) {
+        // `groq` has the key `key-groq`; `groq=a,b` has the keys `a` and `b`.
         let pairs: Vec<(String, String)> = providers
             .iter()
-            .map(|p| (format!("{p}_api_key"), format!("key-{p}")))
+            .map(|p| match p.split_once('=') {
+                Some((p, keys)) => (format!("{p}_api_key"), keys.to_owned()),
+                None => (format!("{p}_api_key"), format!("key-{p}")),
+            })
             .collect();
         let pairs: Vec<(&str, &str)> = pairs.iter().map(|(a, b)| (&**a, &**b)).collect();
         let config = config_of(&pairs).unwrap();
-        let plan = route::plan(&config, model).unwrap();
+        let plan = route::plan(&config, model, 0).unwrap();
         let cooling = kv.get_many(&plan.cooldown_keys()).unwrap();
         let plan = match plan.without_cooling(&cooling, now) {
             Ok(p) => p,
@@ -182,13 +243,15 @@ mod tests {
                 Next::GiveUp(e) => return (Err(e), events),
                 Next::Try {
                     candidate,
+                    key: key_id,
                     ops,
                     event,
                     ..
                 } => {
                     ops.iter().for_each(|op| apply(kv, op).unwrap());
-                    events.push(event);
-                    let key = format!("key-{}", candidate.provider);
+                    events.push(*event);
+                    let configured = config.provider(&candidate.provider).unwrap();
+                    let key = configured.key(&key_id).unwrap().secret().to_owned();
                     let (failure, status) = match script.pop().expect("script too short") {
                         Script::Answer(u) => {
                             for op in Attempts::usage(&candidate, u) {
@@ -215,12 +278,17 @@ mod tests {
                             None,
                         ),
                     };
-                    let d = attempts.failed(&candidate, failure, status, 5);
+                    let d = attempts.failed(&candidate, &key_id, failure, status, 5);
                     d.ops.iter().for_each(|op| apply(kv, op).unwrap());
                     events.extend(d.events);
                 }
             }
         }
+    }
+
+    /// The cool-down key of a provider's key (by its secret) and ledger.
+    fn cd_key(provider: &str, secret: &str, ledger: Option<&str>) -> String {
+        keys::cooldown(provider, &ApiKey::new(secret).id, ledger)
     }
 
     fn counter(kv: &MemKv, key: &str) -> i64 {
@@ -247,7 +315,12 @@ mod tests {
             1_000,
         );
         assert_eq!(who.unwrap(), "mistral");
-        let cd = Cooldown::decode(&kv.get("cooldown:v1:groq").unwrap().unwrap()).unwrap();
+        let cd = Cooldown::decode(
+            &kv.get(&cd_key("groq", "key-groq", Some("llama-3.1-8b-instant")))
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(cd.until_ms, 31_000);
         assert_eq!(counter(&kv, "stats:v1:groq:requests"), 1);
         assert_eq!(counter(&kv, "stats:v1:groq:errors"), 1);
@@ -281,9 +354,14 @@ mod tests {
             0,
         );
         // Another instance, which read the store before that write, was told 2 s.
-        let plan = route::plan(&config_of(&[("groq_api_key", "k")]).unwrap(), "auto").unwrap();
+        let plan = route::plan(
+            &config_of(&[("groq_api_key", "key-groq")]).unwrap(),
+            "auto",
+            0,
+        )
+        .unwrap();
         let mut a = Attempts::new(plan);
-        let Next::Try { candidate, .. } = a.next_step() else {
+        let Next::Try { candidate, key, .. } = a.next_step() else {
             panic!()
         };
         let f = upstream::judge_status(
@@ -297,18 +375,26 @@ mod tests {
             None,
             500,
         );
-        for op in a.failed(&candidate, f, Some(429), 1).ops {
+        for op in a.failed(&candidate, &key, f, Some(429), 1).ops {
             apply(&kv, &op).unwrap();
         }
-        let cd = Cooldown::decode(&kv.get("cooldown:v1:groq").unwrap().unwrap()).unwrap();
+        let cd = Cooldown::decode(
+            &kv.get(&cd_key("groq", "key-groq", Some("llama-3.1-8b-instant")))
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(cd.until_ms, 60_000);
     }
 
     #[test]
     fn every_candidate_cooling_is_refused_locally_and_counted() {
         let kv = MemKv::default();
-        kv.set("cooldown:v1:groq", &Cooldown::new(0, 9_000, 429).encode())
-            .unwrap();
+        kv.set(
+            &cd_key("groq", "key-groq", Some("llama-3.1-8b-instant")),
+            &Cooldown::new(0, 9_000, 429).encode(),
+        )
+        .unwrap();
         let (who, _) = drive(&kv, "auto", &["groq"], vec![], 1_000);
         let e = who.unwrap_err();
         assert_eq!((e.status, e.retry_after), (429, Some(8)));
@@ -341,7 +427,13 @@ mod tests {
         );
         assert_eq!(who.unwrap(), "openai");
         assert!(
-            kv.get("cooldown:v1:mistral").unwrap().is_none(),
+            kv.get(&cd_key(
+                "mistral",
+                "key-mistral",
+                Some("mistral-small-latest")
+            ))
+            .unwrap()
+            .is_none(),
             "5xx is not a cool-down"
         );
     }
@@ -374,9 +466,141 @@ mod tests {
         let c = Candidate {
             provider: "groq".into(),
             model: "m".into(),
+            ledger: None,
+            keys: vec![],
             reason: String::new(),
         };
         assert!(Attempts::usage(&c, Usage::default()).is_empty());
         assert_eq!(Attempts::usage(&c, USAGE).len(), 2);
+    }
+
+    #[test]
+    fn a_rate_limited_key_gives_way_to_the_next_key_of_the_same_model() {
+        let kv = MemKv::default();
+        let (who, events) = drive(
+            &kv,
+            "groq/llama-3.3-70b-versatile",
+            &["groq=ka,kb"],
+            vec![Script::Status(429, Some("30")), Script::Answer(USAGE)],
+            0,
+        );
+        assert_eq!(who.unwrap(), "groq");
+        let keys: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::AttemptStart { key, .. } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, [ApiKey::new("ka").id, ApiKey::new("kb").id]);
+        // Groq limits per model: only that model of that key cools; its siblings and the
+        // other key do not.
+        let model_cd = cd_key("groq", "ka", Some("llama-3.3-70b-versatile"));
+        assert!(kv.get(&model_cd).unwrap().is_some());
+        assert!(kv.get(&cd_key("groq", "ka", None)).unwrap().is_none());
+        let (who, events) = drive(
+            &kv,
+            "groq/llama-3.1-8b-instant",
+            &["groq=ka,kb"],
+            vec![Script::Answer(USAGE)],
+            1_000,
+        );
+        assert_eq!(who.unwrap(), "groq");
+        assert!(
+            matches!(&events[0], Event::AttemptStart { key, .. } if *key == ApiKey::new("ka").id)
+        );
+        // The cooled model is still served, by the other key, without trying the first.
+        let (_, events) = drive(
+            &kv,
+            "groq/llama-3.3-70b-versatile",
+            &["groq=ka,kb"],
+            vec![Script::Answer(USAGE)],
+            1_000,
+        );
+        assert!(
+            matches!(&events[0], Event::AttemptStart { key, .. } if *key == ApiKey::new("kb").id)
+        );
+    }
+
+    #[test]
+    fn a_refused_key_is_set_aside_for_every_model_and_never_retried() {
+        let kv = MemKv::default();
+        let (who, events) = drive(
+            &kv,
+            "auto",
+            &["groq=bad,good", "mistral"],
+            vec![Script::Status(401, None), Script::Answer(USAGE)],
+            0,
+        );
+        assert_eq!(who.unwrap(), "groq");
+        assert!(events.iter().any(|e| matches!(e,
+            Event::KeySetAside { key, status: 401, until_ms, .. }
+                if *key == ApiKey::new("bad").id && *until_ms == upstream::KEY_SET_ASIDE_MS)));
+        let cd = Cooldown::decode(&kv.get(&cd_key("groq", "bad", None)).unwrap().unwrap());
+        assert_eq!(cd.map(|c| c.status), Some(401));
+        // Later requests, for any model, skip the bad key without sending to it.
+        for model in ["groq/llama-3.3-70b-versatile", "auto"] {
+            let (_, events) = drive(
+                &kv,
+                model,
+                &["groq=bad,good", "mistral"],
+                vec![Script::Answer(USAGE)],
+                60_000,
+            );
+            assert!(
+                matches!(&events[0], Event::AttemptStart { key, .. } if *key == ApiKey::new("good").id)
+            );
+        }
+        // Every key refused: a 502 that says so, without a request upstream.
+        let (who, events) = drive(
+            &kv,
+            "groq/llama-3.1-8b-instant",
+            &["groq=bad"],
+            vec![],
+            60_000,
+        );
+        let e = who.unwrap_err();
+        assert_eq!(e.status, 502);
+        assert!(e.message.contains("401/403") && events.is_empty());
+    }
+
+    #[test]
+    fn a_pool_cools_every_model_in_it_and_a_server_error_skips_the_other_keys() {
+        let kv = MemKv::default();
+        let _ = drive(
+            &kv,
+            "openrouter/qwen/qwen3-coder:free",
+            &["openrouter=ka"],
+            vec![Script::Status(429, Some("60"))],
+            0,
+        );
+        assert!(kv
+            .get(&cd_key("openrouter", "ka", Some("@free")))
+            .unwrap()
+            .is_some());
+        let (who, _) = drive(
+            &kv,
+            "openrouter/meta-llama/llama-3.3-70b-instruct:free",
+            &["openrouter=ka"],
+            vec![],
+            1_000,
+        );
+        assert_eq!(who.unwrap_err().status, 429, "the whole :free pool cools");
+        // A 5xx is the provider's, not the key's: the other key is not tried.
+        let (who, events) = drive(
+            &kv,
+            "auto",
+            &["groq=ka,kb", "mistral"],
+            vec![Script::Status(503, None), Script::Answer(USAGE)],
+            0,
+        );
+        assert_eq!(who.unwrap(), "mistral");
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::AttemptStart { .. }))
+                .count(),
+            2
+        );
     }
 }

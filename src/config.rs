@@ -532,4 +532,76 @@ pub(crate) mod tests {
             .contains("log_events"));
         assert!(c.providers.is_empty());
     }
+
+    #[test]
+    fn key_pools_overrides_and_the_custom_provider() {
+        let c = config_of(&[
+            ("groq_api_key", " gsk-a , gsk-b,,gsk-a "),
+            ("groq_rpd", "2000"),
+            ("groq_tpm", ""),
+            ("gemini_api_key", "g"),
+            ("gemini_tier", "paid"),
+        ])
+        .unwrap();
+        let groq = c.provider("groq").unwrap();
+        assert_eq!(groq.keys.len(), 2, "split, trimmed, deduplicated");
+        assert_ne!(groq.keys[0].id, groq.keys[1].id);
+        assert!(
+            !format!("{groq:?}").contains("gsk-a"),
+            "Debug shows fingerprints only"
+        );
+        let info = groq.model_info("llama-3.3-70b-versatile");
+        assert_eq!(
+            (info.limits.rpd, info.limits.tpm),
+            (Some(2000), Some(12_000))
+        );
+        assert_eq!(
+            groq.price("llama-3.3-70b-versatile").unwrap().output,
+            0.0,
+            "free tier"
+        );
+        let gemini = c.provider("gemini").unwrap();
+        assert_eq!(gemini.tier, Tier::Paid);
+        assert_eq!(gemini.price("gemini-2.5-pro").unwrap().output, 10.0);
+        assert_eq!(gemini.price("unknown-model"), None);
+
+        for (name, value) in [
+            ("groq_tier", "cheap"),
+            ("groq_rpm", "-1"),
+            ("groq_tpd", "lots"),
+        ] {
+            let e = config_of(&[("groq_api_key", "k"), (name, value)]).unwrap_err();
+            assert!(e.detail.contains(name), "{}", e.detail);
+        }
+        // The custom provider is on once it has models; its settings are checked too.
+        assert!(config_of(&[("custom_base_url", "http://h:1")])
+            .unwrap()
+            .providers
+            .is_empty());
+        let c = config_of(&[
+            ("custom_models", "a,b"),
+            ("custom_base_url", "http://127.0.0.1:8000"),
+            ("custom_api_path", "/api/v1/"),
+            ("custom_api_key", "sk-local"),
+            ("custom_tier", "paid"),
+            ("custom_price_input", "0.5"),
+            ("custom_price_output", "1.5"),
+            ("custom_context_window", "32768"),
+        ])
+        .unwrap();
+        let custom = c.provider("custom").unwrap();
+        assert_eq!(custom.base_url, "http://127.0.0.1:8000/api/v1");
+        assert_eq!(custom.model_ids(), ["a", "b"]);
+        assert_eq!(custom.default_model(), "a");
+        assert_eq!(custom.price("b").unwrap().output, 1.5);
+        assert_eq!(custom.model_info("b").context_window, 32_768);
+        for (name, value) in [
+            ("custom_price_input", "free"),
+            ("custom_api_path", "v1"),
+            ("custom_context_window", "0"),
+        ] {
+            let e = config_of(&[("custom_models", "a"), (name, value)]).unwrap_err();
+            assert!(e.detail.contains(name), "{}", e.detail);
+        }
+    }
 }

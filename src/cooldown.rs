@@ -2,7 +2,9 @@
 //! the deadline lives in the key-value store so every instance honours it, not only the one that
 //! was told.
 
-use crate::kv::{keys, KvOp};
+#[cfg(doc)]
+use crate::kv::keys;
+use crate::kv::KvOp;
 use serde::{Deserialize, Serialize};
 
 /// A cool-down is never shorter than this, so a missing or zero Retry-After still spreads load.
@@ -47,11 +49,12 @@ impl Cooldown {
         serde_json::from_slice(bytes).ok()
     }
 
-    /// The write that records this cool-down for `provider`: compare-and-swap keeping the later
-    /// `until`, so a late writer with a shorter wait never shortens a live cool-down.
-    pub fn op(&self, provider: &str) -> KvOp {
+    /// The write that records this cool-down under `key` (a [`keys::cooldown`] name):
+    /// compare-and-swap keeping the later `until`, so a late writer with a shorter wait never
+    /// shortens a live cool-down.
+    pub fn op(&self, key: String) -> KvOp {
         KvOp::CasMax {
-            key: keys::cooldown(provider),
+            key,
             value: self.encode(),
             rank: until_rank,
         }
@@ -145,17 +148,17 @@ mod tests {
 
     #[test]
     fn a_late_shorter_cooldown_never_shortens_a_live_one() {
-        use crate::kv::{apply, Kv, MemKv};
+        use crate::kv::{apply, keys, Kv, MemKv};
         let kv = MemKv::default();
         let long = Cooldown::new(0, 60_000, 429);
         let short = Cooldown::new(1_000, 5_000, 429);
-        apply(&kv, &long.op("groq")).unwrap();
-        apply(&kv, &short.op("groq")).unwrap();
-        let stored = Cooldown::decode(&kv.get("cooldown:v1:groq").unwrap().unwrap()).unwrap();
+        apply(&kv, &long.op(keys::cooldown("groq", "k1", None))).unwrap();
+        apply(&kv, &short.op(keys::cooldown("groq", "k1", None))).unwrap();
+        let stored = Cooldown::decode(&kv.get("cooldown:v1:groq:k1").unwrap().unwrap()).unwrap();
         assert_eq!(stored, long);
         let longer = Cooldown::new(2_000, 90_000, 429);
-        apply(&kv, &longer.op("groq")).unwrap();
-        let stored = Cooldown::decode(&kv.get("cooldown:v1:groq").unwrap().unwrap()).unwrap();
+        apply(&kv, &longer.op(keys::cooldown("groq", "k1", None))).unwrap();
+        let stored = Cooldown::decode(&kv.get("cooldown:v1:groq:k1").unwrap().unwrap()).unwrap();
         assert_eq!(stored, longer);
     }
 }

@@ -29,6 +29,16 @@ pub enum Event {
         attempt: u32,
         provider: String,
         model: String,
+        /// The key's fingerprint (never the key).
+        key: String,
+    },
+    /// A provider refused a key (401/403): it is set aside until `until_ms` — by every instance,
+    /// since the deadline is in the store — and never retried in a loop.
+    KeySetAside {
+        provider: String,
+        key: String,
+        status: u16,
+        until_ms: u64,
     },
     /// An upstream attempt failed before any byte reached the client.
     AttemptFailed {
@@ -61,6 +71,17 @@ pub enum Event {
         ttfb_ms: u64,
         stream: bool,
     },
+    /// A JSON answer is being returned: what it was and what it cost.
+    Answer {
+        provider: String,
+        model: String,
+        finish_reason: Option<String>,
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        /// USD from the catalogue's price and the real usage (0 on a free tier; absent when
+        /// the price or the usage is unknown).
+        cost_usd: Option<f64>,
+    },
     /// A streamed answer ended (cleanly or not).
     StreamEnd {
         provider: String,
@@ -68,6 +89,8 @@ pub enum Event {
         ok: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         why: Option<String>,
+        finish_reason: Option<String>,
+        cost_usd: Option<f64>,
         events: u64,
         prompt_tokens: Option<u64>,
         completion_tokens: Option<u64>,
@@ -93,6 +116,7 @@ impl Event {
             Event::StreamEnd { ok, .. } => !ok,
             Event::Refused { .. }
             | Event::AttemptFailed { .. }
+            | Event::KeySetAside { .. }
             | Event::ClientGone { .. }
             | Event::StateWriteFailed { .. }
             | Event::StateUnavailable { .. }
@@ -101,7 +125,8 @@ impl Event {
             Event::RequestStart { .. }
             | Event::AttemptStart { .. }
             | Event::Fallback { .. }
-            | Event::AttemptAnswered { .. } => false,
+            | Event::AttemptAnswered { .. }
+            | Event::Answer { .. } => false,
         }
     }
 }
@@ -192,6 +217,7 @@ mod tests {
             attempt: 1,
             provider: "groq".into(),
             model: "m".into(),
+            key: "k0123456789".into(),
         };
         let l = line(5, "fr-1", &e);
         assert_eq!(*l.last().unwrap(), b'\n');

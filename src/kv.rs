@@ -53,9 +53,16 @@ pub mod keys {
         format!("stats:v1:{scope}:{field}")
     }
 
-    /// `cooldown:v1:<provider>` — JSON [`crate::cooldown::Cooldown`]: skip until a time.
-    pub fn cooldown(provider: &str) -> String {
-        format!("cooldown:v1:{provider}")
+    /// `cooldown:v1:<provider>:<key-id>` (the key, every model: a refused key, or a 429 where
+    /// the provider limits per key) or `cooldown:v1:<provider>:<key-id>:<ledger>` (a 429 where it
+    /// limits per model or per pool: `<ledger>` is the model id or `@<pool>`) — JSON
+    /// [`crate::cooldown::Cooldown`]: skip until a time. `<key-id>` is a key's fingerprint
+    /// ([`crate::config::ApiKey`]), never the key.
+    pub fn cooldown(provider: &str, key_id: &str, ledger: Option<&str>) -> String {
+        match ledger {
+            Some(l) => format!("cooldown:v1:{provider}:{key_id}:{l}"),
+            None => format!("cooldown:v1:{provider}:{key_id}"),
+        }
     }
 }
 

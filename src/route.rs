@@ -2,21 +2,28 @@
 //! router: virtual models (`auto`, `free`, `paid`), explicit `<provider>/<model>` ids and bare
 //! catalogue ids, minus providers that are cooling down.
 
-use crate::catalog::{Tier, PROVIDERS};
+use crate::catalog::{Scope, Tier, PROVIDERS};
 use crate::config::{Config, Configured};
 use crate::cooldown::Cooldown;
 use crate::error::ApiError;
 use crate::kv::keys;
 use serde::{Deserialize, Serialize};
 
-/// One provider-model pair to try. Owned and secret-free: it names the provider, and the
-/// component looks up the endpoint and key in its own configuration when it sends.
+/// One provider-model pair to try, with the keys to try it with. Owned and secret-free: it
+/// names the provider and the keys' fingerprints; the component looks up the endpoint and the
+/// keys in its own configuration when it sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
     /// Catalogue id of the provider.
     pub provider: String,
     /// The model id sent upstream.
     pub model: String,
+    /// What a 429 cools down besides the key: the model id or `@<pool>` where the provider
+    /// limits per model or per pool; `None` where it limits per key (the whole key cools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<String>,
+    /// Fingerprints of the keys to try, in order (rotated per request; cooling keys removed).
+    pub keys: Vec<String>,
     /// Why it is in the plan, for the log and the audit.
     pub reason: String,
 }
@@ -37,24 +44,23 @@ pub const VIRTUAL_MODELS: &[(&str, &[Tier])] = &[
     ("paid", &[Tier::Paid]),
 ];
 
-/// Resolves the requested model against the configured providers.
-pub fn plan(config: &Config, model: &str) -> Result<Plan, ApiError> {
+/// Resolves the requested model against the configured providers. `rotation` (random per
+/// request) picks which of a provider's keys goes first, spreading load over a key pool
+/// without a write.
+pub fn plan(config: &Config, model: &str, rotation: u64) -> Result<Plan, ApiError> {
     if let Some((name, tiers)) = VIRTUAL_MODELS.iter().find(|(v, _)| *v == model) {
-        let candidates: Vec<_> = config
+        let mut offered: Vec<&Configured> = config
             .providers
             .iter()
-            .filter(|c| tiers.contains(&c.provider.tier))
-            .map(|c| Candidate {
-                provider: c.provider.id.to_owned(),
-                model: c.provider.default_model.to_owned(),
-                reason: format!(
-                    "`{name}`: {} tier, catalogue order",
-                    if c.provider.tier == Tier::Free {
-                        "free"
-                    } else {
-                        "paid"
-                    }
-                ),
+            .filter(|c| tiers.contains(&c.tier))
+            .collect();
+        // Free tiers first (a deployment may have moved a provider to another tier).
+        offered.sort_by_key(|c| c.tier == Tier::Paid);
+        let candidates: Vec<_> = offered
+            .into_iter()
+            .map(|c| {
+                let reason = format!("`{name}`: {} tier, catalogue order", c.tier.as_str());
+                candidate(c, c.default_model(), reason, rotation)
             })
             .collect();
         if candidates.is_empty() {
@@ -68,18 +74,25 @@ pub fn plan(config: &Config, model: &str) -> Result<Plan, ApiError> {
             virtual_model: true,
         });
     }
-    // A bare catalogue id wins over a provider prefix: `openai/gpt-oss-20b` is a Groq model.
+    // A bare model id a configured provider offers wins over a provider prefix:
+    // `openai/gpt-oss-20b` is a Groq model.
+    if let Some(c) = config
+        .providers
+        .iter()
+        .find(|c| c.model_ids().contains(&model))
+    {
+        return Ok(explicit(c, model, rotation));
+    }
     if let Some(p) = PROVIDERS
         .iter()
         .find(|p| p.models.iter().any(|m| m.id == model))
     {
-        let c = configured(config, p.id, model)?;
-        return Ok(explicit(c, model));
+        return Err(unconfigured(p.id, model));
     }
     if let Some((id, upstream_model)) = model.split_once('/') {
         if crate::catalog::provider(id).is_some() && !upstream_model.is_empty() {
-            let c = configured(config, id, model)?;
-            return Ok(explicit(c, upstream_model));
+            let c = config.provider(id).ok_or_else(|| unconfigured(id, model))?;
+            return Ok(explicit(c, upstream_model, rotation));
         }
     }
     Err(ApiError::model_not_found(format!(
@@ -88,61 +101,116 @@ pub fn plan(config: &Config, model: &str) -> Result<Plan, ApiError> {
     )))
 }
 
-fn explicit(c: &Configured, model: &str) -> Plan {
+fn candidate(c: &Configured, model: &str, reason: String, rotation: u64) -> Candidate {
+    let n = c.keys.len().max(1);
+    let start = (rotation % n as u64) as usize;
+    let keys = (0..c.keys.len())
+        .map(|i| c.keys[(start + i) % n].id.clone())
+        .collect();
+    let ledger = match c.model_info(model).limits.scope {
+        Scope::Model => Some(model.to_owned()),
+        Scope::Key => None,
+        Scope::Pool(name) => Some(format!("@{name}")),
+    };
+    Candidate {
+        provider: c.provider.id.to_owned(),
+        model: model.to_owned(),
+        ledger,
+        keys,
+        reason,
+    }
+}
+
+fn explicit(c: &Configured, model: &str, rotation: u64) -> Plan {
     Plan {
-        candidates: vec![Candidate {
-            provider: c.provider.id.to_owned(),
-            model: model.to_owned(),
-            reason: "named by the client".into(),
-        }],
+        candidates: vec![candidate(c, model, "named by the client".into(), rotation)],
         virtual_model: false,
     }
 }
 
-fn configured<'a>(config: &'a Config, id: &str, model: &str) -> Result<&'a Configured, ApiError> {
-    config.provider(id).ok_or_else(|| {
-        ApiError::model_not_found(format!(
-            "The model `{model}` is served by provider `{id}`, which has no API key configured."
-        ))
-    })
+fn unconfigured(id: &str, model: &str) -> ApiError {
+    ApiError::model_not_found(format!(
+        "The model `{model}` is served by provider `{id}`, which has no API key configured."
+    ))
+}
+
+impl Candidate {
+    /// The cool-down keys that can bench `key` for this candidate: the key's own, then its
+    /// ledger's.
+    pub fn cooldown_keys(&self, key: &str) -> impl Iterator<Item = String> + '_ {
+        let key = key.to_owned();
+        std::iter::once(keys::cooldown(&self.provider, &key, None)).chain(
+            self.ledger
+                .as_deref()
+                .map(move |l| keys::cooldown(&self.provider, &key, Some(l))),
+        )
+    }
 }
 
 impl Plan {
-    /// The cool-down keys of the candidates, read in one batch before the first attempt.
+    /// The cool-down keys of every candidate's keys, read in one batch before the first
+    /// attempt.
     pub fn cooldown_keys(&self) -> Vec<String> {
         self.candidates
             .iter()
-            .map(|c| keys::cooldown(&c.provider))
+            .flat_map(|c| c.keys.iter().flat_map(move |k| c.cooldown_keys(k)))
             .collect()
     }
 
-    /// Drops candidates that are cooling down (`values` in the order of [`Self::cooldown_keys`]).
-    /// When none is left the client gets a 429 with the shortest remaining wait.
+    /// Drops the keys that are cooling down (`values` in the order of
+    /// [`Self::cooldown_keys`]), and the candidates left without a key. When none is left the
+    /// client gets a 429 with the shortest remaining wait (or, when every key was refused by
+    /// its provider, a 502 saying so).
     pub fn without_cooling(
         self,
         values: &[Option<Vec<u8>>],
         now_ms: u64,
     ) -> Result<Self, ApiError> {
         let mut shortest: Option<u64> = None;
+        let mut refused = false;
+        let mut values = values.iter().chain(std::iter::repeat(&None));
         let mut kept = Vec::with_capacity(self.candidates.len());
-        for (c, v) in self
-            .candidates
-            .into_iter()
-            .zip(values.iter().chain(std::iter::repeat(&None)))
-        {
-            match v.as_deref().and_then(Cooldown::decode) {
-                Some(cd) if cd.is_active(now_ms) => {
-                    let left = cd.remaining_secs(now_ms);
-                    shortest = Some(shortest.map_or(left, |s| s.min(left)));
+        for mut c in self.candidates {
+            let mut usable = Vec::with_capacity(c.keys.len());
+            for k in std::mem::take(&mut c.keys) {
+                let mut cooling = None::<Cooldown>;
+                for _ in c.cooldown_keys(&k) {
+                    let v = values.next().and_then(|v| v.as_deref());
+                    if let Some(cd) = v.and_then(Cooldown::decode) {
+                        if cd.is_active(now_ms)
+                            && cooling.is_none_or(|have| cd.until_ms > have.until_ms)
+                        {
+                            cooling = Some(cd);
+                        }
+                    }
                 }
-                _ => kept.push(c),
+                match cooling {
+                    Some(cd) if cd.status == 429 => {
+                        let left = cd.remaining_secs(now_ms);
+                        shortest = Some(shortest.map_or(left, |s| s.min(left)));
+                    }
+                    Some(_) => refused = true,
+                    None => usable.push(k),
+                }
+            }
+            if !usable.is_empty() {
+                c.keys = usable;
+                kept.push(c);
             }
         }
         if kept.is_empty() {
-            return Err(ApiError::rate_limited(
-                "Every provider for this model is rate limited; retry after the indicated time.",
-                shortest,
-            ));
+            return Err(match shortest {
+                Some(_) => ApiError::rate_limited(
+                    "Every provider for this model is rate limited; retry after the indicated \
+                     time.",
+                    shortest,
+                ),
+                None if refused => ApiError::upstream(
+                    "Every key of every provider for this model was recently refused by its \
+                     provider (HTTP 401/403); check the `<provider>_api_key` variables.",
+                ),
+                None => ApiError::internal("The routing plan has no key to use."),
+            });
         }
         Ok(Self {
             candidates: kept,
@@ -155,6 +223,7 @@ impl Plan {
 mod tests {
     use super::*;
     use crate::config::tests::config_of;
+    use crate::config::ApiKey;
 
     fn ids(p: &Plan) -> Vec<(String, String)> {
         p.candidates
@@ -166,7 +235,7 @@ mod tests {
     #[test]
     fn plans_are_owned_serialisable_and_secret_free() {
         let c = config_of(&[("groq_api_key", "gsk-very-secret")]).unwrap();
-        let p = plan(&c, "auto").unwrap();
+        let p = plan(&c, "auto", 0).unwrap();
         drop(c);
         let json = serde_json::to_string(&p).unwrap();
         assert!(!json.contains("gsk-very-secret"));
@@ -187,7 +256,7 @@ mod tests {
             ("groq_api_key", "g"),
         ])
         .unwrap();
-        let p = plan(&c, "auto").unwrap();
+        let p = plan(&c, "auto", 0).unwrap();
         assert!(p.virtual_model);
         assert_eq!(
             ids(&p),
@@ -198,28 +267,28 @@ mod tests {
             ]
         );
         assert_eq!(
-            ids(&plan(&c, "paid").unwrap()),
+            ids(&plan(&c, "paid", 0).unwrap()),
             vec![pair("openai", "gpt-4o-mini")]
         );
-        assert_eq!(plan(&c, "free").unwrap().candidates.len(), 2);
+        assert_eq!(plan(&c, "free", 0).unwrap().candidates.len(), 2);
     }
 
     #[test]
     fn explicit_and_bare_ids() {
         let c = config_of(&[("groq_api_key", "g"), ("openai_api_key", "o")]).unwrap();
         assert_eq!(
-            ids(&plan(&c, "groq/some-new-model").unwrap()),
+            ids(&plan(&c, "groq/some-new-model", 0).unwrap()),
             vec![pair("groq", "some-new-model")]
         );
         assert_eq!(
-            ids(&plan(&c, "openai/gpt-oss-20b").unwrap()),
+            ids(&plan(&c, "openai/gpt-oss-20b", 0).unwrap()),
             vec![pair("groq", "openai/gpt-oss-20b")]
         );
         assert_eq!(
-            ids(&plan(&c, "gpt-4o").unwrap()),
+            ids(&plan(&c, "gpt-4o", 0).unwrap()),
             vec![pair("openai", "gpt-4o")]
         );
-        assert!(!plan(&c, "gpt-4o").unwrap().virtual_model);
+        assert!(!plan(&c, "gpt-4o", 0).unwrap().virtual_model);
     }
 
     #[test]
@@ -228,38 +297,103 @@ mod tests {
         for m in [
             "nope",
             "mistral/mistral-small-latest",
+            "gemini-2.5-flash",
             "claude-haiku-4-5",
             "groq/",
             "acme/x",
         ] {
-            let e = plan(&c, m).unwrap_err();
+            let e = plan(&c, m, 0).unwrap_err();
             assert_eq!((e.status, e.code), (404, Some("model_not_found")), "{m}");
         }
         let empty = config_of(&[]).unwrap();
-        assert_eq!(plan(&empty, "auto").unwrap_err().status, 404);
+        assert_eq!(plan(&empty, "auto", 0).unwrap_err().status, 404);
     }
 
     #[test]
-    fn cooling_providers_are_skipped_then_429() {
-        let c = config_of(&[("groq_api_key", "g"), ("mistral_api_key", "m")]).unwrap();
-        let p = plan(&c, "auto").unwrap();
+    fn cooling_keys_are_skipped_then_429() {
+        let c = config_of(&[("groq_api_key", "ga"), ("mistral_api_key", "m")]).unwrap();
+        let p = plan(&c, "auto", 0).unwrap();
+        let (ga, m) = (ApiKey::new("ga").id, ApiKey::new("m").id);
         assert_eq!(
             p.cooldown_keys(),
-            vec!["cooldown:v1:groq", "cooldown:v1:mistral"]
+            vec![
+                format!("cooldown:v1:groq:{ga}"),
+                format!("cooldown:v1:groq:{ga}:llama-3.1-8b-instant"),
+                format!("cooldown:v1:mistral:{m}"),
+                format!("cooldown:v1:mistral:{m}:mistral-small-latest"),
+            ]
         );
         let groq_cool = Some(Cooldown::new(0, 5_000, 429).encode());
         let kept = p
             .clone()
-            .without_cooling(&[groq_cool.clone(), None], 1_000)
+            .without_cooling(&[None, groq_cool.clone(), None, None], 1_000)
             .unwrap();
         assert_eq!(ids(&kept), vec![pair("mistral", "mistral-small-latest")]);
         let expired = p
             .clone()
-            .without_cooling(&[groq_cool.clone(), None], 9_000)
+            .without_cooling(&[None, groq_cool.clone(), None], 9_000)
             .unwrap();
         assert_eq!(expired.candidates.len(), 2);
         let both = Some(Cooldown::new(0, 9_000, 429).encode());
-        let e = p.without_cooling(&[groq_cool, both], 1_000).unwrap_err();
+        let e = p
+            .without_cooling(&[None, groq_cool, both, None], 1_000)
+            .unwrap_err();
         assert_eq!((e.status, e.retry_after), (429, Some(4)));
+    }
+
+    #[test]
+    fn keys_rotate_per_request_and_tiers_can_be_overridden() {
+        let c = config_of(&[
+            ("groq_api_key", "a, b ,c,a"),
+            ("openai_api_key", "o"),
+            ("openai_tier", "free"),
+            ("groq_tier", "paid"),
+        ])
+        .unwrap();
+        let ids_of = |secrets: &[&str]| -> Vec<String> {
+            secrets.iter().map(|s| ApiKey::new(s).id).collect()
+        };
+        let p = plan(&c, "groq/x", 1).unwrap();
+        assert_eq!(
+            p.candidates[0].keys,
+            ids_of(&["b", "c", "a"]),
+            "deduplicated, rotated"
+        );
+        assert_eq!(
+            plan(&c, "groq/x", 3).unwrap().candidates[0].keys,
+            ids_of(&["a", "b", "c"])
+        );
+        // Tier overrides move providers between `free` and `paid`, free first under `auto`.
+        let auto: Vec<String> = plan(&c, "auto", 0)
+            .unwrap()
+            .candidates
+            .into_iter()
+            .map(|c| c.provider)
+            .collect();
+        assert_eq!(auto, ["openai", "groq"]);
+        assert_eq!(ids(&plan(&c, "free", 0).unwrap())[0].0, "openai");
+    }
+
+    #[test]
+    fn a_custom_provider_is_declared_by_variables_alone() {
+        let c = config_of(&[
+            ("custom_models", "llama3.2:3b, qwen2.5-coder:7b"),
+            ("custom_base_url", "http://127.0.0.1:11434"),
+        ])
+        .unwrap();
+        let p = plan(&c, "auto", 0).unwrap();
+        assert_eq!(ids(&p), vec![pair("custom", "llama3.2:3b")]);
+        assert_eq!(
+            ids(&plan(&c, "qwen2.5-coder:7b", 0).unwrap()),
+            vec![pair("custom", "qwen2.5-coder:7b")]
+        );
+        assert_eq!(
+            ids(&plan(&c, "custom/other", 0).unwrap()),
+            vec![pair("custom", "other")]
+        );
+        let custom = c.provider("custom").unwrap();
+        assert_eq!(custom.base_url, "http://127.0.0.1:11434/v1");
+        assert_eq!(custom.keys[0].secret(), "", "keyless");
+        assert_eq!(custom.price("llama3.2:3b").unwrap().input, 0.0);
     }
 }

@@ -3,6 +3,8 @@
 //! count. Each is decided by a function here and written by the component when it happens.
 
 use crate::catalog::PROVIDERS;
+use crate::config::Config;
+use crate::cooldown::Cooldown;
 use crate::kv::{decode_counter, keys, KvOp};
 use crate::wire::openai::Usage;
 use serde_json::{json, Map, Value};
@@ -96,6 +98,50 @@ pub fn report(values: &[Option<Vec<u8>>]) -> Value {
     json!({ "object": "freerelay.stats", "providers": providers, "gateway": gateway })
 }
 
+/// Each configured key's own cool-down key, provider by provider, for [`keys_report`].
+pub fn key_state_keys(config: &Config) -> Vec<String> {
+    config
+        .providers
+        .iter()
+        .flat_map(|c| {
+            c.keys
+                .iter()
+                .map(move |k| keys::cooldown(c.provider.id, &k.id, None))
+        })
+        .collect()
+}
+
+/// Which keys can be used right now (from the values of [`key_state_keys`]): a key set aside
+/// after its provider refused it is reported here, by fingerprint, until it comes back.
+pub fn keys_report(config: &Config, values: &[Option<Vec<u8>>], now_ms: u64) -> Value {
+    let mut values = values.iter();
+    let mut out = Map::new();
+    for c in &config.providers {
+        let list: Vec<Value> = c
+            .keys
+            .iter()
+            .map(|k| {
+                let cd = values
+                    .next()
+                    .and_then(|v| v.as_deref())
+                    .and_then(Cooldown::decode)
+                    .filter(|cd| cd.is_active(now_ms));
+                match cd {
+                    None => json!({"key": k.id, "state": "ok"}),
+                    Some(cd) => json!({
+                        "key": k.id,
+                        "state": if cd.status == 429 { "rate_limited" } else { "set_aside" },
+                        "status": cd.status,
+                        "until_ms": cd.until_ms,
+                    }),
+                }
+            })
+            .collect();
+        out.insert(c.provider.id.into(), Value::Array(list));
+    }
+    Value::Object(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +179,29 @@ mod tests {
     #[test]
     fn zero_usage_writes_no_key() {
         assert!(usage("groq", Usage::default()).is_empty());
+    }
+
+    #[test]
+    fn refused_keys_are_reported_by_fingerprint_only() {
+        let config = crate::config::tests::config_of(&[("groq_api_key", "sk-one,sk-two")]).unwrap();
+        let kv = MemKv::default();
+        let two = crate::config::ApiKey::new("sk-two").id;
+        let set_aside = Cooldown::new(0, 3_600_000, 401);
+        apply(&kv, &set_aside.op(keys::cooldown("groq", &two, None))).unwrap();
+        let r = keys_report(
+            &config,
+            &kv.get_many(&key_state_keys(&config)).unwrap(),
+            1_000,
+        );
+        assert_eq!(r["groq"][0]["state"], "ok");
+        assert_eq!(r["groq"][1]["state"], "set_aside");
+        assert_eq!(r["groq"][1]["key"], two);
+        assert!(!r.to_string().contains("sk-"));
+        let later = keys_report(
+            &config,
+            &kv.get_many(&key_state_keys(&config)).unwrap(),
+            4_000_000,
+        );
+        assert_eq!(later["groq"][1]["state"], "ok");
     }
 }

@@ -23,9 +23,17 @@ pub struct Failure {
     pub error: ApiError,
     /// Another provider may well succeed (rate limit, outage); false for the client's own faults.
     pub retryable: bool,
-    /// Store this so every instance skips the provider for a while.
+    /// Store this so every instance skips the key (and model, per the provider's scope) for a
+    /// while.
     pub cooldown: Option<Cooldown>,
+    /// The provider refused the key itself (401/403): the cool-down covers the whole key.
+    pub key_refused: bool,
 }
+
+/// How long a key the provider refused is set aside: long enough that no request loops on it,
+/// short enough that a key fixed on the provider's side (billing, permissions) comes back
+/// without a redeploy.
+pub const KEY_SET_ASIDE_MS: u64 = 3_600_000;
 
 /// Response headers that matter to the judgement.
 #[derive(Debug, Clone, Copy, Default)]
@@ -63,30 +71,35 @@ pub fn judge_status(
                 ),
                 retryable: true,
                 cooldown: Some(cd),
+                key_refused: false,
             }
         }
         401 | 403 => Failure {
             error: ApiError::upstream(format!(
-                "Provider `{provider}` rejected the gateway's credentials (HTTP {status}); \
-                 check `{provider}_api_key`."
+                "Provider `{provider}` rejected the gateway's credentials (HTTP {status}): \
+                 {detail}; check `{provider}_api_key`."
             )),
             retryable: true,
-            cooldown: None,
+            cooldown: Some(Cooldown::new(now_ms, KEY_SET_ASIDE_MS, status)),
+            key_refused: true,
         },
         404 => Failure {
             error: ApiError::relayed(404, format!("Provider `{provider}`: {detail}")),
             retryable: true,
             cooldown: None,
+            key_refused: false,
         },
         408 => Failure {
             error: ApiError::upstream_timeout(format!("Provider `{provider}` timed out: {detail}")),
             retryable: true,
             cooldown: None,
+            key_refused: false,
         },
         400..=499 => Failure {
             error: ApiError::relayed(status, format!("Provider `{provider}`: {detail}")),
             retryable: false,
             cooldown: None,
+            key_refused: false,
         },
         _ => Failure {
             error: ApiError::upstream(format!(
@@ -94,6 +107,7 @@ pub fn judge_status(
             )),
             retryable: true,
             cooldown: None,
+            key_refused: false,
         },
     }
 }
@@ -120,6 +134,7 @@ pub fn judge_transport(provider: &str, api_key: &str, t: &Transport) -> Failure 
         error,
         retryable: true,
         cooldown: None,
+        key_refused: false,
     }
 }
 
@@ -139,6 +154,7 @@ pub fn broken_answer(provider: &str, why: &str, timed_out: bool) -> Failure {
         error,
         retryable: true,
         cooldown: None,
+        key_refused: false,
     }
 }
 

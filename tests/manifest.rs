@@ -2,8 +2,9 @@
 //! without its variables or allowed host in the manifest cannot be configured under Spin, and a
 //! key nobody documented is state nobody can operate.
 
+use freerelay::catalog::CUSTOM;
 use freerelay::catalog::PROVIDERS;
-use freerelay::config::{GLOBAL_VARIABLES, PROVIDER_VARIABLES};
+use freerelay::config::{CUSTOM_VARIABLES, GLOBAL_VARIABLES, PROVIDER_VARIABLES};
 use freerelay::kv::keys;
 
 fn manifest() -> toml::Table {
@@ -28,6 +29,7 @@ fn every_variable() -> Vec<String> {
                 .iter()
                 .map(move |s| format!("{}_{s}", p.id))
         }))
+        .chain(CUSTOM_VARIABLES.iter().map(|s| format!("{CUSTOM}_{s}")))
         .collect()
 }
 
@@ -91,7 +93,10 @@ fn every_key_is_documented_in_kv_schema() {
         );
     }
     // Each builder's output starts with a listed prefix.
-    for key in [keys::stat("groq", "requests"), keys::cooldown("groq")] {
+    for key in [
+        keys::stat("groq", "requests"),
+        keys::cooldown("groq", "k0", None),
+    ] {
         assert!(keys::PREFIXES.iter().any(|p| key.starts_with(p)), "{key}");
     }
     for field in freerelay::stats::FIELDS

@@ -6,10 +6,10 @@ mod kv;
 mod outbound;
 mod respond;
 
-use freerelay::adapter::{self, Adapter, StreamEnd};
+use freerelay::adapter::{self, Adapter, ReplyCtx, StreamEnd, Target};
 use freerelay::api::{self, Endpoint};
 use freerelay::attempt::{Attempts, Next};
-use freerelay::config::{self, Config, Configured, LogEvents};
+use freerelay::config::{self, ApiKey, Config, LogEvents};
 use freerelay::error::ApiError;
 use freerelay::event::{self, Event};
 use freerelay::kv::{apply, Kv, KvOp};
@@ -181,9 +181,20 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
             Err(e) => ctx.error(out, &e).await,
         },
         Endpoint::Stats => {
+            let counters = stats::all_keys();
+            let n = counters.len();
+            let wanted: Vec<String> = counters
+                .into_iter()
+                .chain(stats::key_state_keys(&config))
+                .collect();
             let report = kv::SpinKv::open_default()
-                .and_then(|kv| kv.get_many(&stats::all_keys()))
-                .map(|values| stats::report(&values));
+                .and_then(|kv| kv.get_many(&wanted))
+                .map(|values| {
+                    let (counters, keys) = values.split_at(n.min(values.len()));
+                    let mut r = stats::report(counters);
+                    r["keys"] = stats::keys_report(&config, keys, now_ms());
+                    r
+                });
             match report {
                 Ok(r) => {
                     let body = serde_json::to_vec(&r).unwrap_or_default();
@@ -221,6 +232,11 @@ fn variables() -> HashMap<String, String> {
                     .iter()
                     .map(move |s| format!("{}_{s}", p.id))
             }))
+            .chain(
+                config::CUSTOM_VARIABLES
+                    .iter()
+                    .map(|s| format!("{}_{s}", freerelay::catalog::CUSTOM)),
+            )
             .filter_map(|n| spin_sdk::variables::get(&n).ok().map(|v| (n, v)))
             .collect(),
     }
@@ -241,7 +257,7 @@ async fn chat(
         Ok(r) => r,
         Err(e) => return ctx.error(out, &e).await,
     };
-    let plan = match route::plan(config, &request.model) {
+    let plan = match route::plan(config, &request.model, random_u64()) {
         Ok(p) => p,
         Err(e) => return ctx.error(out, &e).await,
     };
@@ -279,53 +295,74 @@ async fn chat(
 
     let mut attempts = Attempts::new(plan);
     loop {
-        let (attempt, candidate) = match attempts.next_step() {
+        let (attempt, candidate, key_id) = match attempts.next_step() {
             Next::GiveUp(e) => return ctx.error(out, &e).await,
             Next::Try {
                 attempt,
                 candidate,
+                key,
                 ops,
                 event,
             } => {
                 ctx.apply(store.as_ref(), &ops);
                 ctx.log(&event);
-                (attempt, candidate)
+                (attempt, candidate, key)
             }
         };
-        let Some(target) = config.provider(&candidate.provider) else {
+        let found = config
+            .provider(&candidate.provider)
+            .and_then(|c| Some((c, c.key(&key_id)?)));
+        let Some((configured, key)) = found else {
             // Plans are made from this configuration; a mismatch is a bug, not the client's.
             return ctx
                 .error(
                     out,
-                    &ApiError::internal("The routing plan names an unknown provider."),
+                    &ApiError::internal("The routing plan names an unknown provider or key."),
                 )
                 .await;
         };
+        let target = configured.target(&candidate.model);
         let adapter = adapter::for_wire(target.provider.wire);
+        let reply_ctx = ReplyCtx {
+            id: format!("chatcmpl-{}", ctx.id.trim_start_matches("fr-")),
+            created: now_ms() / 1000,
+            model: candidate.model.clone(),
+            client_usage: request.include_usage,
+            price: configured.price(&candidate.model),
+        };
         // What happened so far is on stderr before the upstream is waited for.
         ctx.flush();
         let sent = Instant::now();
-        let outcome = if request.stream {
-            send(adapter, target, &candidate, &request, config, None)
-                .await
-                .map(Answered::Stream)
-        } else {
-            let deadline = config.timeouts.total_ms;
-            match outbound::within(
-                deadline,
-                answer(adapter, target, &candidate, &request, config),
-            )
-            .await
-            {
-                Some(r) => r,
-                None => Err((
-                    upstream::broken_answer(
-                        target.provider.id,
-                        &format!("no complete answer within {deadline} ms"),
-                        true,
-                    ),
-                    None,
-                )),
+        let outcome = match adapter.request(&target, &request) {
+            // This wire format cannot carry what the client asked; another candidate may.
+            Err(error) => Err((
+                Failure {
+                    error,
+                    retryable: true,
+                    cooldown: None,
+                    key_refused: false,
+                },
+                None,
+            )),
+            Ok(up) if request.stream => {
+                send(adapter, &target, key, up, config, None)
+                    .await
+                    .map(Answered::Stream)
+            }
+            Ok(up) => {
+                let deadline = config.timeouts.total_ms;
+                let attempt_answer = answer(adapter, &target, key, up, config, &reply_ctx);
+                match outbound::within(deadline, attempt_answer).await {
+                    Some(r) => r,
+                    None => Err((
+                        upstream::broken_answer(
+                            target.provider.id,
+                            &format!("no complete answer within {deadline} ms"),
+                            true,
+                        ),
+                        None,
+                    )),
+                }
             }
         };
         let ttfb_ms = sent.elapsed().as_millis() as u64;
@@ -339,13 +376,15 @@ async fn chat(
                     ttfb_ms,
                     stream: true,
                 });
+                let translator = adapter.stream(reply_ctx.clone());
                 return relay_stream(
                     ctx,
                     response,
                     out,
-                    adapter,
+                    translator,
                     &candidate,
-                    &request,
+                    attempts.count(),
+                    &reply_ctx,
                     store.as_ref(),
                 )
                 .await;
@@ -362,11 +401,22 @@ async fn chat(
                 if let Some(u) = answer.usage {
                     ctx.apply(store.as_ref(), &Attempts::usage(&candidate, u));
                 }
-                let reply = Reply::json(200, answer.body).answered_by(&candidate);
+                let cost = answer.usage.and_then(|u| reply_ctx.cost(u));
+                ctx.log(&Event::Answer {
+                    provider: candidate.provider.clone(),
+                    model: candidate.model.clone(),
+                    finish_reason: answer.finish_reason.clone(),
+                    prompt_tokens: answer.usage.map(|u| u.prompt_tokens),
+                    completion_tokens: answer.usage.map(|u| u.completion_tokens),
+                    cost_usd: cost,
+                });
+                let reply =
+                    Reply::json(200, answer.body).answered_by(&candidate, attempts.count(), cost);
                 return ctx.reply(out, reply).await;
             }
             Err((failure, upstream_status)) => {
-                let decided = attempts.failed(&candidate, failure, upstream_status, ttfb_ms);
+                let decided =
+                    attempts.failed(&candidate, &key_id, failure, upstream_status, ttfb_ms);
                 ctx.apply(store.as_ref(), &decided.ops);
                 decided.events.iter().for_each(|e| ctx.log(e));
             }
@@ -387,24 +437,21 @@ type Attempted = Result<Answered, Failed>;
 /// One upstream request up to its 2xx head; non-2xx answers become a [`Failure`].
 async fn send(
     adapter: &dyn Adapter,
-    target: &Configured,
-    candidate: &Candidate,
-    request: &ChatRequest,
+    target: &Target<'_>,
+    key: &ApiKey,
+    mut up: adapter::UpstreamRequest,
     config: &Config,
     first_byte_ms: Option<u64>,
 ) -> Result<IncomingResponse, Failed> {
-    let mut up = adapter.request(target, &candidate.model, request);
-    adapter.authorize(&mut up, &target.api_key);
+    let provider = target.provider.id;
+    adapter::authorize(&mut up, target.provider.auth, key.secret());
     let mut timeouts = config.timeouts;
     if let Some(ms) = first_byte_ms {
         timeouts.first_byte_ms = ms;
     }
-    let response = outbound::post(up, timeouts).await.map_err(|t| {
-        (
-            upstream::judge_transport(target.provider.id, &target.api_key, &t),
-            None,
-        )
-    })?;
+    let response = outbound::post(up, timeouts)
+        .await
+        .map_err(|t| (upstream::judge_transport(provider, key.secret(), &t), None))?;
     let status = response.status();
     if (200..300).contains(&status) {
         return Ok(response);
@@ -420,7 +467,7 @@ async fn send(
         reset_tokens: reset_tokens.as_deref(),
     };
     Err((
-        adapter.judge(target, status, hints, &body, now_ms()),
+        adapter.judge(provider, key.secret(), status, hints, &body, now_ms()),
         Some(status),
     ))
 }
@@ -430,16 +477,17 @@ async fn send(
 /// model, a fallback), never a truncated 200.
 async fn answer(
     adapter: &dyn Adapter,
-    target: &Configured,
-    candidate: &Candidate,
-    request: &ChatRequest,
+    target: &Target<'_>,
+    key: &ApiKey,
+    up: adapter::UpstreamRequest,
     config: &Config,
+    reply: &ReplyCtx,
 ) -> Attempted {
     let provider = target.provider.id;
     // The head of a JSON answer comes when the answer is ready: only the total deadline
     // (enforced around this whole attempt) bounds it.
     let first_byte = Some(config.timeouts.total_ms);
-    let response = send(adapter, target, candidate, request, config, first_byte).await?;
+    let response = send(adapter, target, key, up, config, first_byte).await?;
     let status = response.status();
     let mut body = Vec::new();
     let mut stream = response.take_body_stream();
@@ -464,7 +512,7 @@ async fn answer(
             }
         }
     }
-    match adapter.answer(&body) {
+    match adapter.answer(&body, reply) {
         Ok(a) => Ok(Answered::Json(status, a)),
         Err(why) => Err((upstream::broken_answer(provider, &why, false), Some(status))),
     }
@@ -472,17 +520,19 @@ async fn answer(
 
 /// Relays a 2xx stream: whole events only, usage recorded the moment it is known, a clean
 /// error event if it breaks, and the body finished as soon as the answer is complete.
+#[allow(clippy::too_many_arguments)]
 async fn relay_stream(
     ctx: &Ctx,
     response: IncomingResponse,
     out: ResponseOutparam,
-    adapter: &dyn Adapter,
+    mut translator: Box<dyn adapter::StreamTranslator>,
     candidate: &Candidate,
-    request: &ChatRequest,
+    attempts: u32,
+    reply: &ReplyCtx,
     store: Option<&kv::SpinKv>,
 ) {
     let provider = candidate.provider.as_str();
-    let client = match respond::stream_head(&ctx.id, candidate) {
+    let client = match respond::stream_head(&ctx.id, candidate, attempts) {
         Ok(r) => r,
         Err(detail) => {
             ctx.log(&Event::Internal { detail });
@@ -495,7 +545,6 @@ async fn relay_stream(
     out.set(client);
     ctx.flush();
 
-    let mut translator = adapter.stream(request.include_usage);
     let mut pending = Vec::new();
     let mut failure: Option<&str> = None;
     let mut client_gone = false;
@@ -529,7 +578,14 @@ async fn relay_stream(
     let end = if client_gone {
         None
     } else {
-        Some(translator.end(failure))
+        let end = translator.end(failure, &mut pending);
+        if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
+            client_gone = true;
+        }
+        if let Some(u) = translator.take_new_usage() {
+            ctx.apply(store, &Attempts::usage(candidate, u));
+        }
+        (!client_gone).then_some(end)
     };
     let state = translator.state();
     let usage = state.usage;
@@ -566,6 +622,8 @@ async fn relay_stream(
         model: candidate.model.clone(),
         ok,
         why,
+        finish_reason: state.finish_reason.clone(),
+        cost_usd: usage.and_then(|u| reply.cost(u)),
         events: state.events,
         prompt_tokens: usage.map(|u| u.prompt_tokens),
         completion_tokens: usage.map(|u| u.completion_tokens),
@@ -636,6 +694,10 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+fn random_u64() -> u64 {
+    wasi::random::random::get_random_u64()
 }
 
 fn random_16() -> [u8; 16] {

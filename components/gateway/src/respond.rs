@@ -35,10 +35,14 @@ impl Reply {
         r
     }
 
-    /// Adds who answered.
-    pub fn answered_by(mut self, c: &Candidate) -> Self {
+    /// Adds who answered, after how many attempts, and what it cost (USD; absent when the
+    /// price is unknown).
+    pub fn answered_by(mut self, c: &Candidate, attempts: u32, cost_usd: Option<f64>) -> Self {
         self.headers
-            .extend(provenance(c).map(|(k, v)| (k, v.to_owned())));
+            .extend(provenance(c, attempts));
+        if let Some(cost) = cost_usd {
+            self.headers.push(("x-freerelay-cost-usd", format_usd(cost)));
+        }
         self
     }
 
@@ -70,22 +74,44 @@ impl Reply {
 }
 
 /// The head of a streamed answer (SSE), its body to be written as events arrive.
-pub fn stream_head(request_id: &str, c: &Candidate) -> Result<OutgoingResponse, String> {
+pub fn stream_head(
+    request_id: &str,
+    c: &Candidate,
+    attempts: u32,
+) -> Result<OutgoingResponse, String> {
     let headers = [
         ("content-type", "text/event-stream"),
         ("cache-control", "no-cache"),
         ("x-accel-buffering", "no"),
         ("x-request-id", request_id),
     ];
-    build(200, headers.into_iter().chain(provenance(c)))
+    let owned: Vec<(&str, String)> = provenance(c, attempts).collect();
+    build(
+        200,
+        headers
+            .into_iter()
+            .chain(owned.iter().map(|(k, v)| (*k, v.as_str()))),
+    )
 }
 
-fn provenance(c: &Candidate) -> impl Iterator<Item = (&'static str, &str)> + '_ {
+fn provenance(c: &Candidate, attempts: u32) -> impl Iterator<Item = (&'static str, String)> + '_ {
     [
-        ("x-freerelay-provider", c.provider.as_str()),
-        ("x-freerelay-model", c.model.as_str()),
+        ("x-freerelay-provider", c.provider.clone()),
+        ("x-freerelay-model", c.model.clone()),
+        ("x-freerelay-attempts", attempts.to_string()),
     ]
     .into_iter()
+}
+
+/// USD with enough decimals for a few tokens at free-tier-cheap prices, without trailing zeros.
+pub fn format_usd(cost: f64) -> String {
+    let s = format!("{cost:.10}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s.is_empty() || s == "-" {
+        "0".into()
+    } else {
+        s.to_owned()
+    }
 }
 
 fn build<'k, 'v>(
