@@ -37,13 +37,16 @@ MANIFEST = REPO / "spin.toml"
 
 START_TIMEOUT_S = float(os.environ.get("FREERELAY_START_TIMEOUT", "90"))
 
-PROVIDERS = ["groq", "gemini", "openrouter", "mistral", "nvidia", "together", "openai", "anthropic"]
+PROVIDERS = ["groq", "gemini", "openrouter", "cerebras", "mistral", "nvidia", "together", "openai",
+             "anthropic"]
 
-# Path prefix of each provider's OpenAI-compatible API, as the gateway must call it.
+# Path prefix of each provider's API, as the gateway must call it (Gemini and Anthropic are
+# spoken natively: `/v1beta/models/<model>:generateContent`, `/v1/messages`).
 API_PATHS = {
     "groq": "/openai/v1",
-    "gemini": "/v1beta/openai",
+    "gemini": "/v1beta",
     "openrouter": "/api/v1",
+    "cerebras": "/v1",
     "mistral": "/v1",
     "nvidia": "/v1",
     "together": "/v1",
@@ -53,7 +56,7 @@ API_PATHS = {
 
 DEFAULT_MODELS = {
     "groq": "llama-3.1-8b-instant",
-    "gemini": "gemini-2.5-flash",
+    "gemini": "gemini-3.1-flash-lite",
     "openrouter": "meta-llama/llama-3.3-70b-instruct:free",
 }
 

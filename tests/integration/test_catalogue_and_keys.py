@@ -1,0 +1,138 @@
+"""The catalogue as data: per-provider quirks, cost headers, key pools, tier and limit overrides,
+and a custom provider declared only by variables — through `freerelay up` with the openai SDK."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from helpers import assert_openai_error
+
+# The catalogue's prices (src/catalog.toml), USD per million tokens.
+GPT_4O_MINI = (0.15, 0.60)
+
+
+def _raw(client, **kw):
+    return client.chat.completions.with_raw_response.create(**kw)
+
+
+def _usage_cost(usage, price) -> float:
+    return (usage.prompt_tokens * price[0] + usage.completion_tokens * price[1]) / 1e6
+
+
+def test_free_answers_cost_zero_and_paid_answers_their_price(make_mock, make_gateway):
+    groq, paid = make_mock("groq"), make_mock("openai")
+    gw = make_gateway({"groq": groq, "openai": paid})
+    client = gw.client()
+
+    raw = _raw(client, model="auto", messages=[{"role": "user", "content": "free please"}])
+    assert raw.headers["x-freerelay-provider"] == "groq"
+    assert raw.headers["x-freerelay-cost-usd"] == "0"
+    assert raw.headers["x-freerelay-attempts"] == "1"
+
+    raw = _raw(client, model="paid", messages=[{"role": "user", "content": "one two three four five"}])
+    r = raw.parse()
+    assert raw.headers["x-freerelay-provider"] == "openai"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    cost = float(raw.headers["x-freerelay-cost-usd"])
+    assert cost == pytest.approx(_usage_cost(r.usage, GPT_4O_MINI), rel=1e-6)
+    assert cost > 0
+
+    # Streams: the head leaves before the usage is known; the usage chunk carries the cost.
+    stream = client.chat.completions.create(
+        model="openai/gpt-4o-mini", stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "stream the cost"}])
+    chunks = list(stream)
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    extra = usage_chunk.usage.model_extra or {}
+    assert extra["cost"] == pytest.approx(_usage_cost(usage_chunk.usage, GPT_4O_MINI), rel=1e-6)
+
+    events = [json.loads(line) for line in gw.stderr_tail(200_000).splitlines() if line.startswith("{")]
+    answers = [e for e in events if e.get("event") == "answer"]
+    assert answers[-1]["provider"] == "openai" and answers[-1]["cost_usd"] == pytest.approx(cost)
+    ends = [e for e in events if e.get("event") == "stream_end"]
+    assert ends[-1]["cost_usd"] == pytest.approx(extra["cost"]) and ends[-1]["finish_reason"] == "stop"
+
+
+def test_quirks_reach_each_provider_as_data(make_mock, make_gateway):
+    groq, paid = make_mock("groq"), make_mock("openai")
+    gw = make_gateway({"groq": groq, "openai": paid})
+    client = gw.client()
+    seven_stops = ["\n\n", "```", "<|end|>", "</s>", "\nUser:", "\nHuman:", "<fim_suffix>"]
+
+    # Continue's autocomplete sends 7 stop strings; OpenAI and Groq take 4: trimmed, not failed.
+    for model in ["groq/llama-3.1-8b-instant", "openai/gpt-4o-mini"]:
+        r = client.chat.completions.create(
+            model=model, stop=seven_stops, max_tokens=64, seed=3, logit_bias={"50256": -100},
+            messages=[{"role": "user", "content": "complete this"}])
+        assert r.choices[0].message.content
+    [to_groq] = groq.requests()
+    assert to_groq["body"]["stop"] == seven_stops[:4]
+    assert "logit_bias" not in to_groq["body"], "Groq rejects logit_bias"
+    assert to_groq["body"]["max_tokens"] == 64
+    [to_openai] = paid.requests()
+    assert to_openai["body"]["stop"] == seven_stops[:4]
+    assert to_openai["body"]["max_completion_tokens"] == 64 and "max_tokens" not in to_openai["body"]
+    assert to_openai["body"]["logit_bias"] == {"50256": -100}
+
+    # An assistant message with content null and tool_calls, then the tool's result, passes.
+    r = client.chat.completions.create(
+        model="groq/llama-3.1-8b-instant",
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 3}"},
+        ])
+    assert r.choices[0].finish_reason == "stop"
+    sent = groq.requests()[-1]["body"]["messages"]
+    assert sent[1]["content"] is None and sent[1]["tool_calls"][0]["id"] == "call_1"
+
+
+def test_a_custom_provider_is_declared_by_variables_alone(make_mock, make_gateway):
+    local = make_mock("custom")
+    gw = make_gateway({}, extra_env={
+        "SPIN_VARIABLE_CUSTOM_MODELS": "llama3.2:3b, qwen2.5-coder:7b",
+        "SPIN_VARIABLE_CUSTOM_BASE_URL": local.url,
+        "SPIN_VARIABLE_CUSTOM_API_KEY": local.key,
+        "SPIN_VARIABLE_CUSTOM_TIER": "paid",
+        "SPIN_VARIABLE_CUSTOM_PRICE_INPUT": "1",
+        "SPIN_VARIABLE_CUSTOM_PRICE_OUTPUT": "2",
+    })
+    client = gw.client()
+    models = {m.id: m for m in client.models.list()}
+    assert {"custom/llama3.2:3b", "custom/qwen2.5-coder:7b", "paid"} <= set(models)
+    assert (models["custom/llama3.2:3b"].model_extra or {})["tier"] == "paid"
+
+    raw = _raw(client, model="qwen2.5-coder:7b", messages=[{"role": "user", "content": "local"}])
+    r = raw.parse()
+    assert raw.headers["x-freerelay-provider"] == "custom"
+    assert r.choices[0].message.content == "mock(custom): local"
+    assert float(raw.headers["x-freerelay-cost-usd"]) == pytest.approx(
+        _usage_cost(r.usage, (1.0, 2.0)), rel=1e-6)
+    raw = _raw(client, model="auto", messages=[{"role": "user", "content": "auto"}])
+    assert raw.headers["x-freerelay-model"] == "llama3.2:3b"
+    [first, second] = local.requests()
+    assert first["path"] == "/v1/chat/completions" and first["body"]["model"] == "qwen2.5-coder:7b"
+    assert second["body"]["model"] == "llama3.2:3b"
+
+
+def test_tier_and_limit_overrides_are_validated(make_mock, make_gateway):
+    groq = make_mock("groq")
+    gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_GROQ_TIER": "paid"})
+    client = gw.client()
+    ids = {m.id for m in client.models.list()}
+    assert "paid" in ids and "free" not in ids
+    raw = _raw(client, model="paid", messages=[{"role": "user", "content": "priced"}])
+    assert raw.headers["x-freerelay-provider"] == "groq"
+    assert float(raw.headers["x-freerelay-cost-usd"]) > 0, "a paid tier has a price"
+
+    bad = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_GROQ_RPM": "lots"})
+    with pytest.raises(openai.InternalServerError) as e:
+        bad.client().chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+    assert_openai_error(e.value.response, 500, code="gateway_misconfigured")
+    assert "lots" not in e.value.response.text
+    assert "groq_rpm" in bad.stderr_tail()
