@@ -209,8 +209,27 @@ impl Adapter for Gemini {
             retry_after: delay.as_deref().or(hints.retry_after),
             ..hints
         };
+        // Google answers a bad or revoked key with 400 INVALID_ARGUMENT (reason
+        // API_KEY_INVALID), not 401: judged as the refused key it is, so it is set aside.
+        let status = if status == 400 && key_invalid(body) {
+            401
+        } else {
+            status
+        };
         upstream::judge_status(provider, api_key, status, hints, detail.as_deref(), now_ms)
     }
+}
+
+/// Does a Gemini error body say the key itself is invalid (`google.rpc.ErrorInfo` reason)?
+fn key_invalid(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    v["error"]["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|d| d["reason"] == "API_KEY_INVALID")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2202,5 +2221,15 @@ data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"lo\"}]},\"finish
         // Without RetryInfo: the default wait.
         let f = Gemini.judge("gemini", "k", 429, Hints::default(), b"{}", 0);
         assert_eq!(f.cooldown.unwrap().until_ms, cooldown::DEFAULT_MS);
+    }
+
+    #[test]
+    fn an_invalid_key_is_judged_refused_not_a_bad_request() {
+        let body = br#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
+        let f = Gemini.judge("gemini", "AIza-secret", 400, Hints::default(), body, 0);
+        assert!(f.key_refused && f.retryable);
+        let other = br#"{"error":{"code":400,"message":"Invalid JSON payload","status":"INVALID_ARGUMENT"}}"#;
+        let f = Gemini.judge("gemini", "AIza-secret", 400, Hints::default(), other, 0);
+        assert!(!f.key_refused && !f.retryable);
     }
 }
