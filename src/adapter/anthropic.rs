@@ -1315,8 +1315,10 @@ impl Translator {
     fn start(&mut self, out: &mut Vec<u8>) {
         if !self.started {
             self.started = true;
-            out::event(
-                &out::chunk(&self.ctx, json!({"role": "assistant", "content": ""}), None),
+            out::chunk_event(
+                &self.ctx,
+                &json!({"role": "assistant", "content": ""}),
+                None,
                 out,
             );
         }
@@ -1325,7 +1327,7 @@ impl Translator {
     /// Sends one delta (after the first chunk).
     fn emit(&mut self, delta: Value, out: &mut Vec<u8>) {
         self.start(out);
-        out::event(&out::chunk(&self.ctx, delta, None), out);
+        out::chunk_event(&self.ctx, &delta, None, out);
     }
 
     /// What block `index` is.
@@ -1445,7 +1447,7 @@ impl Translator {
     fn finish(&mut self, out: &mut Vec<u8>) {
         self.start(out);
         let reason = self.finish_reason();
-        out::event(&out::chunk(&self.ctx, json!({}), Some(reason)), out);
+        out::chunk_event(&self.ctx, &json!({}), Some(reason), out);
         if let Some(u) = self.tokens.usage() {
             self.state.usage = Some(u);
             self.new_usage = Some(u);

@@ -1283,9 +1283,9 @@ impl Translate {
         if !self.started {
             self.started = true;
             let first = json!({"role": "assistant", "content": ""});
-            out::event(&out::chunk(&self.ctx, first, None), out);
+            out::chunk_event(&self.ctx, &first, None, out);
         }
-        out::event(&out::chunk(&self.ctx, delta, finish), out);
+        out::chunk_event(&self.ctx, &delta, finish, out);
     }
 
     /// The answer is complete: its finish reason, the usage chunk if asked for, then `[DONE]`.

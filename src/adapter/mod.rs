@@ -202,6 +202,28 @@ pub mod out {
         })
     }
 
+    /// Appends one `chat.completion.chunk` event with one choice, written straight into `out`
+    /// (no intermediate JSON tree for the envelope: this runs once per streamed token).
+    pub fn chunk_event(
+        ctx: &ReplyCtx,
+        delta: &Value,
+        finish_reason: Option<&str>,
+        out: &mut Vec<u8>,
+    ) {
+        // Writing into a Vec cannot fail.
+        out.extend_from_slice(b"data: {\"id\":");
+        let _ = serde_json::to_writer(&mut *out, &ctx.id);
+        out.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+        out.extend_from_slice(ctx.created.to_string().as_bytes());
+        out.extend_from_slice(b",\"model\":");
+        let _ = serde_json::to_writer(&mut *out, &ctx.model);
+        out.extend_from_slice(b",\"choices\":[{\"index\":0,\"delta\":");
+        let _ = serde_json::to_writer(&mut *out, delta);
+        out.extend_from_slice(b",\"finish_reason\":");
+        let _ = serde_json::to_writer(&mut *out, &finish_reason);
+        out.extend_from_slice(b"}]}\n\n");
+    }
+
     /// OpenAI's `usage` object; details only when the upstream reported them. `cost` (USD,
     /// OpenRouter's field) when the price is known.
     pub fn usage(

@@ -306,7 +306,7 @@ impl Relay {
             } else {
                 json!({"role": "assistant"})
             };
-            out::event(&out::chunk(&self.ctx, delta, Some("stop")), out);
+            out::chunk_event(&self.ctx, &delta, Some("stop"), out);
             self.state.finish_reason = Some("stop".into());
         }
         if self.ctx.client_usage && !self.usage_sent {
