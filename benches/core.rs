@@ -124,7 +124,8 @@ fn bench(c: &mut Criterion) {
             b.iter(|| black_box(adapter.request(&configured.target(model), black_box(&req))))
         });
     }
-    for n in [50usize] {
+    {
+        let n = 50usize;
         let s = stream(n);
         // Fed as the upstream sends it: one network read per event.
         let pieces: Vec<&[u8]> = s.split_inclusive(|&b| b == b'\n').collect();
