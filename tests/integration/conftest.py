@@ -134,14 +134,34 @@ def _clean_env() -> dict[str, str]:
 
 
 class Mock:
-    """One `freerelay-mock` process standing in for a provider."""
+    """One `freerelay-mock` process standing in for a provider.
 
-    def __init__(self, name: str, log_dir: Path):
+    It speaks OpenAI chat completions (`…/chat/completions`), Anthropic Messages (`…/messages`)
+    and Gemini (`…/models/{model}:generateContent`, `:streamGenerateContent`) on one port.
+    `keys`: how many provider keys it accepts (random ones), or the keys themselves; `self.key`
+    is the first, `self.keys` all of them. `reject_prefill` (Anthropic: no trailing assistant
+    message) and `reject_stream_options` (OpenAI: 422 to any `stream_options`, as Mistral) turn on
+    the mock's stricter checks; `args` are further command-line arguments.
+    """
+
+    def __init__(self, name: str, log_dir: Path, *, keys: int | list[str] | tuple[str, ...] = 1,
+                 reject_prefill: bool = False, reject_stream_options: bool = False,
+                 args: list[str] | tuple[str, ...] = ()):
         _require(MOCK_BIN, "The mock provider binary (freerelay-mock)")
         self.name = name
-        self.key = f"prov-secret-{name}-{secrets.token_hex(12)}"
+        if isinstance(keys, int):
+            keys = [f"prov-secret-{name}-{secrets.token_hex(12)}" for _ in range(max(keys, 1))]
+        self.keys = list(keys)
+        self.key = self.keys[0]
+        cmd = [str(MOCK_BIN), "--listen", "127.0.0.1:0", "--name", name]
+        cmd += [f"--api-key={k}" for k in self.keys]
+        if reject_prefill:
+            cmd.append("--reject-prefill")
+        if reject_stream_options:
+            cmd.append("--reject-stream-options")
+        cmd += list(args)
         self.proc = subprocess.Popen(
-            [str(MOCK_BIN), "--listen", "127.0.0.1:0", "--api-key", self.key, "--name", name],
+            cmd,
             stdout=subprocess.PIPE,
             stderr=open(log_dir / f"mock-{name}.log", "wb"),
             env=_clean_env(),
@@ -161,9 +181,11 @@ class Mock:
     def reset(self) -> None:
         self.http.post("/_mock/reset").raise_for_status()
 
-    def requests(self) -> list[dict]:
-        """Chat-completions requests received."""
-        return self.http.get("/_mock/requests").json()
+    def requests(self, kind: str | None = None) -> list[dict]:
+        """Chat requests received, of every format (OpenAI `chat`, `anthropic`, `gemini`), or
+        only those of one `kind`."""
+        params = {"kind": kind} if kind else None
+        return self.http.get("/_mock/requests", params=params).json()
 
     def all_requests(self) -> list[dict]:
         """Every request to the provider API: chat, model listings and unknown paths."""

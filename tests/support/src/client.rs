@@ -194,17 +194,29 @@ pub async fn timed_frames(
     }
 }
 
-/// Splits a server-sent-events text into its `data:` payloads, in order.
+/// Splits a server-sent-events text into its `data:` payloads, in order (`\n` or `\r\n` line
+/// ends).
 pub fn sse_data(text: &str) -> Vec<String> {
+    sse_events(text).into_iter().map(|(_, data)| data).collect()
+}
+
+/// Splits a server-sent-events text into its events: the `event:` name (if any) and the `data:`
+/// payload, in order (`\n` or `\r\n` line ends). Events without data are left out.
+pub fn sse_events(text: &str) -> Vec<(Option<String>, String)> {
+    let text = text.replace("\r\n", "\n");
     text.split("\n\n")
         .filter(|e| !e.trim().is_empty())
         .filter_map(|event| {
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            (!data.is_empty()).then(|| data.join("\n"))
+            let mut name = None;
+            let mut data: Vec<&str> = Vec::new();
+            for line in event.lines() {
+                if let Some(d) = line.strip_prefix("data:") {
+                    data.push(d.strip_prefix(' ').unwrap_or(d));
+                } else if let Some(n) = line.strip_prefix("event:") {
+                    name = Some(n.trim().to_string());
+                }
+            }
+            (!data.is_empty()).then(|| (name, data.join("\n")))
         })
         .collect()
 }

@@ -1,5 +1,6 @@
-//! `freerelay-mock --listen 127.0.0.1:0 --api-key KEY [--name groq]`: a mock OpenAI-compatible
-//! provider. Prints `listening on http://127.0.0.1:PORT` once ready and serves until killed.
+//! `freerelay-mock --listen 127.0.0.1:0 --api-key KEY [--api-key KEY2,KEY3] [--name groq]`: a mock
+//! provider speaking OpenAI chat completions, Anthropic Messages and Gemini generateContent.
+//! Prints `listening on http://127.0.0.1:PORT` once ready and serves until killed.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,15 +11,17 @@ use freerelay_testkit::{MockConfig, MockProvider};
 #[derive(Parser, Debug)]
 #[command(
     name = "freerelay-mock",
-    about = "Mock OpenAI-compatible provider for tests and benchmarks"
+    about = "Mock provider (OpenAI, Anthropic and Gemini wire formats) for tests and benchmarks"
 )]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// The provider key clients must send as `Authorization: Bearer <key>`.
-    #[arg(long)]
-    api_key: String,
+    /// A provider key clients may send (OpenAI `Authorization: Bearer <key>`, Anthropic
+    /// `x-api-key`, Gemini `x-goog-api-key` or `?key=`). Repeat it, or give a comma-separated
+    /// list, to accept several.
+    #[arg(long = "api-key", value_delimiter = ',', required = true)]
+    api_keys: Vec<String>,
     /// Provider name shown in replies (`mock(<name>): …`) and model listings.
     #[arg(long, default_value = "mock")]
     name: String,
@@ -31,6 +34,13 @@ struct Args {
     /// Model ids served by GET …/models (comma-separated).
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
+    /// Anthropic: reject a conversation ending with an assistant message (no prefill, as newer
+    /// Claude models).
+    #[arg(long)]
+    reject_prefill: bool,
+    /// OpenAI: answer 422 to any `stream_options` (as Mistral).
+    #[arg(long)]
+    reject_stream_options: bool,
     /// Worker threads (1: a single-threaded runtime, lightest on small machines).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -49,8 +59,11 @@ fn main() -> std::io::Result<()> {
             .build()?
     };
     runtime.block_on(async move {
-        let mut config = MockConfig::new(args.name, args.api_key);
+        let mut config = MockConfig::new(args.name, "")
+            .with_keys(args.api_keys.into_iter().filter(|k| !k.is_empty()));
         config.listen = args.listen;
+        config.reject_prefill = args.reject_prefill;
+        config.reject_stream_options = args.reject_stream_options;
         config.fixed = args.fixed;
         config.record = !args.no_record && !args.fixed;
         if let Some(models) = args.models {

@@ -1,26 +1,37 @@
 //! The mock provider: a loopback HTTP/1.1 server (keep-alive, TCP_NODELAY) that answers like an
-//! OpenAI-compatible provider, with scripted misbehaviour for tests.
+//! OpenAI-compatible provider, Anthropic's Messages API or Google's Gemini API, with scripted
+//! misbehaviour for tests.
 //!
 //! Routes (any prefix, since providers mount their API under different paths):
-//! - `POST …/chat/completions`, `GET …/models`: the provider API, `Authorization: Bearer <key>`.
+//! - `POST …/chat/completions`: OpenAI chat completions, `Authorization: Bearer <key>`.
+//! - `POST …/messages`: Anthropic Messages, `x-api-key: <key>` (or `Authorization: Bearer <key>`,
+//!   as the anthropic Python SDK 2.14 sends it) and an `anthropic-version` header.
+//! - `POST …/models/{model}:generateContent`, `POST …/models/{model}:streamGenerateContent`
+//!   (`?alt=sse`: server-sent events, else one streamed JSON array): Gemini, `x-goog-api-key:
+//!   <key>` or `?key=<key>`.
+//! - `GET …/models`: the model list, in the format the credentials name (`x-api-key`: Anthropic;
+//!   `x-goog-api-key` or `?key=`: Gemini; else OpenAI).
 //! - `POST /_mock/script` (a list of [`Behaviour`]s, or one), `POST /_mock/reset`,
-//!   `GET /_mock/requests` (every chat request received; `?all=1`: every request to the
-//!   provider API, model listings and unknown paths included), `GET /_mock/script` (what is left).
+//!   `GET /_mock/requests` (every chat request received, whatever its format; `?kind=chat`,
+//!   `anthropic` or `gemini`: those of one format; `?all=1`: every request to the provider API,
+//!   model listings and unknown paths included), `GET /_mock/script` (what is left).
 //! - `POST /_mock/release` (body optional: `{"count": N}`, default 1): lets N answers paused by
 //!   `pause_after_chunks` go on (a release sent before the answer reaches its pause is kept);
 //!   `GET /_mock/paused`: `{"paused": N}`, answers waiting at their pause right now.
 //!
-//! The engine here decides what to answer and when; [`crate::wire`] renders it.
+//! The engine ([`answer`]) decides what to answer and when; [`crate::wire`] renders it.
 
+mod answer;
+mod args;
 mod body;
 mod script;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -35,22 +46,22 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use args::plausible as plausible_arguments;
 pub use body::{BodyEnd, Gates, MockBody, Piece};
-pub use script::{parse_script, Behaviour, Cut};
+pub use script::{parse_script, Behaviour, Cut, Finish};
 
-use crate::wire::openai::{self, ChatRequest};
-use crate::wire::{Reply, ReplyBody, ToolCall};
+use crate::wire::{anthropic, gemini, openai, Checks, Format, Reply};
 
 /// How a mock provider is set up.
 #[derive(Debug, Clone)]
 pub struct MockConfig {
     /// Shown in replies: `mock(<name>): …`, and as the models' `owned_by`.
     pub name: String,
-    /// The provider key the mock requires as `Authorization: Bearer <key>`.
-    pub api_key: String,
+    /// The provider keys the mock accepts (any of them), sent the way each format sends keys.
+    pub api_keys: Vec<String>,
     pub listen: SocketAddr,
-    /// Benchmark fast path: non-streaming requests get one precomputed reply, the body is not
-    /// parsed, nothing is recorded and no script applies.
+    /// Benchmark fast path: non-streaming OpenAI requests get one precomputed reply, the body is
+    /// not parsed, nothing is recorded and no script applies.
     pub fixed: bool,
     /// Record chat requests for `GET /_mock/requests`.
     pub record: bool,
@@ -58,27 +69,52 @@ pub struct MockConfig {
     pub max_recorded: usize,
     /// Served by `GET …/models`.
     pub models: Vec<String>,
+    /// Anthropic: reject a conversation that ends with an assistant message (as newer Claude
+    /// models do).
+    pub reject_prefill: bool,
+    /// OpenAI: answer 422 to any `stream_options` (as Mistral does).
+    pub reject_stream_options: bool,
 }
 
 impl MockConfig {
-    /// A mock on `127.0.0.1:<any free port>`.
+    /// A mock on `127.0.0.1:<any free port>` accepting one key.
     pub fn new(name: impl Into<String>, api_key: impl Into<String>) -> Self {
         MockConfig {
             name: name.into(),
-            api_key: api_key.into(),
+            api_keys: vec![api_key.into()],
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             fixed: false,
             record: true,
             max_recorded: 10_000,
             models: vec!["mock-small".into(), "mock-large".into()],
+            reject_prefill: false,
+            reject_stream_options: false,
         }
+    }
+
+    /// Accepts these keys (any of them) instead.
+    pub fn with_keys(mut self, keys: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.api_keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    fn checks(&self) -> Checks {
+        Checks {
+            reject_prefill: self.reject_prefill,
+            reject_stream_options: self.reject_stream_options,
+        }
+    }
+
+    fn accepts(&self, key: &str) -> bool {
+        self.api_keys.iter().any(|k| k == key)
     }
 }
 
 /// A provider-API request as the mock received it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordedRequest {
-    /// `chat`, `models` or `other` (any other path, wrong method included).
+    /// `chat` (OpenAI), `anthropic`, `gemini`, `models` or `other` (any other path, wrong method
+    /// included).
     pub kind: String,
     pub method: String,
     pub path: String,
@@ -92,9 +128,24 @@ pub struct RecordedRequest {
     pub body_text: Option<String>,
 }
 
+impl RecordedRequest {
+    /// A chat request of any format.
+    pub fn is_chat(&self) -> bool {
+        Format::CHAT_KINDS.contains(&self.kind.as_str())
+    }
+}
+
+/// Which requests `GET /_mock/requests` lists.
+#[derive(Debug, Clone, PartialEq)]
+enum Listing {
+    Chat,
+    All,
+    Kind(String),
+}
+
 struct State {
     config: MockConfig,
-    expected_auth: Vec<u8>,
+    checks: Checks,
     fixed_reply: Bytes,
     script: Mutex<VecDeque<Behaviour>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
@@ -109,14 +160,29 @@ impl State {
         self.gates.clear();
     }
 
-    fn recorded(&self, all: bool) -> Vec<RecordedRequest> {
+    fn recorded(&self, listing: &Listing) -> Vec<RecordedRequest> {
         self.requests
             .lock()
             .unwrap()
             .iter()
-            .filter(|r| all || r.kind == "chat")
+            .filter(|r| match listing {
+                Listing::Chat => r.is_chat(),
+                Listing::All => true,
+                Listing::Kind(k) => &r.kind == k,
+            })
             .cloned()
             .collect()
+    }
+
+    fn next_behaviour(&self) -> Behaviour {
+        if self.config.fixed {
+            return Behaviour::ok();
+        }
+        self.script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(Behaviour::ok)
     }
 }
 
@@ -126,18 +192,22 @@ pub struct MockProvider;
 impl MockProvider {
     /// Binds `config.listen` and serves on the current tokio runtime until the handle drops.
     pub async fn start(config: MockConfig) -> io::Result<MockHandle> {
+        if config.api_keys.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the mock needs at least one API key",
+            ));
+        }
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let fixed_reply = openai::completion_json(&Reply {
-            id: "chatcmpl-mockfixed".into(),
-            created: 1_700_000_000,
-            model: "mock-fixed".into(),
-            body: ReplyBody::Text(format!("mock({}): fixed", config.name)),
-            prompt_tokens: 1,
-            completion_tokens: 2,
-        });
+        let fixed_reply = openai::completion_json(&Reply::text(
+            "chatcmpl-mockfixed",
+            "mock-fixed",
+            &format!("mock({}): fixed", config.name),
+            1,
+        ));
         let state = Arc::new(State {
-            expected_auth: format!("Bearer {}", config.api_key).into_bytes(),
+            checks: config.checks(),
             config,
             fixed_reply,
             script: Mutex::new(VecDeque::new()),
@@ -187,14 +257,19 @@ impl MockHandle {
         self.state.gates.waiting()
     }
 
-    /// Every chat request received so far.
+    /// Every chat request received so far, whatever its format.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.state.recorded(false)
+        self.state.recorded(&Listing::Chat)
+    }
+
+    /// The requests recorded with this `kind` (`chat`, `anthropic`, `gemini`, `models`, `other`).
+    pub fn requests_of(&self, kind: &str) -> Vec<RecordedRequest> {
+        self.state.recorded(&Listing::Kind(kind.to_string()))
     }
 
     /// Every request to the provider API (chat, models, unknown paths) received so far.
     pub fn all_requests(&self) -> Vec<RecordedRequest> {
-        self.state.recorded(true)
+        self.state.recorded(&Listing::All)
     }
 
     /// Waits until the process is asked to stop (Ctrl-C); used by the binary.
@@ -240,6 +315,10 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<MockBody> {
     resp
 }
 
+fn status_code(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 fn openai_error(
     status: StatusCode,
     message: &str,
@@ -255,35 +334,89 @@ fn close_connection() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, "mock: closed by script")
 }
 
+/// A chat route and what its path says.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Route {
+    OpenAi,
+    Anthropic,
+    Gemini {
+        model: String,
+        stream: bool,
+        /// `alt=sse`: server-sent events; else a streamed JSON array.
+        sse: bool,
+    },
+}
+
+impl Route {
+    fn format(&self) -> Format {
+        match self {
+            Route::OpenAi => Format::OpenAi,
+            Route::Anthropic => Format::Anthropic,
+            Route::Gemini { .. } => Format::Gemini,
+        }
+    }
+}
+
+/// The value of `name` in a query string.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|p| p.split_once('=').or(Some((p, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// `…/models/{model}:generateContent` or `:streamGenerateContent`.
+fn gemini_route(path: &str, query: Option<&str>) -> Option<Route> {
+    let at = path.rfind("/models/")?;
+    let rest = &path[at + "/models/".len()..];
+    // The colon may come percent-encoded.
+    let (model, method) = rest
+        .rsplit_once(':')
+        .or_else(|| rest.rsplit_once("%3A"))
+        .or_else(|| rest.rsplit_once("%3a"))?;
+    if model.is_empty() {
+        return None;
+    }
+    let stream = match method {
+        "generateContent" => false,
+        "streamGenerateContent" => true,
+        _ => return None,
+    };
+    Some(Route::Gemini {
+        model: model.to_string(),
+        stream,
+        sse: stream && query_param(query, "alt") == Some("sse"),
+    })
+}
+
 async fn serve(state: Arc<State>, req: Request<Incoming>) -> Result<Response<MockBody>, io::Error> {
     let path = req.uri().path();
     if let Some(action) = path.strip_prefix("/_mock/") {
         let action = action.to_string();
         return Ok(control(&state, &action, req).await);
     }
-    if path.ends_with("/chat/completions") {
+    let route = if path.ends_with("/chat/completions") {
+        Some(Route::OpenAi)
+    } else if path.ends_with("/messages") {
+        Some(Route::Anthropic)
+    } else {
+        gemini_route(path, req.uri().query())
+    };
+    if let Some(route) = route {
         if req.method() != Method::POST {
             if state.config.record {
                 record_head(&state, "other", &req);
             }
-            return Ok(invalid_url(&req, StatusCode::METHOD_NOT_ALLOWED));
+            return Ok(wrong_method(&req, &route));
         }
-        return chat(&state, req).await;
+        return answer::chat(&state, route, req).await;
     }
     if path.ends_with("/models") {
         if state.config.record {
             record_head(&state, "models", &req);
         }
-        if req.method() != Method::GET {
-            return Ok(invalid_url(&req, StatusCode::METHOD_NOT_ALLOWED));
-        }
-        if !authorized(&state, &req) {
-            return Ok(unauthorized());
-        }
-        return Ok(json_response(
-            StatusCode::OK,
-            openai::models_json(&state.config.models, &state.config.name),
-        ));
+        return Ok(models(&state, &req));
     }
     if state.config.record {
         record_head(&state, "other", &req);
@@ -301,13 +434,100 @@ fn invalid_url(req: &Request<Incoming>, status: StatusCode) -> Response<MockBody
     )
 }
 
-fn authorized(state: &State, req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == state.expected_auth.as_slice())
+fn wrong_method(req: &Request<Incoming>, route: &Route) -> Response<MockBody> {
+    let status = StatusCode::METHOD_NOT_ALLOWED;
+    match route {
+        Route::OpenAi => invalid_url(req, status),
+        Route::Anthropic => json_response(
+            status,
+            anthropic::error_json(
+                "invalid_request_error",
+                &format!("Method Not Allowed: {} {}", req.method(), req.uri().path()),
+            ),
+        ),
+        Route::Gemini { .. } => json_response(
+            status,
+            gemini::error_json(405, "Method Not Allowed (mock)."),
+        ),
+    }
 }
 
-fn unauthorized() -> Response<MockBody> {
+fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Checks a request's credentials the way its format sends them; `Err` is the provider's own
+/// answer (OpenAI 401; Anthropic 401, or 400 without `anthropic-version`; Gemini 403 without a
+/// key, 400 `API_KEY_INVALID` with a wrong one).
+fn authenticate(
+    state: &State,
+    format: Format,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+) -> Result<(), Box<Response<MockBody>>> {
+    let config = &state.config;
+    match format {
+        Format::OpenAi => {
+            let ok = header(headers, AUTHORIZATION.as_str())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|k| config.accepts(k));
+            if ok {
+                Ok(())
+            } else {
+                Err(Box::new(openai_unauthorized()))
+            }
+        }
+        Format::Anthropic => {
+            // `x-api-key`, or (as the anthropic Python SDK 2.14 sends keys, so the
+            // API accepts) `Authorization: Bearer <key>`.
+            let key = header(headers, "x-api-key").or_else(|| {
+                header(headers, AUTHORIZATION.as_str()).and_then(|v| v.strip_prefix("Bearer "))
+            });
+            let ok = key.is_some_and(|k| config.accepts(k));
+            if !ok {
+                return Err(Box::new(json_response(
+                    StatusCode::UNAUTHORIZED,
+                    anthropic::error_json("authentication_error", "invalid x-api-key"),
+                )));
+            }
+            if headers.get(anthropic::VERSION_HEADER).is_none() {
+                return Err(Box::new(json_response(
+                    StatusCode::BAD_REQUEST,
+                    anthropic::error_json(
+                        "invalid_request_error",
+                        "anthropic-version: header is required",
+                    ),
+                )));
+            }
+            Ok(())
+        }
+        Format::Gemini => {
+            let key = header(headers, "x-goog-api-key").or_else(|| query_param(query, "key"));
+            match key {
+                Some(k) if config.accepts(k) => Ok(()),
+                Some(_) => Err(Box::new(gemini_response(
+                    StatusCode::BAD_REQUEST,
+                    gemini::bad_key_json(),
+                ))),
+                None => Err(Box::new(gemini_response(
+                    StatusCode::FORBIDDEN,
+                    gemini::no_key_json(),
+                ))),
+            }
+        }
+    }
+}
+
+fn gemini_response(status: StatusCode, body: Bytes) -> Response<MockBody> {
+    let mut resp = json_response(status, body);
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    resp
+}
+
+fn openai_unauthorized() -> Response<MockBody> {
     openai_error(
         StatusCode::UNAUTHORIZED,
         "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
@@ -317,12 +537,45 @@ fn unauthorized() -> Response<MockBody> {
     )
 }
 
+/// `GET …/models`, in the format the credentials point to.
+fn models(state: &State, req: &Request<Incoming>) -> Response<MockBody> {
+    let headers = req.headers();
+    let query = req.uri().query();
+    let format = if headers.contains_key("x-api-key") || headers.contains_key("anthropic-version") {
+        Format::Anthropic
+    } else if headers.contains_key("x-goog-api-key") || query_param(query, "key").is_some() {
+        Format::Gemini
+    } else {
+        Format::OpenAi
+    };
+    if req.method() != Method::GET {
+        return invalid_url(req, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    if let Err(resp) = authenticate(state, format, headers, query) {
+        return *resp;
+    }
+    let models = &state.config.models;
+    match format {
+        Format::OpenAi => json_response(
+            StatusCode::OK,
+            openai::models_json(models, &state.config.name),
+        ),
+        Format::Anthropic => json_response(StatusCode::OK, anthropic::models_json(models)),
+        Format::Gemini => gemini_response(StatusCode::OK, gemini::models_json(models)),
+    }
+}
+
 async fn control(state: &State, action: &str, req: Request<Incoming>) -> Response<MockBody> {
     let method = req.method().clone();
-    let all = req.uri().query().is_some_and(|q| {
-        q.split('&')
-            .any(|p| p == "all" || p == "all=1" || p == "all=true")
-    });
+    let query = req.uri().query().map(str::to_string);
+    let listing = match (
+        query_param(query.as_deref(), "all"),
+        query_param(query.as_deref(), "kind"),
+    ) {
+        (Some("" | "1" | "true"), _) => Listing::All,
+        (_, Some(kind)) if !kind.is_empty() => Listing::Kind(kind.to_string()),
+        _ => Listing::Chat,
+    };
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => Bytes::new(),
@@ -387,7 +640,7 @@ async fn control(state: &State, action: &str, req: Request<Incoming>) -> Respons
             Bytes::from(serde_json::json!({ "paused": state.gates.waiting() }).to_string()),
         ),
         (Method::GET, "requests") => {
-            let requests = state.recorded(all);
+            let requests = state.recorded(&listing);
             json_response(
                 StatusCode::OK,
                 Bytes::from(serde_json::to_vec(&requests).expect("requests serialise")),
@@ -441,9 +694,16 @@ fn record_head(state: &State, kind: &str, req: &Request<Incoming>) {
     );
 }
 
-fn record(state: &State, parts: &http::request::Parts, body: &Bytes, parsed: Option<&Value>) {
+/// Records a chat request of any format.
+fn record(
+    state: &State,
+    format: Format,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    parsed: Option<&Value>,
+) {
     let entry = RecordedRequest {
-        kind: "chat".to_string(),
+        kind: format.kind().to_string(),
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(str::to_string),
@@ -457,354 +717,47 @@ fn record(state: &State, parts: &http::request::Parts, body: &Bytes, parsed: Opt
     push_record(state, entry);
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn chat(state: &State, req: Request<Incoming>) -> Result<Response<MockBody>, io::Error> {
-    let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
-    let is_authorized = parts
-        .headers
-        .get(AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == state.expected_auth.as_slice());
-
-    if state.config.fixed && is_authorized && !contains(&body, b"\"stream\"") {
-        let mut resp = json_response(StatusCode::OK, state.fixed_reply.clone());
-        resp.headers_mut()
-            .insert("x-request-id", HeaderValue::from_static("req_mockfixed"));
-        return Ok(resp);
-    }
-
-    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
-    if state.config.record {
-        record(state, &parts, &body, parsed.as_ref());
-    }
-    if !is_authorized {
-        return Ok(unauthorized());
-    }
-    let chat = match parsed {
-        Some(value) => openai::request_from_value(&value),
-        None => openai::parse_request(&body),
-    };
-    let chat = match chat {
-        Ok(c) => c,
-        Err(e) => {
-            return Ok(openai_error(
-                StatusCode::BAD_REQUEST,
-                &e.message,
-                "invalid_request_error",
-                e.param.as_deref(),
-                None,
-            ))
-        }
-    };
-
-    let behaviour = if state.config.fixed {
-        None
-    } else {
-        state.script.lock().unwrap().pop_front()
-    }
-    .unwrap_or_else(Behaviour::ok);
-
-    match behaviour {
-        Behaviour::Ok {
-            latency_ms,
-            chunk_delay_ms,
-            content,
-            pause_after_chunks,
-            omit_done,
-        } => {
-            sleep_ms(latency_ms).await;
-            let reply = make_reply(state, &chat, content);
-            let shape = Shape {
-                pause_after: pause_after_chunks,
-                omit_done,
-                ..Shape::whole()
-            };
-            Ok(reply_response(state, &reply, &chat, chunk_delay_ms, shape))
-        }
-        Behaviour::Status {
-            status,
-            retry_after,
-            body,
-            headers,
-            latency_ms,
-        } => {
-            sleep_ms(latency_ms).await;
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let body = match body {
-                Some(b) => Bytes::from(b.to_string()),
-                None => openai::default_error_for_status(code.as_u16(), &chat.model),
-            };
-            let mut resp = json_response(code, body);
-            let h = resp.headers_mut();
-            let retry_after = retry_after.as_ref().map(script::header_text);
-            if code == StatusCode::TOO_MANY_REQUESTS {
-                let reset = retry_after
-                    .as_deref()
-                    .and_then(|r| r.parse::<u64>().ok())
-                    .map(|s| format!("{s}s"))
-                    .unwrap_or_else(|| "1s".into());
-                let reset = HeaderValue::from_str(&reset).expect("ascii");
-                h.insert("x-ratelimit-limit-requests", HeaderValue::from_static("30"));
-                h.insert(
-                    "x-ratelimit-remaining-requests",
-                    HeaderValue::from_static("0"),
-                );
-                h.insert("x-ratelimit-reset-requests", reset);
-                h.insert("x-ratelimit-limit-tokens", HeaderValue::from_static("6000"));
-                h.insert(
-                    "x-ratelimit-remaining-tokens",
-                    HeaderValue::from_static("0"),
-                );
-                h.insert(
-                    "x-ratelimit-reset-tokens",
-                    HeaderValue::from_static("7.66s"),
-                );
-            }
-            if let Some(r) = retry_after.and_then(|r| HeaderValue::from_str(&r).ok()) {
-                h.insert("retry-after", r);
-            }
-            for (name, value) in headers {
-                if let (Ok(n), Ok(v)) = (
-                    http::HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_str(&value),
-                ) {
-                    h.insert(n, v);
-                }
-            }
-            Ok(resp)
-        }
-        Behaviour::Stall {
-            latency_ms,
-            chunk_delay_ms,
-            ..
-        }
-        | Behaviour::Drop {
-            latency_ms,
-            chunk_delay_ms,
-            ..
-        } => {
-            let end = if matches!(behaviour, Behaviour::Stall { .. }) {
-                BodyEnd::Stall
-            } else {
-                BodyEnd::Abort
-            };
-            sleep_ms(latency_ms).await;
-            let reply = make_reply(state, &chat, None);
-            let shape = Shape {
-                cut: behaviour.cut(),
-                end,
-                ..Shape::whole()
-            };
-            Ok(reply_response(state, &reply, &chat, chunk_delay_ms, shape))
-        }
-        Behaviour::Close => Err(close_connection()),
-    }
-}
-
-async fn sleep_ms(ms: u64) {
-    if ms > 0 {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-}
-
-/// True if `text` contains `word` as a whole word, ignoring case.
-fn has_word(text: &str, word: &str) -> bool {
-    text.split(|c: char| !c.is_alphanumeric())
-        .any(|w| w.eq_ignore_ascii_case(word))
-}
-
-/// The place a weather question asks about: the word after "in", else Paris.
-fn weather_location(text: &str) -> String {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    words
-        .iter()
-        .position(|w| w.eq_ignore_ascii_case("in"))
-        .and_then(|i| words.get(i + 1))
-        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_string())
-        .filter(|w| !w.is_empty())
-        .unwrap_or_else(|| "Paris".into())
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn make_reply(state: &State, chat: &ChatRequest, content: Option<String>) -> Reply {
-    let n = state.seq.fetch_add(1, Ordering::Relaxed);
-    let id = format!("chatcmpl-mock{n:016}");
-    let body = match &chat.first_tool {
-        Some(tool) if content.is_none() && has_word(&chat.last_user_text, "weather") => {
-            let param = tool.first_param.as_deref().unwrap_or("location");
-            let mut args = serde_json::Map::new();
-            args.insert(
-                param.to_string(),
-                Value::String(weather_location(&chat.last_user_text)),
-            );
-            ReplyBody::ToolCall(ToolCall {
-                id: format!("call_mock{n:015}"),
-                name: tool.name.clone(),
-                arguments: Value::Object(args).to_string(),
+    #[test]
+    fn gemini_paths() {
+        assert_eq!(
+            gemini_route(
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+                Some("alt=sse&key=k")
+            ),
+            Some(Route::Gemini {
+                model: "gemini-2.5-flash".into(),
+                stream: true,
+                sse: true
             })
-        }
-        _ => ReplyBody::Text(
-            content
-                .unwrap_or_else(|| format!("mock({}): {}", state.config.name, chat.last_user_text)),
-        ),
-    };
-    let completion_tokens = match &body {
-        ReplyBody::Text(t) => openai::count_words(t),
-        ReplyBody::ToolCall(c) => openai::count_words(&c.arguments),
-    };
-    Reply {
-        id,
-        created: now_secs(),
-        model: chat.model.clone(),
-        body,
-        prompt_tokens: chat.prompt_tokens,
-        completion_tokens,
-    }
-}
-
-/// How much of a reply is sent and how the body ends.
-struct Shape {
-    /// `None`: all of it.
-    cut: Option<Cut>,
-    /// Wait for a release after this many pieces.
-    pause_after: Option<usize>,
-    /// Leave out the `[DONE]` event (streams).
-    omit_done: bool,
-    end: BodyEnd,
-}
-
-impl Shape {
-    fn whole() -> Self {
-        Shape {
-            cut: None,
-            pause_after: None,
-            omit_done: false,
-            end: BodyEnd::Finish,
-        }
-    }
-}
-
-/// The first `n` bytes of `pieces`, keeping piece boundaries (the last piece may be cut).
-fn first_bytes(pieces: Vec<Bytes>, mut n: usize) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    for piece in pieces {
-        if n == 0 {
-            break;
-        }
-        let take = piece.len().min(n);
-        n -= take;
-        out.push(piece.slice(..take));
-    }
-    out
-}
-
-/// What a cut leaves of a stream's events.
-fn cut_events(events: Vec<Bytes>, cut: Cut) -> Vec<Bytes> {
-    let total: usize = events.iter().map(Bytes::len).sum();
-    if let Some(n) = cut.after_bytes {
-        return first_bytes(events, n.min(total.saturating_sub(1)));
-    }
-    let whole = if cut.before_done {
-        events.len().saturating_sub(1)
-    } else {
-        cut.after_chunks.min(events.len())
-    };
-    let next = events.get(whole).cloned();
-    let mut out: Vec<Bytes> = events.into_iter().take(whole).collect();
-    if let (true, Some(next)) = (cut.mid_event, next) {
-        out.push(next.slice(..(next.len() / 2).max(1)));
-    }
-    out
-}
-
-/// What a cut leaves of a JSON answer.
-fn cut_json(json: &Bytes, cut: Cut) -> Vec<Bytes> {
-    let keep = match cut.after_bytes {
-        Some(n) => n.min(json.len().saturating_sub(1)),
-        None if cut.after_chunks == 0 => 0,
-        None => json.len() / 2,
-    };
-    first_bytes(vec![json.clone()], keep)
-}
-
-/// The pieces with a gate after the first `after` of them (if any).
-fn with_gate(pieces: Vec<Bytes>, after: Option<usize>) -> Vec<Piece> {
-    let mut out: Vec<Piece> = pieces.into_iter().map(Piece::Data).collect();
-    if let Some(n) = after {
-        out.insert(n.min(out.len()), Piece::Gate);
-    }
-    out
-}
-
-/// The response for a reply: JSON or SSE per the request, shaped by `shape`.
-fn reply_response(
-    state: &State,
-    reply: &Reply,
-    chat: &ChatRequest,
-    chunk_delay_ms: u64,
-    shape: Shape,
-) -> Response<MockBody> {
-    let delay = Duration::from_millis(chunk_delay_ms);
-    let gates = shape.pause_after.map(|_| state.gates.clone());
-    let mut resp = if chat.stream {
-        let mut events = openai::stream_events(reply, chat.include_usage);
-        if shape.omit_done {
-            events.pop();
-        }
-        let events = match shape.cut {
-            Some(cut) => cut_events(events, cut),
-            None => events,
-        };
-        let steps = with_gate(events, shape.pause_after);
-        let mut resp = Response::new(MockBody::steps(steps, gates, delay, shape.end));
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
         );
-        resp.headers_mut()
-            .insert("cache-control", HeaderValue::from_static("no-cache"));
-        resp
-    } else {
-        let json = openai::completion_json(reply);
-        let body = match (shape.cut, shape.pause_after) {
-            (None, None) => MockBody::full(json),
-            (Some(cut), _) => MockBody::pieces(cut_json(&json, cut), delay, shape.end)
-                .announcing(json.len() as u64),
-            (None, Some(after)) => {
-                // Paused JSON: the head (0), or the head and the first half (1 or more).
-                let pieces = if after == 0 {
-                    vec![json.clone()]
-                } else {
-                    let half = json.len() / 2;
-                    vec![json.slice(..half), json.slice(half..)]
-                };
-                MockBody::steps(
-                    with_gate(pieces, Some(after.min(1))),
-                    gates,
-                    delay,
-                    shape.end,
-                )
-                .announcing(json.len() as u64)
-            }
-        };
-        let mut resp = Response::new(body);
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        resp
-    };
-    if let Ok(v) = HeaderValue::from_str(&format!("req_{}", &reply.id["chatcmpl-".len()..])) {
-        resp.headers_mut().insert("x-request-id", v);
+        assert_eq!(
+            gemini_route("/x/v1/models/m:generateContent", None),
+            Some(Route::Gemini {
+                model: "m".into(),
+                stream: false,
+                sse: false
+            })
+        );
+        assert_eq!(
+            gemini_route("/v1beta/models/m%3AgenerateContent", None),
+            Some(Route::Gemini {
+                model: "m".into(),
+                stream: false,
+                sse: false
+            })
+        );
+        assert_eq!(gemini_route("/v1beta/models/m:countTokens", None), None);
+        assert_eq!(gemini_route("/v1beta/models", None), None);
     }
-    resp.headers_mut()
-        .insert("openai-processing-ms", HeaderValue::from_static("1"));
-    resp
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("a=1&key=xyz"), "key"), Some("xyz"));
+        assert_eq!(query_param(Some("all"), "all"), Some(""));
+        assert_eq!(query_param(None, "all"), None);
+    }
 }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::wire::Finish;
+
 /// One scripted behaviour, consumed by one chat request (FIFO). JSON: `{"kind": "...", ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -26,16 +28,34 @@ pub enum Behaviour {
         /// sending the rest. Lets a test act while the answer is provably unfinished.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pause_after_chunks: Option<usize>,
-        /// Streams: end the body cleanly but without the final `data: [DONE]` event.
+        /// Streams: end the body cleanly but without the final event (OpenAI `data: [DONE]`,
+        /// Anthropic `message_stop`, Gemini the chunk with `finishReason`).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         omit_done: bool,
+        /// Make this many parallel calls (at least 1) to the request's declared tools, cycling
+        /// through them, with arguments built from each tool's parameter schema. A request
+        /// without tools gets the text reply instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tool_calls: Option<usize>,
+        /// Think this text first (OpenAI `reasoning_content`, an Anthropic thinking block when
+        /// the request enables thinking, a Gemini `thought` part with `includeThoughts`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        thinking: Option<String>,
+        /// How the reply ends (default `stop`). `content_filter` and `malformed_function_call`
+        /// say nothing unless `content` is given. A request whose max tokens is below the
+        /// reply's word count ends with `length` anyway, its text cut to that many words.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        finish: Option<Finish>,
     },
-    /// An error status with an OpenAI-shaped body (or `body` verbatim).
+    /// An error status with a body in the route's format (or `body` verbatim).
     Status {
         status: u16,
         /// `retry-after` header value (string or number of seconds).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after: Option<Value>,
+        /// Gemini 429: the `google.rpc.RetryInfo` `retryDelay` (such as `"7s"`) in the body.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_delay: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         body: Option<Value>,
         /// Extra response headers.
@@ -77,17 +97,38 @@ pub enum Behaviour {
     },
     /// Accept the request, then close the connection without any response.
     Close,
+    /// Streams: send `after_chunks` events (at most all but the final one), then the
+    /// provider's mid-stream error event, then end the body cleanly. A JSON request gets the
+    /// error as an error status instead.
+    StreamError {
+        #[serde(default)]
+        after_chunks: usize,
+        /// The error message (default: the provider's usual one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        /// OpenAI `error.type` (default `server_error`), Anthropic `error.type` (default
+        /// `overloaded_error`), Gemini `error.status` (default `INTERNAL`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error_type: Option<String>,
+        #[serde(default)]
+        latency_ms: u64,
+        #[serde(default)]
+        chunk_delay_ms: u64,
+    },
 }
 
 /// Where a `stall` or `drop` cuts the answer, from the behaviour's fields. The response head
 /// (200) is always sent.
 ///
-/// Streams: `after_chunks` whole events (default 0), or with `before_done` every event but
-/// `data: [DONE]` (finish and usage chunks included); then, with `mid_event`, the first half of
-/// the next event's bytes (inside its `data: {...` line, no newline). JSON answers: nothing with
-/// `after_chunks: 0`, the first half of the JSON otherwise. For both, `after_bytes` instead cuts
-/// the body after that many bytes (always inside the body: at most its length minus one). A JSON
-/// answer announces its full `content-length`, as a real one would.
+/// Streams: `after_chunks` whole events (default 0), or with `before_done` every event but the
+/// last (OpenAI: all but `data: [DONE]`, finish and usage chunks included; Anthropic: all but
+/// `message_stop`; Gemini SSE: all but the chunk with `finishReason`; a Gemini JSON array: all
+/// but its closing `]`); then, with `mid_event`, the first half of the next event's bytes (inside
+/// its `data: {...` line, no newline). Events are counted as sent: Anthropic's `ping` is one, a
+/// Gemini JSON array's pieces are `[`+first chunk, `,\r\n`+each next, `]`. JSON answers:
+/// nothing with `after_chunks: 0`, the first half of the JSON otherwise. For both, `after_bytes`
+/// instead cuts the body after that many bytes (always inside the body: at most its length minus
+/// one). A JSON answer announces its full `content-length`, as a real one would.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Cut {
     pub after_chunks: usize,
@@ -105,6 +146,9 @@ impl Behaviour {
             content: None,
             pause_after_chunks: None,
             omit_done: false,
+            tool_calls: None,
+            thinking: None,
+            finish: None,
         }
     }
 
@@ -139,6 +183,7 @@ impl Behaviour {
         Behaviour::Status {
             status,
             retry_after: None,
+            retry_delay: None,
             body: None,
             headers: BTreeMap::new(),
             latency_ms: 0,
@@ -150,6 +195,7 @@ impl Behaviour {
         Behaviour::Status {
             status: 429,
             retry_after: Some(Value::String(retry_after_secs.to_string())),
+            retry_delay: None,
             body: None,
             headers: BTreeMap::new(),
             latency_ms: 0,
@@ -187,10 +233,21 @@ mod tests {
                 {"kind":"drop","after_chunks":1},{"kind":"close"},
                 {"kind":"drop","after_chunks":2,"mid_event":true},{"kind":"drop","before_done":true},
                 {"kind":"drop","after_bytes":10},{"kind":"stall","mid_event":true},
-                {"kind":"ok","pause_after_chunks":2},{"kind":"ok","omit_done":true}]"#,
+                {"kind":"ok","pause_after_chunks":2},{"kind":"ok","omit_done":true},
+                {"kind":"ok","tool_calls":2,"thinking":"hmm","finish":"content_filter"},
+                {"kind":"stream_error","after_chunks":3,"message":"boom","error_type":"api_error"},
+                {"kind":"status","status":429,"retry_delay":"7s"}]"#,
         )
         .unwrap();
-        assert_eq!(script.len(), 15);
+        assert_eq!(script.len(), 18);
+        assert!(matches!(
+            script[15],
+            Behaviour::Ok {
+                tool_calls: Some(2),
+                finish: Some(Finish::ContentFilter),
+                ..
+            }
+        ));
         assert_eq!(
             script[9].cut(),
             Some(Cut {
@@ -215,5 +272,7 @@ mod tests {
         assert!(parse_script(br#"[{"kind":"status"}]"#).is_err());
         assert!(parse_script(br#"[{"kind":"drop","mid_events":true}]"#).is_err());
         assert!(parse_script(br#"[{"kind":"ok","after_bytes":3}]"#).is_err());
+        assert!(parse_script(br#"[{"kind":"ok","finish":"done"}]"#).is_err());
+        assert!(parse_script(br#"[{"kind":"stream_error","after":1}]"#).is_err());
     }
 }

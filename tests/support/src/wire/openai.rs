@@ -4,65 +4,13 @@
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use super::{Reply, ReplyBody, RequestError, ToolCall};
+pub use super::{content_text, count_words, word_pieces, ChatRequest, ToolSpec};
+use super::{json_pieces, Checks, Finish, Reply, RequestError, Thoughts};
 
 /// Fingerprint reported in every completion, as OpenAI does.
 pub const SYSTEM_FINGERPRINT: &str = "fp_mock0000001";
-
-/// What the engine needs to know about a chat-completions request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatRequest {
-    pub model: String,
-    pub stream: bool,
-    pub include_usage: bool,
-    /// Text of the last `user` message (text parts joined with a space); empty if none.
-    pub last_user_text: String,
-    /// Whitespace-separated words in every message's text: the mock's prompt token count.
-    pub prompt_tokens: u64,
-    /// The first entry of `tools`, if any.
-    pub first_tool: Option<ToolSpec>,
-}
-
-/// The part of a tool definition the mock uses to make a plausible call.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolSpec {
-    pub name: String,
-    /// Name of the first declared parameter (`parameters.properties`), if any.
-    pub first_param: Option<String>,
-}
-
-/// Whitespace-word count: the mock's notion of a token.
-pub fn count_words(text: &str) -> u64 {
-    text.split_whitespace().count() as u64
-}
-
-/// The text of a message `content`: a string, or the `text` of each `{"type":"text"}` part joined
-/// with a single space. Anything else has no text.
-pub fn content_text(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => {
-            let mut out = String::new();
-            for part in parts {
-                let text = match part {
-                    Value::String(s) => Some(s.as_str()),
-                    Value::Object(o) => o.get("text").and_then(Value::as_str),
-                    _ => None,
-                };
-                if let Some(text) = text {
-                    if !out.is_empty() {
-                        out.push(' ');
-                    }
-                    out.push_str(text);
-                }
-            }
-            out
-        }
-        _ => String::new(),
-    }
-}
 
 /// How OpenAI names a JSON value's type in its validation messages.
 fn json_type(v: &Value) -> &'static str {
@@ -78,115 +26,163 @@ fn json_type(v: &Value) -> &'static str {
 
 /// Reads a chat-completions request body, checking what OpenAI checks before it answers.
 pub fn parse_request(body: &[u8]) -> Result<ChatRequest, RequestError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| RequestError {
-        message: format!(
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        RequestError::new(format!(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON. {e})"
-        ),
-        param: None,
+        ), None)
     })?;
     request_from_value(&value)
 }
 
 /// As [`parse_request`], from an already parsed body.
 pub fn request_from_value(value: &Value) -> Result<ChatRequest, RequestError> {
-    let obj = value.as_object().ok_or_else(|| RequestError {
-        message: "Invalid type for request body: expected an object.".into(),
-        param: None,
+    request_checked(value, &Checks::default())
+}
+
+/// As [`request_from_value`], with the mock's configured extra checks.
+pub fn request_checked(value: &Value, checks: &Checks) -> Result<ChatRequest, RequestError> {
+    let obj = value.as_object().ok_or_else(|| {
+        RequestError::new("Invalid type for request body: expected an object.", None)
     })?;
+    if checks.reject_stream_options {
+        if let Some(input) = obj.get("stream_options") {
+            // Mistral's answer to a field it does not know (FastAPI, extra = forbid).
+            return Err(RequestError {
+                status: 422,
+                message: "Extra inputs are not permitted".into(),
+                param: Some("stream_options".into()),
+                body: Some(json!({
+                    "object": "error",
+                    "message": {"detail": [{
+                        "type": "extra_forbidden",
+                        "loc": ["body", "stream_options"],
+                        "msg": "Extra inputs are not permitted",
+                        "input": input,
+                    }]},
+                    "type": "invalid_request_error",
+                    "param": null,
+                    "code": null,
+                })),
+            });
+        }
+    }
     let model = match obj.get("model") {
         Some(Value::String(m)) => m.clone(),
         _ => {
-            return Err(RequestError {
-                message: "you must provide a model parameter".into(),
-                param: None,
-            })
+            return Err(RequestError::new(
+                "you must provide a model parameter",
+                None,
+            ))
         }
     };
     let messages = match obj.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => {
-            return Err(RequestError {
-                message: "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.".into(),
-                param: Some("messages".into()),
-            })
+            return Err(RequestError::new(
+                "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
+                Some("messages"),
+            ))
         }
         _ => {
-            return Err(RequestError {
-                message: "Missing required parameter: 'messages'.".into(),
-                param: Some("messages".into()),
-            })
+            return Err(RequestError::new(
+                "Missing required parameter: 'messages'.",
+                Some("messages"),
+            ))
         }
     };
     let mut prompt_tokens = 0;
     let mut last_user_text = String::new();
     for (i, msg) in messages.iter().enumerate() {
-        let role = msg
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| RequestError {
-                message: format!("Missing required parameter: 'messages[{i}].role'."),
-                param: Some(format!("messages[{i}].role")),
-            })?;
+        let role = msg.get("role").and_then(Value::as_str).ok_or_else(|| {
+            RequestError::new(
+                format!("Missing required parameter: 'messages[{i}].role'."),
+                Some(&format!("messages[{i}].role")),
+            )
+        })?;
         let text = msg.get("content").map(content_text).unwrap_or_default();
         prompt_tokens += count_words(&text);
         if role == "user" {
             last_user_text = text;
         }
     }
+    if let Some(Value::Array(stop)) = obj.get("stop") {
+        if stop.len() > 4 {
+            let message = format!(
+                "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length {} instead.",
+                stop.len()
+            );
+            return Err(RequestError {
+                body: Some(json!({"error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": "stop",
+                    "code": "array_above_max_length",
+                }})),
+                ..RequestError::new(message, Some("stop"))
+            });
+        }
+    }
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = match obj.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(_) if !stream => {
-            return Err(RequestError {
-                message: "The 'stream_options' parameter is only allowed when 'stream' is enabled."
-                    .into(),
-                param: Some("stream_options".into()),
-            })
+            return Err(RequestError::new(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                Some("stream_options"),
+            ))
         }
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                return Err(RequestError {
-                    message: format!(
+                return Err(RequestError::new(
+                    format!(
                         "Invalid type for 'stream_options.include_usage': expected a boolean, but got {} instead.",
                         json_type(other)
                     ),
-                    param: Some("stream_options.include_usage".into()),
-                })
+                    Some("stream_options.include_usage"),
+                ))
             }
         },
         Some(other) => {
-            return Err(RequestError {
-                message: format!(
+            return Err(RequestError::new(
+                format!(
                     "Invalid type for 'stream_options': expected an object, but got {} instead.",
                     json_type(other)
                 ),
-                param: Some("stream_options".into()),
-            })
+                Some("stream_options"),
+            ))
         }
     };
-    let first_tool = obj
+    let tools = obj
         .get("tools")
         .and_then(Value::as_array)
-        .and_then(|t| t.first())
-        .and_then(|t| {
-            let f = t.get("function")?;
-            let name = f.get("name")?.as_str()?.to_string();
-            let first_param = f
-                .get("parameters")
-                .and_then(|p| p.get("properties"))
-                .and_then(Value::as_object)
-                .and_then(|p| p.keys().next().cloned());
-            Some(ToolSpec { name, first_param })
-        });
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| {
+                    let f = t.get("function")?;
+                    Some(ToolSpec {
+                        name: f.get("name")?.as_str()?.to_string(),
+                        parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let max_tokens = obj
+        .get("max_completion_tokens")
+        .and_then(Value::as_u64)
+        .or_else(|| obj.get("max_tokens").and_then(Value::as_u64));
     Ok(ChatRequest {
         model,
         stream,
         include_usage,
         last_user_text,
         prompt_tokens,
-        first_tool,
+        tools,
+        max_tokens,
+        thoughts: Thoughts::Shown,
     })
 }
 
@@ -217,16 +213,17 @@ struct Usage {
 
 impl Usage {
     fn of(reply: &Reply) -> Self {
+        let completion = reply.completion_tokens + reply.thinking_tokens;
         Usage {
             prompt_tokens: reply.prompt_tokens,
-            completion_tokens: reply.completion_tokens,
-            total_tokens: reply.prompt_tokens + reply.completion_tokens,
+            completion_tokens: completion,
+            total_tokens: reply.prompt_tokens + completion,
             prompt_tokens_details: PromptDetails {
                 cached_tokens: 0,
                 audio_tokens: 0,
             },
             completion_tokens_details: CompletionDetails {
-                reasoning_tokens: 0,
+                reasoning_tokens: reply.thinking_tokens,
                 audio_tokens: 0,
                 accepted_prediction_tokens: 0,
                 rejected_prediction_tokens: 0,
@@ -253,8 +250,11 @@ struct ToolCallOut<'a> {
 struct Message<'a> {
     role: &'static str,
     content: Option<&'a str>,
+    /// As DeepSeek, Groq and other OpenAI-compatible providers report thinking.
     #[serde(skip_serializing_if = "Option::is_none")]
-    tool_calls: Option<[ToolCallOut<'a>; 1]>,
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallOut<'a>>>,
     refusal: Option<&'a str>,
     annotations: [(); 0],
 }
@@ -281,28 +281,30 @@ struct Completion<'a> {
 
 /// The `finish_reason` OpenAI reports for a reply.
 pub fn finish_reason(reply: &Reply) -> &'static str {
-    match reply.body {
-        ReplyBody::Text(_) => "stop",
-        ReplyBody::ToolCall(_) => "tool_calls",
+    match reply.finish {
+        Finish::Stop if !reply.tool_calls.is_empty() => "tool_calls",
+        Finish::Stop | Finish::MalformedFunctionCall => "stop",
+        Finish::Length => "length",
+        Finish::ContentFilter => "content_filter",
     }
 }
 
 /// A whole `chat.completion` object.
 pub fn completion_json(reply: &Reply) -> Bytes {
-    let (content, tool_calls) = match &reply.body {
-        ReplyBody::Text(t) => (Some(t.as_str()), None),
-        ReplyBody::ToolCall(call) => (
-            None,
-            Some([ToolCallOut {
+    let tool_calls = (!reply.tool_calls.is_empty()).then(|| {
+        reply
+            .tool_calls
+            .iter()
+            .map(|call| ToolCallOut {
                 id: &call.id,
                 kind: "function",
                 function: FunctionCall {
                     name: &call.name,
                     arguments: &call.arguments,
                 },
-            }]),
-        ),
-    };
+            })
+            .collect()
+    });
     let completion = Completion {
         id: &reply.id,
         object: "chat.completion",
@@ -312,7 +314,8 @@ pub fn completion_json(reply: &Reply) -> Bytes {
             index: 0,
             message: Message {
                 role: "assistant",
-                content,
+                content: reply.text.as_deref(),
+                reasoning_content: reply.thinking.as_deref(),
                 tool_calls,
                 refusal: None,
                 annotations: [],
@@ -336,7 +339,7 @@ struct FunctionDelta<'a> {
 
 #[derive(Serialize)]
 struct ToolCallDelta<'a> {
-    index: u32,
+    index: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
@@ -350,6 +353,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_calls: Option<[ToolCallDelta<'a>; 1]>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -390,42 +395,10 @@ pub fn sse_event(data: &[u8]) -> Bytes {
 /// The stream terminator.
 pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
-/// Splits text into stream pieces, one per word, each word after the first carrying the
-/// whitespace before it (as tokens do), so the pieces concatenate back to the text exactly.
-pub fn word_pieces(text: &str) -> Vec<&str> {
-    let mut pieces = Vec::new();
-    let mut start = 0;
-    let mut prev_ws = true;
-    for (i, c) in text.char_indices() {
-        let ws = c.is_whitespace();
-        if ws && !prev_ws && i > 0 {
-            pieces.push(&text[start..i]);
-            start = i;
-        }
-        prev_ws = ws;
-    }
-    if start < text.len() {
-        pieces.push(&text[start..]);
-    }
-    pieces
-}
-
-/// Splits tool-call arguments into a few pieces, as OpenAI streams them.
-fn argument_pieces(args: &str) -> Vec<&str> {
-    let mut pieces = Vec::new();
-    let mut rest = args;
-    while !rest.is_empty() {
-        let mut cut = rest.len().min(8);
-        while !rest.is_char_boundary(cut) {
-            cut += 1;
-        }
-        pieces.push(&rest[..cut]);
-        rest = &rest[cut..];
-    }
-    pieces
-}
-
-/// Every SSE event of a streamed reply, in order, ending with `data: [DONE]`.
+/// Every SSE event of a streamed reply, in order, ending with `data: [DONE]`: a role chunk
+/// (carrying the first tool call's start when the reply is only tool calls), reasoning pieces,
+/// content pieces, each tool call's start and argument pieces, the finish chunk, the usage chunk
+/// (with `include_usage`), `[DONE]`.
 pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
     let event = |choices: Vec<ChunkChoice<'_>>, usage: Option<Option<Usage>>| {
         let c = Chunk {
@@ -450,67 +423,92 @@ pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
         };
         event(vec![choice], usage_field())
     };
+    let call_start = |index: usize| {
+        let call = &reply.tool_calls[index];
+        [ToolCallDelta {
+            index,
+            id: Some(&call.id),
+            kind: Some("function"),
+            function: FunctionDelta {
+                name: Some(&call.name),
+                arguments: "",
+            },
+        }]
+    };
     let mut events = Vec::new();
-    match &reply.body {
-        ReplyBody::Text(text) => {
+    let only_calls =
+        reply.text.is_none() && reply.thinking.is_none() && !reply.tool_calls.is_empty();
+    if only_calls {
+        events.push(chunk(
+            Delta {
+                role: Some("assistant"),
+                content: Some(None),
+                tool_calls: Some(call_start(0)),
+                refusal: Some(None),
+                ..Delta::default()
+            },
+            None,
+        ));
+    } else {
+        events.push(chunk(
+            Delta {
+                role: Some("assistant"),
+                content: Some(Some("")),
+                refusal: Some(None),
+                ..Delta::default()
+            },
+            None,
+        ));
+    }
+    for piece in reply
+        .thinking
+        .as_deref()
+        .map(word_pieces)
+        .unwrap_or_default()
+    {
+        events.push(chunk(
+            Delta {
+                reasoning_content: Some(piece),
+                ..Delta::default()
+            },
+            None,
+        ));
+    }
+    for piece in reply.text.as_deref().map(word_pieces).unwrap_or_default() {
+        events.push(chunk(
+            Delta {
+                content: Some(Some(piece)),
+                ..Delta::default()
+            },
+            None,
+        ));
+    }
+    for (index, call) in reply.tool_calls.iter().enumerate() {
+        if !(only_calls && index == 0) {
             events.push(chunk(
                 Delta {
-                    role: Some("assistant"),
-                    content: Some(Some("")),
-                    refusal: Some(None),
+                    tool_calls: Some(call_start(index)),
                     ..Delta::default()
                 },
                 None,
             ));
-            for piece in word_pieces(text) {
-                events.push(chunk(
-                    Delta {
-                        content: Some(Some(piece)),
-                        ..Delta::default()
-                    },
-                    None,
-                ));
-            }
         }
-        ReplyBody::ToolCall(ToolCall {
-            id,
-            name,
-            arguments,
-        }) => {
+        for piece in json_pieces(&call.arguments) {
             events.push(chunk(
                 Delta {
-                    role: Some("assistant"),
-                    content: Some(None),
                     tool_calls: Some([ToolCallDelta {
-                        index: 0,
-                        id: Some(id),
-                        kind: Some("function"),
+                        index,
+                        id: None,
+                        kind: None,
                         function: FunctionDelta {
-                            name: Some(name),
-                            arguments: "",
+                            name: None,
+                            arguments: piece,
                         },
                     }]),
-                    refusal: Some(None),
+                    ..Delta::default()
                 },
                 None,
             ));
-            for piece in argument_pieces(arguments) {
-                events.push(chunk(
-                    Delta {
-                        tool_calls: Some([ToolCallDelta {
-                            index: 0,
-                            id: None,
-                            kind: None,
-                            function: FunctionDelta {
-                                name: None,
-                                arguments: piece,
-                            },
-                        }]),
-                        ..Delta::default()
-                    },
-                    None,
-                ));
-            }
         }
     }
     events.push(chunk(Delta::default(), Some(finish_reason(reply))));
@@ -519,6 +517,11 @@ pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
     }
     events.push(Bytes::from_static(DONE_EVENT));
     events
+}
+
+/// The error event OpenAI sends when a stream fails after it began: `data: {"error":{…}}`.
+pub fn stream_error_event(message: &str, kind: &str) -> Bytes {
+    sse_event(&error_json(message, kind, None, None))
 }
 
 #[derive(Serialize)]
@@ -638,15 +641,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn word_pieces_concatenate_back() {
-        for text in ["", "one", "mock(groq): hello  big\nworld ", "  lead"] {
-            let pieces = word_pieces(text);
-            assert_eq!(pieces.concat(), text);
-        }
-        assert_eq!(word_pieces("a b  c"), vec!["a", " b", "  c"]);
-    }
-
-    #[test]
     fn content_parts_are_joined() {
         let v: Value = serde_json::json!([{"type":"text","text":"Hello"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"world"}]);
         assert_eq!(content_text(&v), "Hello world");
@@ -707,14 +701,7 @@ mod tests {
 
     #[test]
     fn usage_is_reported_only_when_asked() {
-        let reply = Reply {
-            id: "chatcmpl-x".into(),
-            created: 1,
-            model: "m".into(),
-            body: ReplyBody::Text("a b".into()),
-            prompt_tokens: 2,
-            completion_tokens: 2,
-        };
+        let reply = Reply::text("chatcmpl-x", "m", "a b", 2);
         let chunks = |include_usage| -> Vec<Value> {
             let events = stream_events(&reply, include_usage);
             assert_eq!(events.last().unwrap().as_ref(), DONE_EVENT);
