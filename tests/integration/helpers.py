@@ -75,3 +75,35 @@ def chat_body(model: str = "auto", content: str = "hello there", **extra) -> dic
 
 def dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
+
+
+# Native wire formats: what the gateway must have sent each provider.
+GEMINI = "gemini"
+ANTHROPIC = "anthropic"
+
+
+def upstream_path(provider: str, model: str, api_path: str, stream: bool = False) -> str:
+    """The path a chat request to `provider` must reach: Gemini and Anthropic natively."""
+    if provider == GEMINI:
+        method = "streamGenerateContent" if stream else "generateContent"
+        return f"{api_path}/models/{model}:{method}"
+    if provider == ANTHROPIC:
+        return f"{api_path}/messages"
+    return f"{api_path}/chat/completions"
+
+
+def upstream_model(req: dict) -> str:
+    """The model a recorded upstream request asked for (Gemini names it in the path)."""
+    if ":generateContent" in req["path"] or ":streamGenerateContent" in req["path"]:
+        return req["path"].rsplit("/models/", 1)[1].split(":", 1)[0]
+    return req["body"]["model"]
+
+
+def upstream_auth(provider: str, req: dict) -> str:
+    """The key a recorded upstream request carried, in the provider's own header."""
+    h = req["headers"]
+    if provider == GEMINI:
+        return h.get("x-goog-api-key", "")
+    if provider == ANTHROPIC:
+        return h.get("x-api-key", "")
+    return h.get("authorization", "").removeprefix("Bearer ")

@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from conftest import API_PATHS
-from helpers import assert_openai_error, chat_body, words
+from helpers import assert_openai_error, chat_body, upstream_auth, upstream_model, upstream_path, words
 
 CONFIGURED = {"groq", "gemini", "openrouter"}
 UNCONFIGURED = {"mistral", "nvidia", "together", "openai", "anthropic"}
@@ -82,8 +82,8 @@ def test_explicit_provider_model(shared, client, provider, model):
     assert raw.headers["x-freerelay-model"].endswith(model)
     assert raw.parse().choices[0].message.content == f"mock({provider}): explicit"
     [req] = shared.mocks[provider].requests()
-    assert req["path"] == API_PATHS[provider] + "/chat/completions"
-    assert req["body"]["model"] == model
+    assert req["path"] == upstream_path(provider, model, API_PATHS[provider])
+    assert upstream_model(req) == model
     for other, m in shared.mocks.items():
         if other != provider:
             assert m.requests() == []
@@ -100,7 +100,7 @@ def test_bare_catalogue_id_routes_to_its_provider(shared, client):
     raw = _raw(client, model="gemini-2.5-flash", messages=[{"role": "user", "content": "bare"}])
     assert raw.headers["x-freerelay-provider"] == "gemini"
     [req] = shared.gemini.requests()
-    assert req["body"]["model"] == "gemini-2.5-flash"
+    assert upstream_model(req) == "gemini-2.5-flash"
     assert shared.groq.requests() == []
 
 
@@ -186,13 +186,14 @@ def test_multi_turn_tool_result_is_forwarded(shared, client):
 
 
 def test_all_providers_paths_and_auto_order(make_mock, make_gateway):
-    """All eight configured: each is called on its own API path, and `auto` walks them in order.
+    """All nine configured: each is called on its own API path, and `auto` walks them in order.
 
     Request k makes the provider `auto` picks first answer 429 (long Retry-After), so the next one
     in the order answers it, and the 429'd one stays cooled down for the rest of the test.
     """
     from conftest import PROVIDERS
-    order = ["groq", "gemini", "openrouter", "mistral", "nvidia", "together", "openai", "anthropic"]
+    order = ["groq", "gemini", "openrouter", "cerebras", "mistral", "nvidia", "together", "openai",
+             "anthropic"]
     assert sorted(order) == sorted(PROVIDERS)
     mocks = {p: make_mock(p) for p in order}
     gw = make_gateway(mocks)
@@ -209,8 +210,8 @@ def test_all_providers_paths_and_auto_order(make_mock, make_gateway):
         assert raw.headers["x-freerelay-provider"] == second, f"after {first} cooled down"
         assert raw.parse().choices[0].message.content == f"mock({second}): after {first}"
         [req] = mocks[second].requests()[-1:]
-        assert req["path"] == API_PATHS[second] + "/chat/completions"
-        assert req["headers"]["authorization"] == f"Bearer {mocks[second].key}"
+        assert req["path"] == upstream_path(second, upstream_model(req), API_PATHS[second])
+        assert upstream_auth(second, req) == mocks[second].key
 
     for p in order:
         # groq was only 429'd, anthropic only answered; each one between answered, then was 429'd.

@@ -166,8 +166,8 @@ def test_429_auto_falls_back_and_cools_down(make_mock, make_gateway):
     assert raw.parse().choices[0].message.content == "mock(gemini): fallback please"
     assert len(groq.requests()) == 1
     [req] = gemini.requests()
-    assert req["body"]["model"] == "gemini-2.5-flash"
-    assert req["path"] == "/v1beta/openai/chat/completions"
+    assert req["path"] == "/v1beta/models/gemini-3.1-flash-lite:generateContent"
+    assert req["headers"]["x-goog-api-key"] == gemini.key
 
     served: list[tuple[float, str]] = []  # (finished at, provider)
     while not served or served[-1][1] != "groq":
