@@ -136,12 +136,12 @@ fn messages_body(target: &Target<'_>, req: &ChatRequest) -> Result<Value, ApiErr
             name,
             schema,
             description,
-        } if tools.is_empty() && schema.get("type").and_then(Value::as_str) == Some("object") => {
+        } if tools.is_empty() && object_schema(schema).is_some() => {
             let name = json_tool_name(name);
             tools.push(json!({
                 "name": name,
                 "description": description.unwrap_or(JSON_TOOL_DESCRIPTION),
-                "input_schema": schema,
+                "input_schema": object_schema(schema),
             }));
             choice = Some(Choice::Function(name));
         }
@@ -862,6 +862,25 @@ fn response_format(v: Option<&Value>) -> Result<Format<'_>, ApiError> {
             "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\".",
         )),
     }
+}
+
+/// The schema as a tool's `input_schema`, which Anthropic wants with `"type": "object"` at its
+/// top: as is, or — for the `{"$defs": {...}, "$ref": "#/$defs/X"}` shape Pydantic gives a
+/// recursive model — with the referenced object definition lifted to the top (its `$defs` kept,
+/// so the recursion still resolves). `None` when the answer is not an object.
+fn object_schema(schema: &Value) -> Option<Value> {
+    if schema.get("type").and_then(Value::as_str) == Some("object") {
+        return Some(schema.clone());
+    }
+    let name = schema.get("$ref")?.as_str()?.strip_prefix("#/$defs/")?;
+    let defs = schema.get("$defs")?;
+    let def = defs.get(name)?.as_object()?;
+    if def.get("type").and_then(Value::as_str) != Some("object") {
+        return None;
+    }
+    let mut top = def.clone();
+    top.insert("$defs".into(), defs.clone());
+    Some(Value::Object(top))
 }
 
 /// The forced tool's name: the reserved prefix and the schema's name (tool names are
@@ -2438,5 +2457,35 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert_eq!(&*d.stop_reason.0, "");
         assert_eq!(&*d.text.0, "a\nb");
         assert!(matches!(e.kind.0, Cow::Borrowed("message_delta")));
+    }
+
+    #[test]
+    fn a_top_level_ref_to_an_object_definition_is_lifted_for_the_forced_tool() {
+        let schema = json!({
+            "$defs": {"node": {"type": "object", "properties": {
+                "name": {"type": "string"},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                "required": ["name", "children"]}},
+            "$ref": "#/$defs/node",
+        });
+        let b = body(
+            HAIKU,
+            json!({"model": "m", "messages": [user("A tree")],
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "tree", "schema": schema}}}),
+        );
+        let input = &b["tools"][0]["input_schema"];
+        assert_eq!(input["type"], "object");
+        assert_eq!(input["properties"]["children"]["items"]["$ref"], "#/$defs/node");
+        assert_eq!(input["$defs"]["node"]["type"], "object");
+        assert_eq!(b["tool_choice"]["name"], "freerelay_json_tree");
+        // A top level that is no object (an array answer) is asked for in words.
+        let list = json!({"type": "array", "items": {"type": "string"}});
+        let b = body(
+            HAIKU,
+            json!({"model": "m", "messages": [user("A list")],
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "l", "schema": list}}}),
+        );
+        assert!(b.get("tools").is_none());
+        assert!(b["system"].as_str().unwrap().contains("JSON Schema"));
     }
 }

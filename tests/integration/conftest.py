@@ -212,11 +212,11 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_mock(tmp_path) -> Iterable[Callable[[str], Mock]]:
-    """Starts mocks for one test: `make_mock("groq")`."""
+    """Starts mocks for one test: `make_mock("groq")`, `make_mock("groq", keys=2)`."""
     mocks: list[Mock] = []
 
-    def make(name: str) -> Mock:
-        m = Mock(name, tmp_path)
+    def make(name: str, **options) -> Mock:
+        m = Mock(name, tmp_path, **options)
         mocks.append(m)
         return m
 
