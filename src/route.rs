@@ -167,7 +167,7 @@ impl Plan {
         now_ms: u64,
     ) -> Result<Self, ApiError> {
         let mut shortest: Option<u64> = None;
-        let mut refused = false;
+        let mut refused: Vec<String> = Vec::new();
         let mut values = values.iter().chain(std::iter::repeat(&None));
         let mut kept = Vec::with_capacity(self.candidates.len());
         for mut c in self.candidates {
@@ -189,7 +189,11 @@ impl Plan {
                         let left = cd.remaining_secs(now_ms);
                         shortest = Some(shortest.map_or(left, |s| s.min(left)));
                     }
-                    Some(_) => refused = true,
+                    Some(_) => {
+                        if !refused.contains(&c.provider) {
+                            refused.push(c.provider.clone());
+                        }
+                    }
                     None => usable.push(k),
                 }
             }
@@ -205,10 +209,15 @@ impl Plan {
                      time.",
                     shortest,
                 ),
-                None if refused => ApiError::upstream(
-                    "Every key of every provider for this model was recently refused by its \
-                     provider (HTTP 401/403); check the `<provider>_api_key` variables.",
-                ),
+                None if !refused.is_empty() => ApiError::upstream(format!(
+                    "Every key of the providers for this model was recently refused by its \
+                     provider (HTTP 401/403) and is set aside for up to an hour; check {}.",
+                    refused
+                        .iter()
+                        .map(|p| format!("`{p}_api_key`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
                 None => ApiError::internal("The routing plan has no key to use."),
             });
         }

@@ -136,3 +136,61 @@ def test_tier_and_limit_overrides_are_validated(make_mock, make_gateway):
     assert_openai_error(e.value.response, 500, code="gateway_misconfigured")
     assert "lots" not in e.value.response.text
     assert "groq_rpm" in bad.stderr_tail()
+
+
+def test_mistral_gets_no_stream_options_and_the_client_still_gets_its_usage_chunk(make_mock, make_gateway):
+    mistral = make_mock("mistral", reject_stream_options=True)
+    gw = make_gateway({"mistral": mistral})
+    client = gw.client()
+    chunks = list(client.chat.completions.create(
+        model="mistral/mistral-small-latest", stream=True, stream_options={"include_usage": True},
+        seed=7, messages=[{"role": "user", "content": "usage please"}]))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "mock(mistral): usage please"
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 3 and last.usage.prompt_tokens == 2
+    [req] = mistral.requests()
+    assert "stream_options" not in req["body"], "Mistral answers 422 to stream_options"
+    assert req["body"]["random_seed"] == 7 and "seed" not in req["body"]
+    stats = gw.stats()["providers"]["mistral"]
+    assert stats["completion_tokens"] == 3, "usage recorded from the finish chunk"
+
+    # Continue's apply: a trailing assistant message continues only with `prefix: true` there.
+    client.chat.completions.create(model="mistral/codestral-latest", messages=[
+        {"role": "user", "content": "finish this"}, {"role": "assistant", "content": "def f():"}])
+    assert mistral.requests()[-1]["body"]["messages"][-1] == {
+        "role": "assistant", "content": "def f():", "prefix": True}
+
+
+def test_a_key_pool_rotates_and_a_refused_key_is_set_aside_once(make_mock, make_gateway):
+    groq = make_mock("groq", keys=2)
+    bad = "gsk-revoked-0123456789"
+    gw = make_gateway({"groq": groq}, extra_env={
+        "SPIN_VARIABLE_GROQ_API_KEY": f"{groq.keys[0]},{bad},{groq.keys[1]}"})
+    client = gw.client()
+    for i in range(30):
+        r = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": f"n{i}"}])
+        assert r.choices[0].message.content == f"mock(groq): n{i}"
+    sent = [r["headers"]["authorization"].removeprefix("Bearer ") for r in groq.requests()]
+    # Rotation puts each key first a third of the time: the bad one is met (1 - (2/3)^30).
+    assert sent.count(bad) == 1, "a refused key is tried once, then set aside for everyone"
+    assert {groq.keys[0], groq.keys[1]} <= set(sent), "both good keys carry traffic"
+    answered = [k for k in sent if k != bad]
+    assert len(answered) == 30
+    keys = gw.stats()["keys"]["groq"]
+    assert [k["state"] for k in keys].count("ok") >= 2
+    assert [k["state"] for k in keys].count("set_aside") == 1
+    events = gw.stderr_tail(400_000)
+    assert '"event":"key_set_aside"' in events and bad not in events
+    assert bad not in json.dumps(gw.stats())
+
+    # Every key refused: one clear error, and no retry storm on later requests.
+    dead = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_GROQ_API_KEY": "gsk-dead-1,gsk-dead-2"})
+    before = len(groq.requests())
+    for _ in range(3):
+        with pytest.raises(openai.APIStatusError) as e:
+            dead.client().chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == 502
+        assert "groq_api_key" in e.value.message and "gsk-dead" not in e.value.message
+    assert len(groq.requests()) - before == 2, "each refused key was tried exactly once"

@@ -462,7 +462,12 @@ impl Answer<'_> {
     /// `message_stop`, Gemini the chunk with `finishReason`, keeping a JSON array's `]`).
     fn events(&self, reply: &Reply, omit_final: bool) -> Vec<Bytes> {
         let mut events = match self.route {
-            Route::OpenAi => openai::stream_events(reply, self.chat.include_usage),
+            Route::OpenAi => openai::stream_events(
+                reply,
+                self.chat.include_usage,
+                // A Mistral stand-in reports usage on its finish chunk, as Mistral does.
+                self.state.checks.reject_stream_options,
+            ),
             Route::Anthropic => anthropic::stream_events(reply),
             Route::Gemini { sse, .. } => {
                 let mut chunks = gemini::stream_chunks(reply);

@@ -398,8 +398,9 @@ pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 /// Every SSE event of a streamed reply, in order, ending with `data: [DONE]`: a role chunk
 /// (carrying the first tool call's start when the reply is only tool calls), reasoning pieces,
 /// content pieces, each tool call's start and argument pieces, the finish chunk, the usage chunk
-/// (with `include_usage`), `[DONE]`.
-pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
+/// (with `include_usage`), `[DONE]`. `usage_on_finish`: the finish chunk carries the usage, as
+/// Mistral's streams do (it takes no `stream_options`, and reports usage that way instead).
+pub fn stream_events(reply: &Reply, include_usage: bool, usage_on_finish: bool) -> Vec<Bytes> {
     let event = |choices: Vec<ChunkChoice<'_>>, usage: Option<Option<Usage>>| {
         let c = Chunk {
             id: &reply.id,
@@ -511,7 +512,17 @@ pub fn stream_events(reply: &Reply, include_usage: bool) -> Vec<Bytes> {
             ));
         }
     }
-    events.push(chunk(Delta::default(), Some(finish_reason(reply))));
+    if usage_on_finish && !include_usage {
+        let choice = ChunkChoice {
+            index: 0,
+            delta: Delta::default(),
+            logprobs: None,
+            finish_reason: Some(finish_reason(reply)),
+        };
+        events.push(event(vec![choice], Some(Some(Usage::of(reply)))));
+    } else {
+        events.push(chunk(Delta::default(), Some(finish_reason(reply))));
+    }
     if include_usage {
         events.push(event(Vec::new(), Some(Some(Usage::of(reply)))));
     }
@@ -703,7 +714,7 @@ mod tests {
     fn usage_is_reported_only_when_asked() {
         let reply = Reply::text("chatcmpl-x", "m", "a b", 2);
         let chunks = |include_usage| -> Vec<Value> {
-            let events = stream_events(&reply, include_usage);
+            let events = stream_events(&reply, include_usage, false);
             assert_eq!(events.last().unwrap().as_ref(), DONE_EVENT);
             events[..events.len() - 1]
                 .iter()
