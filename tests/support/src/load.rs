@@ -46,6 +46,8 @@ pub struct LoadConfig {
     pub body: Bytes,
     /// A request taking longer than this counts as an error (and its connection is replaced).
     pub request_timeout: Duration,
+    /// Further request headers (a provider's own key header, for a direct baseline).
+    pub headers: Vec<(String, String)>,
 }
 
 /// What a run measured (after warm-up).
@@ -78,16 +80,13 @@ struct WorkerResult {
 }
 
 async fn one_request(conn: &mut Conn, cfg: &LoadConfig, auth: &str) -> io::Result<bool> {
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    if !cfg.key.is_empty() {
+        headers.push(("authorization", auth));
+    }
+    headers.extend(cfg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let resp = conn
-        .send(
-            Method::POST,
-            &cfg.target.path,
-            &[
-                ("authorization", auth),
-                ("content-type", "application/json"),
-            ],
-            cfg.body.clone(),
-        )
+        .send(Method::POST, &cfg.target.path, &headers, cfg.body.clone())
         .await?;
     let ok = resp.status().is_success();
     // Read the whole body: a request is done when its last byte is in.

@@ -1001,6 +1001,7 @@ async fn load_generator_measures_the_mock() {
         warmup: Duration::from_millis(100),
         body: default_body(false),
         request_timeout: Duration::from_secs(5),
+        headers: vec![],
     })
     .await;
     assert_eq!(report.errors, 0);
@@ -1018,10 +1019,32 @@ async fn load_generator_measures_the_mock() {
         warmup: Duration::ZERO,
         body: default_body(false),
         request_timeout: Duration::from_secs(5),
+        headers: vec![],
     })
     .await;
     assert_eq!(report.requests, 0);
     assert!(report.errors > 0);
+    // A native endpoint with the provider's own key header (a direct Anthropic baseline).
+    let mut t = target.clone();
+    t.path = "/v1/messages".into();
+    let report = run(LoadConfig {
+        target: t,
+        key: String::new(),
+        concurrency: 1,
+        duration: Duration::from_millis(200),
+        warmup: Duration::ZERO,
+        body: bytes::Bytes::from_static(
+            br#"{"model":"claude-haiku-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+        request_timeout: Duration::from_secs(5),
+        headers: vec![
+            ("x-api-key".into(), KEY.into()),
+            ("anthropic-version".into(), "2023-06-01".into()),
+        ],
+    })
+    .await;
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert!(report.requests > 0);
 }
 
 #[tokio::test]

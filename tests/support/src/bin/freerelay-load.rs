@@ -1,5 +1,5 @@
 //! `freerelay-load --url URL --key KEY --concurrency C --duration-secs S [--warmup-secs W]
-//! [--stream] [--body FILE] [--json]`: C keep-alive connections looping chat-completions requests
+//! [--stream] [--body FILE] [--header 'name: value']… [--raw-path] [--json]`: C keep-alive connections looping chat-completions requests
 //! against a loopback target; prints `{requests, errors, rps, p50_us, p90_us, p99_us, max_us}`.
 
 use std::path::PathBuf;
@@ -20,9 +20,16 @@ struct Args {
     /// Base URL (e.g. http://127.0.0.1:8080/v1) or the full chat-completions URL.
     #[arg(long)]
     url: String,
-    /// Sent as `Authorization: Bearer <key>`.
+    /// Sent as `Authorization: Bearer <key>` (not sent when empty).
     #[arg(long, default_value = "")]
     key: String,
+    /// A further request header, `name: value` (repeatable), e.g. `x-api-key: KEY`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Use the URL's path as it is (a native endpoint such as `/v1/messages`), instead of
+    /// appending `/chat/completions` when it lacks it.
+    #[arg(long)]
+    raw_path: bool,
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     #[arg(long, default_value_t = 5.0)]
@@ -79,6 +86,13 @@ fn run(args: Args) -> Result<(), String> {
         }
         None => load::default_body(args.stream),
     };
+    let mut headers = Vec::new();
+    for h in &args.headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| format!("--header {h:?}: expected `name: value`"))?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+    }
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -92,7 +106,7 @@ fn run(args: Args) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let report = runtime.block_on(async {
         let mut target = Target::parse(&args.url).await.map_err(|e| e.to_string())?;
-        if !target.path.ends_with("/chat/completions") {
+        if !args.raw_path && !target.path.ends_with("/chat/completions") {
             target.path = format!("{}/chat/completions", target.path.trim_end_matches('/'));
         }
         Ok::<_, String>(
@@ -104,6 +118,7 @@ fn run(args: Args) -> Result<(), String> {
                 warmup,
                 body,
                 request_timeout,
+                headers: headers.clone(),
             })
             .await,
         )

@@ -110,12 +110,18 @@ pub(crate) async fn chat(
     let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
     let auth = authenticate(state, format, &parts.headers, parts.uri.query());
 
-    if state.config.fixed
-        && format == Format::OpenAi
-        && auth.is_ok()
-        && !contains(&body, b"\"stream\"")
-    {
-        let mut resp = json_response(StatusCode::OK, state.fixed_reply.clone());
+    let streamed = match route {
+        Route::Gemini { stream, .. } => stream,
+        _ => contains(&body, b"\"stream\""),
+    };
+    if state.config.fixed && auth.is_ok() && !streamed {
+        let fixed = &state.fixed_reply;
+        let reply = match format {
+            Format::OpenAi => fixed.openai.clone(),
+            Format::Anthropic => fixed.anthropic.clone(),
+            Format::Gemini => fixed.gemini.clone(),
+        };
+        let mut resp = json_response(StatusCode::OK, reply);
         resp.headers_mut()
             .insert("x-request-id", HeaderValue::from_static("req_mockfixed"));
         return Ok(resp);

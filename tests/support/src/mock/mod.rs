@@ -146,7 +146,7 @@ enum Listing {
 struct State {
     config: MockConfig,
     checks: Checks,
-    fixed_reply: Bytes,
+    fixed_reply: FixedReplies,
     script: Mutex<VecDeque<Behaviour>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     seq: AtomicU64,
@@ -186,6 +186,13 @@ impl State {
     }
 }
 
+/// The benchmark fast path's precomputed answers, one per wire format.
+pub(crate) struct FixedReplies {
+    pub(crate) openai: Bytes,
+    pub(crate) anthropic: Bytes,
+    pub(crate) gemini: Bytes,
+}
+
 /// Starts mock providers.
 pub struct MockProvider;
 
@@ -200,12 +207,17 @@ impl MockProvider {
         }
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let fixed_reply = openai::completion_json(&Reply::text(
+        let fixed = Reply::text(
             "chatcmpl-mockfixed",
             "mock-fixed",
             &format!("mock({}): fixed", config.name),
             1,
-        ));
+        );
+        let fixed_reply = FixedReplies {
+            openai: openai::completion_json(&fixed),
+            anthropic: crate::wire::anthropic::message_json(&fixed),
+            gemini: crate::wire::gemini::response_json(&fixed),
+        };
         let state = Arc::new(State {
             checks: config.checks(),
             config,
