@@ -117,7 +117,7 @@ impl Attempts {
         let mut ops = Vec::with_capacity(2);
         let mut events = Vec::with_capacity(3);
         if let Some(cd) = &failure.cooldown {
-            let ledger = if failure.key_refused {
+            let ledger = if failure.key_refused() {
                 None
             } else {
                 candidate.ledger.as_deref()
@@ -136,7 +136,7 @@ impl Attempts {
             cooldown_until_ms: failure.cooldown.map(|c| c.until_ms),
             ms,
         });
-        if failure.key_refused {
+        if failure.key_refused() {
             events.push(Event::KeySetAside {
                 provider: candidate.provider.clone(),
                 key: key.to_owned(),
@@ -146,7 +146,7 @@ impl Attempts {
         }
         // A failure of the key (rate limit, refused key) leaves the candidate's other keys to
         // try; any other failure is the provider's or the model's: skip to the next candidate.
-        let key_failure = failure.key_refused || failure.cooldown.is_some();
+        let key_failure = failure.key_refused() || failure.cooldown.is_some();
         let (ci, ki) = self.current;
         let next_pos = if key_failure {
             (ci, ki + 1)

@@ -26,8 +26,40 @@ pub struct Failure {
     /// Store this so every instance skips the key (and model, per the provider's scope) for a
     /// while.
     pub cooldown: Option<Cooldown>,
+    /// What kind of failure it was: decides what is tried next.
+    pub cause: Cause,
+}
+
+/// What kind of failure an attempt met: what the fallback does next depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// 429 or quota exhaustion: the key (and model, per the scope) cools; another key or
+    /// candidate is tried at once.
+    RateLimited,
+    /// A per-day cap is spent: the key cools until the provider's daily reset.
+    DailyCap,
     /// The provider refused the key itself (401/403): the cool-down covers the whole key.
-    pub key_refused: bool,
+    KeyRefused,
+    /// The prompt does not fit the model's window: only a larger window can serve it.
+    ContextLength,
+    /// The provider's content filter refused the request: never sent to the same model again.
+    ContentFilter,
+    /// 5xx, 408, a broken or unreadable answer: the provider's trouble.
+    Server,
+    /// No answer at all (timeout, reset, unreachable).
+    Transport,
+    /// The client's own fault (400, 422…): retrying elsewhere will not help.
+    Client,
+    /// This provider cannot serve the request (its wire format cannot carry it, or it does not
+    /// know the model): another provider may.
+    Unsupported,
+}
+
+impl Failure {
+    /// The provider refused the key itself.
+    pub fn key_refused(&self) -> bool {
+        self.cause == Cause::KeyRefused
+    }
 }
 
 /// How long a key the provider refused is set aside: long enough that no request loops on it,
@@ -71,7 +103,7 @@ pub fn judge_status(
                 ),
                 retryable: true,
                 cooldown: Some(cd),
-                key_refused: false,
+                cause: Cause::RateLimited,
             }
         }
         401 | 403 => Failure {
@@ -81,25 +113,25 @@ pub fn judge_status(
             )),
             retryable: true,
             cooldown: Some(Cooldown::new(now_ms, KEY_SET_ASIDE_MS, status)),
-            key_refused: true,
+            cause: Cause::KeyRefused,
         },
         404 => Failure {
             error: ApiError::relayed(404, format!("Provider `{provider}`: {detail}")),
             retryable: true,
             cooldown: None,
-            key_refused: false,
+            cause: Cause::Unsupported,
         },
         408 => Failure {
             error: ApiError::upstream_timeout(format!("Provider `{provider}` timed out: {detail}")),
             retryable: true,
             cooldown: None,
-            key_refused: false,
+            cause: Cause::Server,
         },
         400..=499 => Failure {
             error: ApiError::relayed(status, format!("Provider `{provider}`: {detail}")),
             retryable: false,
             cooldown: None,
-            key_refused: false,
+            cause: Cause::Client,
         },
         _ => Failure {
             error: ApiError::upstream(format!(
@@ -107,7 +139,7 @@ pub fn judge_status(
             )),
             retryable: true,
             cooldown: None,
-            key_refused: false,
+            cause: Cause::Server,
         },
     }
 }
@@ -134,7 +166,7 @@ pub fn judge_transport(provider: &str, api_key: &str, t: &Transport) -> Failure 
         error,
         retryable: true,
         cooldown: None,
-        key_refused: false,
+        cause: Cause::Transport,
     }
 }
 
@@ -154,7 +186,7 @@ pub fn broken_answer(provider: &str, why: &str, timed_out: bool) -> Failure {
         error,
         retryable: true,
         cooldown: None,
-        key_refused: false,
+        cause: Cause::Server,
     }
 }
 

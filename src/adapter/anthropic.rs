@@ -2475,7 +2475,10 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         );
         let input = &b["tools"][0]["input_schema"];
         assert_eq!(input["type"], "object");
-        assert_eq!(input["properties"]["children"]["items"]["$ref"], "#/$defs/node");
+        assert_eq!(
+            input["properties"]["children"]["items"]["$ref"],
+            "#/$defs/node"
+        );
         assert_eq!(input["$defs"]["node"]["type"], "object");
         assert_eq!(b["tool_choice"]["name"], "freerelay_json_tree");
         // A top level that is no object (an array answer) is asked for in words.

@@ -2227,9 +2227,9 @@ data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"lo\"}]},\"finish
     fn an_invalid_key_is_judged_refused_not_a_bad_request() {
         let body = br#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
         let f = Gemini.judge("gemini", "AIza-secret", 400, Hints::default(), body, 0);
-        assert!(f.key_refused && f.retryable);
+        assert!(f.key_refused() && f.retryable);
         let other = br#"{"error":{"code":400,"message":"Invalid JSON payload","status":"INVALID_ARGUMENT"}}"#;
         let f = Gemini.judge("gemini", "AIza-secret", 400, Hints::default(), other, 0);
-        assert!(!f.key_refused && !f.retryable);
+        assert!(!f.key_refused() && !f.retryable);
     }
 }

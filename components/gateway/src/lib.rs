@@ -340,7 +340,7 @@ async fn chat(
                     error,
                     retryable: true,
                     cooldown: None,
-                    key_refused: false,
+                    cause: upstream::Cause::Unsupported,
                 },
                 None,
             )),
