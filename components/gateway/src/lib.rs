@@ -344,11 +344,9 @@ async fn chat(
                 },
                 None,
             )),
-            Ok(up) if request.stream => {
-                send(adapter, &target, key, up, config, None)
-                    .await
-                    .map(Answered::Stream)
-            }
+            Ok(up) if request.stream => send(adapter, &target, key, up, config, None)
+                .await
+                .map(Answered::Stream),
             Ok(up) => {
                 let deadline = config.timeouts.total_ms;
                 let attempt_answer = answer(adapter, &target, key, up, config, &reply_ctx);

@@ -38,10 +38,10 @@ impl Reply {
     /// Adds who answered, after how many attempts, and what it cost (USD; absent when the
     /// price is unknown).
     pub fn answered_by(mut self, c: &Candidate, attempts: u32, cost_usd: Option<f64>) -> Self {
-        self.headers
-            .extend(provenance(c, attempts));
+        self.headers.extend(provenance(c, attempts));
         if let Some(cost) = cost_usd {
-            self.headers.push(("x-freerelay-cost-usd", format_usd(cost)));
+            self.headers
+                .push(("x-freerelay-cost-usd", format_usd(cost)));
         }
         self
     }
