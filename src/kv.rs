@@ -45,7 +45,7 @@ pub fn decode_counter(bytes: &[u8]) -> Option<i64> {
 /// (a test checks that each builder's prefix is documented there).
 pub mod keys {
     /// Every key prefix built below, for the documentation test.
-    pub const PREFIXES: &[&str] = &["stats:v1:", "cooldown:v1:"];
+    pub const PREFIXES: &[&str] = &["stats:v1:", "cooldown:v1:", "quota:v1:"];
 
     /// `stats:v1:<scope>:<field>` — i64 counter (increment). `<scope>` is a provider id or
     /// `gateway` for requests that never reached a provider.
@@ -63,6 +63,15 @@ pub mod keys {
             Some(l) => format!("cooldown:v1:{provider}:{key_id}:{l}"),
             None => format!("cooldown:v1:{provider}:{key_id}"),
         }
+    }
+
+    /// `quota:v1:<provider>:<key-id>:<ledger>:<kind>` — i64 counter tagged with its window
+    /// (`window × 2^36 + count`, see [`crate::quota`]). `<ledger>` is the model id, `@<pool>`, or
+    /// `*` where the provider limits per key (`ledger` `None`); `<kind>` is `rpm`, `rpd`, `tpm`
+    /// or `tpd`. The ledger may contain `:` (model ids do); provider, key id and kind never do.
+    pub fn quota(provider: &str, key_id: &str, ledger: Option<&str>, kind: &str) -> String {
+        let ledger = ledger.unwrap_or("*");
+        format!("quota:v1:{provider}:{key_id}:{ledger}:{kind}")
     }
 }
 

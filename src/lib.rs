@@ -17,6 +17,7 @@ pub mod cooldown;
 pub mod error;
 pub mod event;
 pub mod kv;
+pub mod quota;
 pub mod route;
 pub mod stats;
 pub mod upstream;
