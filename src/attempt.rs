@@ -2,23 +2,26 @@
 //! the state changes and events each step decides. Pure: the component performs the I/O and the
 //! returned key-value operations, at the moment each is decided.
 
+use crate::error::AttemptSummary;
 use crate::event::Event;
 use crate::kv::{keys, KvOp};
 use crate::route::{Candidate, Plan};
 use crate::stats;
-use crate::upstream::Failure;
+use crate::upstream::{Cause, Failure};
 use crate::wire::openai::Usage;
 use crate::ApiError;
 
 /// What to do next.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
-    /// Send to this candidate with this key (a fingerprint); perform `ops` (its attempt
-    /// counter) first, log `event`.
+    /// Send to this candidate with this key (a fingerprint), after waiting `delay_ms` (a
+    /// back-off before retrying the same model, or a short Retry-After waited out); perform
+    /// `ops` (its attempt counter) first, log `event`.
     Try {
         attempt: u32,
         candidate: Candidate,
         key: String,
+        delay_ms: u64,
         ops: Vec<KvOp>,
         event: Box<Event>,
     },
@@ -33,29 +36,85 @@ pub struct Decided {
     pub events: Vec<Event>,
 }
 
-/// One request's walk through its plan: each candidate with its keys in order. A failure that
-/// belongs to the key (429, 401/403) moves to the candidate's next key; any other retryable
-/// failure moves to the next candidate. Each key is tried at most once per request.
+/// The deployment's bounds on one request's walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Upstream attempts one request may make, retries included.
+    pub max_attempts: u32,
+    /// A 429 asking for at most this wait, with nothing else left, is waited out and retried.
+    pub short_retry_after_ms: u64,
+    /// The pause before the one retry of a model after a 5xx or a broken connection.
+    pub backoff_ms: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            short_retry_after_ms: 5_000,
+            backoff_ms: 250,
+        }
+    }
+}
+
+/// One failed attempt, as remembered for the final error.
+#[derive(Debug, Clone)]
+struct Failed {
+    summary: AttemptSummary,
+    cause: Cause,
+    error: ApiError,
+}
+
+/// One request's walk through its plan: each candidate with its keys in order. What a failure
+/// leads to depends on its cause: a failure of the key (429, per-day cap, 401/403) moves to the
+/// candidate's next key; a 5xx or a broken connection retries the same model once after a short
+/// back-off; a context-length error moves to a candidate with a larger window; a content-filter
+/// refusal never asks the same model again; a 429 with only a short wait and nothing else left
+/// is waited out. Each key is tried at most once per request (retries apart), and
+/// [`Policy::max_attempts`] bounds everything: no retry storms.
 #[derive(Debug, Clone)]
 pub struct Attempts {
     plan: Plan,
+    policy: Policy,
     /// The next (candidate, key) position to try.
     pos: (usize, usize),
     /// The position of the attempt in flight.
     current: (usize, usize),
     attempt: u32,
+    /// Wait before the next attempt.
+    delay_ms: u64,
     /// Set when the walk must stop: the error the client gets.
     stop: Option<ApiError>,
+    /// Candidates already retried once after a server or transport failure.
+    retried: Vec<usize>,
+    /// A short Retry-After was already waited out once.
+    waited: bool,
+    /// After a context-length failure: only windows larger than this are tried.
+    min_window: u32,
+    /// Models a content filter refused: never asked again in this request.
+    banned: Vec<(String, String)>,
+    failures: Vec<Failed>,
 }
 
 impl Attempts {
     pub fn new(plan: Plan) -> Self {
+        Self::with_policy(plan, Policy::default())
+    }
+
+    pub fn with_policy(plan: Plan, policy: Policy) -> Self {
         Self {
             plan,
+            policy,
             pos: (0, 0),
             current: (0, 0),
             attempt: 0,
+            delay_ms: 0,
             stop: None,
+            retried: Vec::new(),
+            waited: false,
+            min_window: 0,
+            banned: Vec::new(),
+            failures: Vec::new(),
         }
     }
 
@@ -70,14 +129,18 @@ impl Attempts {
             self.pos = (self.plan.candidates.len(), 0);
             return Next::GiveUp(e);
         }
+        if self.attempt >= self.policy.max_attempts {
+            return Next::GiveUp(self.all_failed(Some("the request's attempt budget is spent")));
+        }
         let Some((candidate, key)) = self.at(self.pos) else {
-            return Next::GiveUp(ApiError::internal("no candidate left to try"));
+            return Next::GiveUp(self.all_failed(None));
         };
         self.current = self.pos;
         self.pos.1 += 1;
         self.attempt += 1;
         Next::Try {
             attempt: self.attempt,
+            delay_ms: std::mem::take(&mut self.delay_ms),
             ops: vec![stats::attempt_started(&candidate.provider)],
             event: Box::new(Event::AttemptStart {
                 attempt: self.attempt,
@@ -90,14 +153,26 @@ impl Attempts {
         }
     }
 
-    /// The candidate and key at `pos`, moving on to the next candidate past a last key.
+    /// May this candidate still be tried (window large enough, model not refused)?
+    fn eligible(&self, c: &Candidate) -> bool {
+        (self.min_window == 0 || c.context_window > self.min_window)
+            && !self
+                .banned
+                .iter()
+                .any(|(p, m)| *p == c.provider && *m == c.model)
+    }
+
+    /// The first eligible candidate and key at or after `pos`, moving on to the next candidate
+    /// past a last key; sets the position there.
     fn at(&mut self, pos: (usize, usize)) -> Option<(Candidate, String)> {
         let (mut ci, mut ki) = pos;
         loop {
             let c = self.plan.candidates.get(ci)?;
-            if let Some(k) = c.keys.get(ki) {
-                self.pos = (ci, ki);
-                return Some((c.clone(), k.clone()));
+            if self.eligible(c) {
+                if let Some(k) = c.keys.get(ki) {
+                    self.pos = (ci, ki);
+                    return Some((c.clone(), k.clone()));
+                }
             }
             ci += 1;
             ki = 0;
@@ -144,33 +219,140 @@ impl Attempts {
                 until_ms: failure.cooldown.map_or(0, |c| c.until_ms),
             });
         }
-        // A failure of the key (rate limit, refused key) leaves the candidate's other keys to
-        // try; any other failure is the provider's or the model's: skip to the next candidate.
-        let key_failure = failure.key_refused() || failure.cooldown.is_some();
+        self.failures.push(Failed {
+            summary: AttemptSummary {
+                provider: candidate.provider.clone(),
+                model: candidate.model.clone(),
+                status: upstream_status,
+                reason: failure.error.message.clone(),
+            },
+            cause: failure.cause,
+            error: failure.error.clone(),
+        });
+
         let (ci, ki) = self.current;
-        let next_pos = if key_failure {
-            (ci, ki + 1)
-        } else {
-            (ci + 1, 0)
-        };
-        let next = if failure.retryable {
-            self.at(next_pos)
-        } else {
+        let next = if !failure.retryable {
             None
+        } else {
+            match failure.cause {
+                Cause::RateLimited | Cause::DailyCap | Cause::KeyRefused => {
+                    match self.at((ci, ki + 1)) {
+                        Some(n) => Some(n),
+                        None => {
+                            // Nothing else left: a short wait is waited out, once.
+                            let wait = failure.error.retry_after.map(|s| s * 1000);
+                            match wait {
+                                Some(w)
+                                    if failure.cause == Cause::RateLimited
+                                        && !self.waited
+                                        && w <= self.policy.short_retry_after_ms =>
+                                {
+                                    self.waited = true;
+                                    self.delay_ms = w;
+                                    self.at((ci, ki))
+                                }
+                                _ => None,
+                            }
+                        }
+                    }
+                }
+                Cause::Server | Cause::Transport if !self.retried.contains(&ci) => {
+                    self.retried.push(ci);
+                    self.delay_ms = self.policy.backoff_ms;
+                    self.at((ci, ki))
+                }
+                Cause::ContextLength => {
+                    self.min_window = self.min_window.max(candidate.context_window.max(1));
+                    self.at((ci + 1, 0))
+                }
+                Cause::ContentFilter => {
+                    self.banned
+                        .push((candidate.provider.clone(), candidate.model.clone()));
+                    self.at((ci + 1, 0))
+                }
+                _ => self.at((ci + 1, 0)),
+            }
         };
+        if self.attempt >= self.policy.max_attempts && next.is_some() {
+            self.stop = Some(self.all_failed(Some("the request's attempt budget is spent")));
+            return Decided { ops, events };
+        }
         match next {
             Some((to, to_key)) => events.push(Event::Fallback {
                 from: format!("{}/{}", candidate.provider, candidate.model),
                 to: format!("{}/{}", to.provider, to.model),
                 reason: if to.provider == candidate.provider && to.model == candidate.model {
-                    format!("HTTP {}; next key {to_key}", failure.error.status)
+                    if to_key == key {
+                        format!(
+                            "HTTP {}; retry after {} ms",
+                            failure.error.status, self.delay_ms
+                        )
+                    } else {
+                        format!("HTTP {}; next key {to_key}", failure.error.status)
+                    }
                 } else {
                     format!("HTTP {}", failure.error.status)
                 },
             }),
-            None => self.stop = Some(failure.error),
+            None => {
+                self.stop = Some(if failure.retryable {
+                    self.all_failed(None)
+                } else {
+                    with_retry_text(failure.error)
+                })
+            }
         }
         Decided { ops, events }
+    }
+
+    /// The one error for a request whose every attempt failed: the last failure's when there
+    /// was one attempt; otherwise every attempt listed, as a 429 with the shortest wait when
+    /// all were rate limited.
+    fn all_failed(&self, why: Option<&str>) -> ApiError {
+        let Some(last) = self.failures.last() else {
+            return ApiError::internal("no candidate left to try");
+        };
+        if self.failures.len() == 1 && why.is_none() {
+            return with_retry_text(last.error.clone());
+        }
+        let limited = self
+            .failures
+            .iter()
+            .all(|f| matches!(f.cause, Cause::RateLimited | Cause::DailyCap));
+        let list = self
+            .failures
+            .iter()
+            .map(|f| {
+                let status = f
+                    .summary
+                    .status
+                    .map_or_else(|| "no answer".to_owned(), |s| format!("HTTP {s}"));
+                format!(
+                    "{}/{} ({status}): {}",
+                    f.summary.provider, f.summary.model, f.summary.reason
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let n = self.failures.len();
+        let head = match why {
+            Some(why) => format!("{n} upstream attempts failed and {why}"),
+            None => format!("All {n} upstream attempts failed"),
+        };
+        let mut e = if limited {
+            let shortest = self
+                .failures
+                .iter()
+                .filter_map(|f| f.error.retry_after)
+                .min();
+            ApiError::rate_limited(format!("{head}: {list}"), shortest)
+        } else {
+            let mut e = last.error.clone();
+            e.message = format!("{head}: {list}");
+            e
+        };
+        e.attempts = self.failures.iter().map(|f| f.summary.clone()).collect();
+        with_retry_text(e)
     }
 
     /// The usage of the answer, the moment it is known.
@@ -187,6 +369,18 @@ impl Attempts {
     pub fn client_gone(candidate: &Candidate) -> Vec<KvOp> {
         vec![stats::client_gone(&candidate.provider)]
     }
+}
+
+/// Chat UIs (OpenWebUI) show an error's message and never its headers: a rate-limited error
+/// says in words how long to wait.
+fn with_retry_text(mut e: ApiError) -> ApiError {
+    if let Some(secs) = e.retry_after {
+        if !e.message.contains("etry after") {
+            let unit = if secs == 1 { "second" } else { "seconds" };
+            e.message = format!("{} Retry after {secs} {unit}.", e.message.trim_end());
+        }
+    }
+    e
 }
 
 #[cfg(test)]
@@ -414,18 +608,29 @@ mod tests {
         );
         assert_eq!(who.unwrap_err().status, 400);
         assert_eq!(counter(&kv, "stats:v1:mistral:requests"), 0);
-        let (who, _) = drive(
+        // A timeout and a 5xx: each model is retried once, then the next one answers.
+        let (who, events) = drive(
             &kv,
             "auto",
             &["groq", "mistral", "openai"],
             vec![
                 Script::Transport(Transport::Timeout),
+                Script::Transport(Transport::Timeout),
+                Script::Status(503, None),
                 Script::Status(503, None),
                 Script::Answer(USAGE),
             ],
             0,
         );
         assert_eq!(who.unwrap(), "openai");
+        let tried: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::AttemptStart { provider, .. } => Some(provider.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tried, ["groq", "groq", "mistral", "mistral", "openai"]);
         assert!(
             kv.get(&cd_key(
                 "mistral",
@@ -447,18 +652,27 @@ mod tests {
             &["groq", "mistral"],
             vec![
                 Script::Status(500, None),
+                Script::Status(500, None),
+                Script::Transport(Transport::Timeout),
                 Script::Transport(Transport::Timeout),
             ],
             0,
         );
-        assert_eq!(who.unwrap_err().status, 504);
+        let e = who.unwrap_err();
+        assert_eq!(e.status, 504, "the last failure's status");
+        assert_eq!(e.attempts.len(), 4, "every attempt is listed");
+        assert!(e.message.starts_with("All 4 upstream attempts failed"));
+        assert!(e.message.contains("groq/llama-3.1-8b-instant (HTTP 500)"));
+        assert!(e
+            .message
+            .contains("mistral/mistral-small-latest (no answer)"));
         let failed = events
             .iter()
             .filter(|e| matches!(e, Event::AttemptFailed { .. }))
             .count();
-        assert_eq!(failed, 2);
-        assert_eq!(counter(&kv, "stats:v1:groq:errors"), 1);
-        assert_eq!(counter(&kv, "stats:v1:mistral:errors"), 1);
+        assert_eq!(failed, 4);
+        assert_eq!(counter(&kv, "stats:v1:groq:errors"), 2);
+        assert_eq!(counter(&kv, "stats:v1:mistral:errors"), 2);
     }
 
     #[test]
@@ -469,6 +683,8 @@ mod tests {
             ledger: None,
             keys: vec![],
             reason: String::new(),
+            context_window: 8_192,
+            prefill: false,
         };
         assert!(Attempts::usage(&c, Usage::default()).is_empty());
         assert_eq!(Attempts::usage(&c, USAGE).len(), 2);
@@ -586,21 +802,202 @@ mod tests {
             1_000,
         );
         assert_eq!(who.unwrap_err().status, 429, "the whole :free pool cools");
-        // A 5xx is the provider's, not the key's: the other key is not tried.
+        // A 5xx is the provider's, not the key's: the model is retried once with the same
+        // key, then the next candidate; the other key is not tried.
         let (who, events) = drive(
             &kv,
             "auto",
             &["groq=ka,kb", "mistral"],
-            vec![Script::Status(503, None), Script::Answer(USAGE)],
+            vec![
+                Script::Status(503, None),
+                Script::Status(503, None),
+                Script::Answer(USAGE),
+            ],
             0,
         );
         assert_eq!(who.unwrap(), "mistral");
-        assert_eq!(
-            events
-                .iter()
-                .filter(|e| matches!(e, Event::AttemptStart { .. }))
-                .count(),
-            2
+        let keys: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::AttemptStart { key, .. } => Some(key.as_str()),
+                _ => None,
+            })
+            .collect();
+        let ka = ApiKey::new("ka").id;
+        assert_eq!(keys[..2], [ka.as_str(), ka.as_str()]);
+        assert_eq!(keys.len(), 3);
+    }
+
+    /// The (provider, model, delay) of each try, and how the walk ended.
+    type Walked = (Vec<(String, String, u64)>, Result<String, ApiError>);
+
+    /// Walks `model`'s plan with `policy`, failing each attempt with the next of `failures`
+    /// (a `None` answers). Returns the tries (provider, model, delay) and the outcome.
+    fn walk(
+        pairs: &[(&str, &str)],
+        model: &str,
+        policy: Policy,
+        failures: Vec<Option<Failure>>,
+    ) -> Walked {
+        let config = config_of(pairs).unwrap();
+        let plan = route::plan(&config, model, 0).unwrap();
+        let mut a = Attempts::with_policy(plan, policy);
+        let mut tries = vec![];
+        let mut failures = failures.into_iter();
+        loop {
+            match a.next_step() {
+                Next::GiveUp(e) => return (tries, Err(e)),
+                Next::Try {
+                    candidate,
+                    key,
+                    delay_ms,
+                    ..
+                } => {
+                    tries.push((
+                        candidate.provider.clone(),
+                        candidate.model.clone(),
+                        delay_ms,
+                    ));
+                    match failures.next().expect("script too short") {
+                        None => return (tries, Ok(candidate.provider)),
+                        Some(f) => {
+                            let status = Some(f.error.status);
+                            a.failed(&candidate, &key, f, status, 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn rate_limited(secs: &str) -> Failure {
+        upstream::judge_status(
+            "p",
+            "k",
+            429,
+            Hints {
+                retry_after: Some(secs),
+                ..Default::default()
+            },
+            None,
+            0,
+        )
+    }
+
+    fn caused(status: u16, cause: Cause) -> Failure {
+        let mut f = upstream::judge_status("p", "k", status, Hints::default(), None, 0);
+        f.cause = cause;
+        f.retryable = true;
+        f
+    }
+
+    #[test]
+    fn a_short_retry_after_is_waited_out_only_when_nothing_else_is_left() {
+        let one = [("groq_api_key", "g")];
+        let (tries, r) = walk(
+            &one,
+            "groq/llama-3.1-8b-instant",
+            Policy::default(),
+            vec![Some(rate_limited("2")), None],
         );
+        assert!(r.is_ok());
+        assert_eq!(tries[1].2, 2_000, "waited 2 s, then the same model");
+        // A long wait is not waited out: the client gets it, in the header and in words.
+        let (tries, r) = walk(
+            &one,
+            "groq/llama-3.1-8b-instant",
+            Policy::default(),
+            vec![Some(rate_limited("30"))],
+        );
+        let e = r.unwrap_err();
+        assert_eq!((tries.len(), e.status, e.retry_after), (1, 429, Some(30)));
+        assert!(
+            e.message.contains("Retry after 30 seconds."),
+            "{}",
+            e.message
+        );
+        // With another candidate: no wait at all.
+        let two = [("groq_api_key", "g"), ("mistral_api_key", "m")];
+        let (tries, r) = walk(
+            &two,
+            "auto",
+            Policy::default(),
+            vec![Some(rate_limited("2")), None],
+        );
+        assert_eq!(r.unwrap(), "mistral");
+        assert_eq!(tries[1].2, 0);
+    }
+
+    #[test]
+    fn all_rate_limited_is_one_429_with_the_shortest_wait() {
+        let two = [("groq_api_key", "g"), ("mistral_api_key", "m")];
+        let (_, r) = walk(
+            &two,
+            "auto",
+            Policy::default(),
+            vec![Some(rate_limited("40")), Some(rate_limited("12"))],
+        );
+        let e = r.unwrap_err();
+        assert_eq!((e.status, e.retry_after), (429, Some(12)));
+        assert_eq!(e.attempts.len(), 2);
+        assert_eq!(e.attempts[0].status, Some(429));
+        assert!(e.message.contains("Retry after 12 seconds."));
+    }
+
+    #[test]
+    fn context_length_moves_to_a_larger_window_and_content_filters_to_another_model() {
+        let c = config_of(&[
+            ("groq_api_key", "g"),
+            ("gemini_api_key", "x"),
+            ("model_groups", "long=groq/llama-3.1-8b-instant,groq/llama-3.3-70b-versatile,gemini/gemini-2.5-flash"),
+        ])
+        .unwrap();
+        let plan = route::plan(&c, "long", 0).unwrap();
+        let mut a = Attempts::new(plan);
+        let Next::Try { candidate, key, .. } = a.next_step() else {
+            panic!()
+        };
+        a.failed(
+            &candidate,
+            &key,
+            caused(400, Cause::ContextLength),
+            Some(400),
+            1,
+        );
+        let Next::Try { candidate, .. } = a.next_step() else {
+            panic!()
+        };
+        // The 70b has the same 131k window as the 8b: skipped for the 1M one.
+        assert_eq!(candidate.model, "gemini-2.5-flash");
+
+        // A content filter: the other key of the same model is not asked; the next model is.
+        let (tries, r) = walk(
+            &[("groq_api_key", "a,b"), ("mistral_api_key", "m")],
+            "auto",
+            Policy::default(),
+            vec![Some(caused(400, Cause::ContentFilter)), None],
+        );
+        assert_eq!(r.unwrap(), "mistral");
+        assert_eq!(tries.len(), 2);
+    }
+
+    #[test]
+    fn the_attempt_budget_bounds_everything() {
+        let pairs = [
+            ("groq_api_key", "g"),
+            ("mistral_api_key", "m"),
+            ("cerebras_api_key", "c"),
+            ("nvidia_api_key", "n"),
+        ];
+        let policy = Policy {
+            max_attempts: 3,
+            ..Policy::default()
+        };
+        let fail = || Some(caused(503, Cause::Server));
+        let (tries, r) = walk(&pairs, "auto", policy, vec![fail(), fail(), fail(), fail()]);
+        assert_eq!(tries.len(), 3);
+        let e = r.unwrap_err();
+        assert!(e.message.contains("attempt budget"), "{}", e.message);
+        assert_eq!(e.attempts.len(), 3);
     }
 }

@@ -12,6 +12,10 @@ pub const FIRST_BYTE_TIMEOUT_MS: &str = "upstream_first_byte_timeout_ms";
 pub const BETWEEN_BYTES_TIMEOUT_MS: &str = "upstream_between_bytes_timeout_ms";
 pub const TOTAL_TIMEOUT_MS: &str = "upstream_total_timeout_ms";
 pub const LOG_EVENTS: &str = "log_events";
+pub const MODEL_GROUPS: &str = "model_groups";
+pub const MAX_ATTEMPTS: &str = "max_attempts";
+pub const FIRST_TOKEN_TIMEOUT_MS: &str = "first_token_timeout_ms";
+pub const SHORT_RETRY_AFTER_MS: &str = "short_retry_after_ms";
 
 /// Every variable that is not per provider (the manifest test checks each is declared).
 pub const GLOBAL_VARIABLES: &[&str] = &[
@@ -22,6 +26,10 @@ pub const GLOBAL_VARIABLES: &[&str] = &[
     BETWEEN_BYTES_TIMEOUT_MS,
     TOTAL_TIMEOUT_MS,
     LOG_EVENTS,
+    MODEL_GROUPS,
+    MAX_ATTEMPTS,
+    FIRST_TOKEN_TIMEOUT_MS,
+    SHORT_RETRY_AFTER_MS,
 ];
 
 /// Which requests leave their events on stderr (`log_events`). Every request's events are
@@ -241,6 +249,70 @@ pub struct Config {
     /// Configured providers, in catalogue order.
     pub providers: Vec<Configured>,
     pub log_events: LogEvents,
+    /// Named model groups (`model_groups`): a client names the group as its model.
+    pub model_groups: Vec<(String, Vec<String>)>,
+    /// Upstream attempts one request may make, retries included (`max_attempts`).
+    pub max_attempts: u32,
+    /// Streams: how long the first event may take once the head arrived, before the 200 is
+    /// committed; past it the next candidate is tried (`first_token_timeout_ms`).
+    pub first_token_timeout_ms: u64,
+    /// A 429 asking for at most this wait, with nothing else left to try, is waited out and
+    /// retried (`short_retry_after_ms`).
+    pub short_retry_after_ms: u64,
+}
+
+/// Most members a model group may have.
+pub const MAX_GROUP_MEMBERS: usize = 16;
+
+/// `model_groups`: `name=provider/model,provider/model;name2=…`.
+fn model_groups(raw: &str) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for (i, part) in raw.split(';').map(str::trim).enumerate() {
+        if part.is_empty() {
+            continue;
+        }
+        let bad = |why: &str| {
+            ConfigError::new(format!(
+                "variable `{MODEL_GROUPS}`, group #{}: {why}",
+                i + 1
+            ))
+        };
+        let (name, members) = part
+            .split_once('=')
+            .ok_or_else(|| bad("expected name=members"))?;
+        let name = name.trim();
+        if name.is_empty()
+            || name.contains('/')
+            || !name.bytes().all(|b| b.is_ascii_graphic())
+            || crate::route::VIRTUAL_MODELS.iter().any(|(v, _)| *v == name)
+        {
+            return Err(bad(&format!(
+                "the name {name:?} must be printable ASCII without `/`, and not auto, free or paid"
+            )));
+        }
+        if groups.iter().any(|(n, _)| n == name) {
+            return Err(bad(&format!("the name {name:?} is used twice")));
+        }
+        let members: Vec<String> = members
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if members.is_empty() || members.len() > MAX_GROUP_MEMBERS {
+            return Err(bad(&format!(
+                "a group needs 1 to {MAX_GROUP_MEMBERS} comma-separated models"
+            )));
+        }
+        if let Some(m) = members
+            .iter()
+            .find(|m| !m.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(bad(&format!("{m:?} is not a model name")));
+        }
+        groups.push((name.to_owned(), members));
+    }
+    Ok(groups)
 }
 
 impl Config {
@@ -276,12 +348,32 @@ impl Config {
             },
             providers,
             log_events: log_events(&get)?,
+            model_groups: model_groups(&var(MODEL_GROUPS))?,
+            max_attempts: u32::try_from(number(MAX_ATTEMPTS, 6)?.min(64)).unwrap_or(64),
+            first_token_timeout_ms: number(FIRST_TOKEN_TIMEOUT_MS, 10_000)?,
+            short_retry_after_ms: match var(SHORT_RETRY_AFTER_MS).as_str() {
+                "" => 5_000,
+                raw => raw.parse::<u64>().map_err(|_| {
+                    ConfigError::new(format!(
+                        "variable `{SHORT_RETRY_AFTER_MS}` must be a whole number of \
+                         milliseconds, got {raw:?}"
+                    ))
+                })?,
+            },
         })
     }
 
     /// The configured provider with this id.
     pub fn provider(&self, id: &str) -> Option<&Configured> {
         self.providers.iter().find(|c| c.provider.id == id)
+    }
+
+    /// The members of the model group `name`.
+    pub fn group(&self, name: &str) -> Option<&[String]> {
+        self.model_groups
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m.as_slice())
     }
 }
 
@@ -603,5 +695,29 @@ pub(crate) mod tests {
             let e = config_of(&[("custom_models", "a"), (name, value)]).unwrap_err();
             assert!(e.detail.contains(name), "{}", e.detail);
         }
+    }
+
+    #[test]
+    fn model_groups_and_fallback_settings() {
+        let c = config_of(&[(
+            "model_groups",
+            "fast=groq/llama-3.1-8b-instant, cerebras/gpt-oss-120b ; smart=openai/gpt-4o-mini;",
+        )])
+        .unwrap();
+        assert_eq!(
+            c.group("fast").unwrap(),
+            ["groq/llama-3.1-8b-instant", "cerebras/gpt-oss-120b"]
+        );
+        assert_eq!(c.group("smart").unwrap(), ["openai/gpt-4o-mini"]);
+        assert!(c.group("slow").is_none());
+        assert_eq!((c.max_attempts, c.first_token_timeout_ms), (6, 10_000));
+        assert_eq!(c.short_retry_after_ms, 5_000);
+        for bad in ["fast", "auto=groq/x", "a/b=groq/x", "x=", "x=a;x=b"] {
+            let e = config_of(&[("model_groups", bad)]).unwrap_err();
+            assert!(e.detail.contains("model_groups"), "{bad}: {}", e.detail);
+        }
+        let c = config_of(&[("max_attempts", "3"), ("short_retry_after_ms", "0")]).unwrap();
+        assert_eq!((c.max_attempts, c.short_retry_after_ms), (3, 0));
+        assert!(config_of(&[("first_token_timeout_ms", "soon")]).is_err());
     }
 }

@@ -13,6 +13,19 @@ pub struct ApiError {
     pub message: String,
     /// Seconds the client should wait before retrying (sent as `Retry-After`).
     pub retry_after: Option<u64>,
+    /// Every upstream attempt the request made, when all of them failed (`error.attempts`).
+    /// (Boxed: errors travel in `Result`s everywhere, and stay small.)
+    pub attempts: Box<[AttemptSummary]>,
+}
+
+/// One failed upstream attempt, as the client sees it in an all-failed error.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AttemptSummary {
+    pub provider: String,
+    pub model: String,
+    /// The upstream's HTTP status, when it answered at all.
+    pub status: Option<u16>,
+    pub reason: String,
 }
 
 impl ApiError {
@@ -24,6 +37,7 @@ impl ApiError {
             param: None,
             message,
             retry_after: None,
+            attempts: Box::default(),
         }
     }
 
@@ -164,15 +178,16 @@ impl ApiError {
 
     /// The JSON body: `{"error": {...}}`.
     pub fn body(&self) -> Vec<u8> {
-        serde_json::to_vec(&json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }))
-        .unwrap_or_default()
+        let mut error = json!({
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        });
+        if !self.attempts.is_empty() {
+            error["attempts"] = json!(self.attempts);
+        }
+        serde_json::to_vec(&json!({ "error": error })).unwrap_or_default()
     }
 
     /// The same error as one SSE event, for failures after a stream's 200 was sent.

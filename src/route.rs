@@ -26,6 +26,51 @@ pub struct Candidate {
     pub keys: Vec<String>,
     /// Why it is in the plan, for the log and the audit.
     pub reason: String,
+    /// The model's context window, in tokens (a context-length failure moves to a larger one).
+    #[serde(default)]
+    pub context_window: u32,
+    /// The model continues a trailing assistant message (a broken stream can be rescued on it).
+    #[serde(default)]
+    pub prefill: bool,
+}
+
+/// Which tiers a request may use: `x-freerelay-mode`, or the virtual model it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    Free,
+    Paid,
+}
+
+impl Mode {
+    /// Reads the `x-freerelay-mode` header (absent: `auto`).
+    pub fn from_header(value: Option<&str>) -> Result<Self, ApiError> {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("auto") => Ok(Mode::Auto),
+            Some("free") => Ok(Mode::Free),
+            Some("paid") => Ok(Mode::Paid),
+            Some(_) => Err(ApiError::invalid_request(
+                "The header `x-freerelay-mode` must be `auto`, `free` or `paid`.",
+                None,
+            )),
+        }
+    }
+
+    fn allows(self, tier: Tier) -> bool {
+        match self {
+            Mode::Auto => true,
+            Mode::Free => tier == Tier::Free,
+            Mode::Paid => tier == Tier::Paid,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Free => "free",
+            Mode::Paid => "paid",
+        }
+    }
 }
 
 /// The ordered candidates for one request: a value a router component can return over
@@ -48,6 +93,88 @@ pub const VIRTUAL_MODELS: &[(&str, &[Tier])] = &[
 /// request) picks which of a provider's keys goes first, spreading load over a key pool
 /// without a write.
 pub fn plan(config: &Config, model: &str, rotation: u64) -> Result<Plan, ApiError> {
+    plan_request(config, model, &[], Mode::Auto, rotation)
+}
+
+/// The plan for a request: its `model`, then its `models` fallback list (OpenRouter's
+/// convention), each a virtual model, a model group (`model_groups`) or a model; candidates in
+/// that order without repeats, restricted to the tiers `mode` allows.
+pub fn plan_request(
+    config: &Config,
+    model: &str,
+    fallbacks: &[String],
+    mode: Mode,
+    rotation: u64,
+) -> Result<Plan, ApiError> {
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut virtual_model = !fallbacks.is_empty();
+    let mut excluded: Vec<String> = Vec::new();
+    for spec in std::iter::once(model).chain(fallbacks.iter().map(String::as_str)) {
+        let p = resolve(config, spec, rotation)?;
+        virtual_model |= p.virtual_model;
+        for c in p.candidates {
+            let tier = config.provider(&c.provider).map_or(Tier::Free, |p| p.tier);
+            if !mode.allows(tier) {
+                excluded.push(format!(
+                    "{}/{} ({} tier)",
+                    c.provider,
+                    c.model,
+                    tier.as_str()
+                ));
+                continue;
+            }
+            if !candidates
+                .iter()
+                .any(|have| have.provider == c.provider && have.model == c.model)
+            {
+                candidates.push(c);
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return Err(ApiError::invalid_request(
+            format!(
+                "`x-freerelay-mode: {}` excludes every candidate for this request: {}.",
+                mode.name(),
+                excluded.join(", ")
+            ),
+            Some("model"),
+        ));
+    }
+    Ok(Plan {
+        virtual_model: virtual_model || candidates.len() > 1,
+        candidates,
+    })
+}
+
+/// The candidates one model name stands for.
+fn resolve(config: &Config, model: &str, rotation: u64) -> Result<Plan, ApiError> {
+    if let Some(members) = config.group(model) {
+        let mut candidates = Vec::new();
+        for m in members {
+            // A member whose provider has no key is skipped: groups are operator data.
+            if let Ok(p) = resolve_one(config, m, rotation) {
+                candidates.extend(p.candidates.into_iter().map(|mut c| {
+                    c.reason = format!("group `{model}`");
+                    c
+                }));
+            }
+        }
+        if candidates.is_empty() {
+            return Err(ApiError::model_not_found(format!(
+                "The model group `{model}` has no member with a configured provider."
+            )));
+        }
+        return Ok(Plan {
+            candidates,
+            virtual_model: true,
+        });
+    }
+    resolve_one(config, model, rotation)
+}
+
+/// A virtual model or one model.
+fn resolve_one(config: &Config, model: &str, rotation: u64) -> Result<Plan, ApiError> {
     if let Some((name, tiers)) = VIRTUAL_MODELS.iter().find(|(v, _)| *v == model) {
         let mut offered: Vec<&Configured> = config
             .providers
@@ -112,12 +239,15 @@ fn candidate(c: &Configured, model: &str, reason: String, rotation: u64) -> Cand
         Scope::Key => None,
         Scope::Pool(name) => Some(format!("@{name}")),
     };
+    let info = c.model_info(model);
     Candidate {
         provider: c.provider.id.to_owned(),
         model: model.to_owned(),
         ledger,
         keys,
         reason,
+        context_window: info.context_window,
+        prefill: info.caps.prefill,
     }
 }
 
@@ -204,9 +334,11 @@ impl Plan {
         }
         if kept.is_empty() {
             return Err(match shortest {
-                Some(_) => ApiError::rate_limited(
-                    "Every provider for this model is rate limited; retry after the indicated \
-                     time.",
+                Some(secs) => ApiError::rate_limited(
+                    format!(
+                        "Every provider for this model is rate limited. Retry after {secs} {}.",
+                        if secs == 1 { "second" } else { "seconds" }
+                    ),
                     shortest,
                 ),
                 None if !refused.is_empty() => ApiError::upstream(format!(
@@ -404,5 +536,63 @@ mod tests {
         assert_eq!(custom.base_url, "http://127.0.0.1:11434/v1");
         assert_eq!(custom.keys[0].secret(), "", "keyless");
         assert_eq!(custom.price("llama3.2:3b").unwrap().input, 0.0);
+    }
+
+    #[test]
+    fn fallback_lists_groups_and_modes() {
+        let c = config_of(&[
+            ("groq_api_key", "g"),
+            ("openai_api_key", "o"),
+            (
+                "model_groups",
+                "fast=groq/llama-3.1-8b-instant,cerebras/gpt-oss-120b,openai/gpt-4o-mini",
+            ),
+        ])
+        .unwrap();
+        let p = plan_request(
+            &c,
+            "groq/llama-3.3-70b-versatile",
+            &[
+                "openai/gpt-4o-mini".into(),
+                "groq/llama-3.3-70b-versatile".into(),
+            ],
+            Mode::Auto,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            ids(&p),
+            vec![
+                pair("groq", "llama-3.3-70b-versatile"),
+                pair("openai", "gpt-4o-mini")
+            ]
+        );
+        assert!(p.virtual_model);
+        assert_eq!(p.candidates[0].context_window, 131_072);
+        // A group: members in order, unconfigured ones (cerebras) skipped.
+        let p = plan_request(&c, "fast", &[], Mode::Auto, 0).unwrap();
+        assert_eq!(
+            ids(&p),
+            vec![
+                pair("groq", "llama-3.1-8b-instant"),
+                pair("openai", "gpt-4o-mini")
+            ]
+        );
+        // Modes: free never reaches paid, paid never free.
+        let p = plan_request(&c, "fast", &[], Mode::Free, 0).unwrap();
+        assert_eq!(ids(&p), vec![pair("groq", "llama-3.1-8b-instant")]);
+        let p = plan_request(&c, "auto", &[], Mode::Paid, 0).unwrap();
+        assert_eq!(ids(&p), vec![pair("openai", "gpt-4o-mini")]);
+        let e = plan_request(&c, "openai/gpt-4o-mini", &[], Mode::Free, 0).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("paid tier"));
+        assert_eq!(Mode::from_header(Some(" FREE ")).unwrap(), Mode::Free);
+        assert!(Mode::from_header(Some("cheap")).is_err());
+        // An unknown fallback is the client's mistake.
+        let e = plan_request(&c, "auto", &["nope".into()], Mode::Auto, 0).unwrap_err();
+        assert_eq!(e.status, 404);
+        // Prefill capability travels with the candidate (for stream rescue).
+        let c = config_of(&[("mistral_api_key", "m")]).unwrap();
+        assert!(plan(&c, "auto", 0).unwrap().candidates[0].prefill);
     }
 }

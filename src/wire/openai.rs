@@ -21,8 +21,18 @@ pub struct ChatRequest {
     pub stream: bool,
     /// `stream_options.include_usage`: the client expects a final usage chunk.
     pub include_usage: bool,
+    /// OpenRouter's per-request fallback list (`models`): tried after `model`, in order.
+    pub fallback_models: Vec<String>,
+    /// The body, without the fields only FreeRelay reads (they never go upstream).
     body: Map<String, Value>,
 }
+
+/// Body fields FreeRelay reads and removes before anything goes upstream (OpenRouter's
+/// convention: `models` is the fallback list, `route: "fallback"` its switch).
+pub const GATEWAY_ONLY_FIELDS: &[&str] = &["models", "route"];
+
+/// Most models a `models` fallback list may name.
+pub const MAX_FALLBACK_MODELS: usize = 16;
 
 impl ChatRequest {
     /// Parses and validates a request body; errors name the offending field in `param`.
@@ -33,7 +43,7 @@ impl ChatRequest {
                 None,
             )
         })?;
-        let Value::Object(body) = value else {
+        let Value::Object(mut body) = value else {
             return Err(ApiError::invalid_request(
                 "The request body must be a JSON object.",
                 None,
@@ -94,10 +104,43 @@ impl ChatRequest {
                 ))
             }
         };
+        let fallback_models = match body.get("models") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(list)) if list.len() <= MAX_FALLBACK_MODELS => {
+                let mut out = Vec::with_capacity(list.len());
+                for (i, m) in list.iter().enumerate() {
+                    match m.as_str().map(str::trim) {
+                        Some(m) if valid_model(m) => out.push(m.to_owned()),
+                        _ => {
+                            return Err(ApiError::invalid_request(
+                                format!(
+                                    "`models[{i}]` must be a model name (printable ASCII without \
+                                     spaces, at most {MAX_MODEL_LEN} bytes)."
+                                ),
+                                Some(&format!("models[{i}]")),
+                            ))
+                        }
+                    }
+                }
+                out
+            }
+            Some(_) => {
+                return Err(ApiError::invalid_request(
+                    format!(
+                        "`models` must be an array of at most {MAX_FALLBACK_MODELS} model names."
+                    ),
+                    Some("models"),
+                ))
+            }
+        };
+        for f in GATEWAY_ONLY_FIELDS {
+            body.remove(*f);
+        }
         Ok(Self {
             model,
             stream,
             include_usage,
+            fallback_models,
             body,
         })
     }
@@ -372,5 +415,26 @@ mod tests {
             Some("worse")
         );
         assert_eq!(error_message(b"<html>"), None);
+    }
+
+    #[test]
+    fn the_fallback_list_is_read_and_never_forwarded() {
+        let r = parse(r#"{"model":"groq/a","models":["openai/b"," fast "],"route":"fallback","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        assert_eq!(r.fallback_models, ["openai/b", "fast"]);
+        let up: Value = serde_json::from_slice(&r.upstream_body("a", StreamOptions::Keep)).unwrap();
+        assert!(up.get("models").is_none() && up.get("route").is_none());
+        assert!(r.body().get("models").is_none());
+        for bad in [r#""models":"x""#, r#""models":[1]"#, r#""models":["a b"]"#] {
+            let body =
+                format!(r#"{{"model":"m",{bad},"messages":[{{"role":"user","content":"x"}}]}}"#);
+            assert!(
+                parse(&body)
+                    .unwrap_err()
+                    .param
+                    .unwrap()
+                    .starts_with("models"),
+                "{bad}"
+            );
+        }
     }
 }

@@ -76,23 +76,25 @@ def test_stream_cut_mid_event_ends_with_a_parseable_error_event(make_mock, make_
 def test_json_answer_broken_after_its_200_is_a_502_not_a_truncated_200(make_mock, make_gateway):
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq})
-    groq.script({"kind": "drop", "after_chunks": 1})  # head + half the JSON, then the socket closes
+    # Head + half the JSON, then the socket closes; a broken answer is retried once.
+    groq.script({"kind": "drop", "after_chunks": 1}, {"kind": "drop", "after_chunks": 1})
     with gw.http() as c:
         r = c.post("/v1/chat/completions", json=chat_body("groq/llama-3.1-8b-instant"))
     err = assert_openai_error(r, 502, code="upstream_error")
     assert "broke" in err["message"] or "broken" in err["message"], err
-    assert len(groq.requests()) == 1
-    assert provider_stats(gw, "groq")["errors"] == 1
+    assert len(groq.requests()) == 2
+    assert provider_stats(gw, "groq")["errors"] == 2
 
 
 def test_json_answer_broken_after_its_200_falls_back_under_auto(make_mock, make_gateway):
     groq, gemini = make_mock("groq"), make_mock("gemini")
     gw = make_gateway({"groq": groq, "gemini": gemini})
-    groq.script({"kind": "drop", "after_bytes": 40})
+    groq.script({"kind": "drop", "after_bytes": 40}, {"kind": "drop", "after_bytes": 40})
     resp = gw.client().chat.completions.with_raw_response.create(model="auto", messages=user("hi"))
     assert resp.headers["x-freerelay-provider"] == "gemini"
+    assert resp.headers["x-freerelay-attempts"] == "3"
     assert resp.parse().choices[0].message.content.startswith("mock(gemini)")
-    assert len(groq.requests()) == 1 and len(gemini.requests()) == 1
+    assert len(groq.requests()) == 2 and len(gemini.requests()) == 1
 
 
 def test_streams_always_ask_upstream_for_usage_and_pass_it_on_only_when_asked(make_mock, make_gateway):
@@ -272,10 +274,12 @@ def test_non_streaming_answers_have_their_own_total_deadline(make_mock, make_gat
     assert r.choices[0].message.content.startswith("mock(groq)")
 
     gw2 = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_UPSTREAM_TOTAL_TIMEOUT_MS": "500"})
-    groq.script({"kind": "ok", "pause_after_chunks": 1})  # head and half the JSON, then silence
+    # Head and half the JSON, then silence (twice: a timed-out answer is retried once).
+    groq.script({"kind": "ok", "pause_after_chunks": 1}, {"kind": "ok", "pause_after_chunks": 1})
     with gw2.http() as c:
         r = c.post("/v1/chat/completions", json=chat_body("groq/llama-3.1-8b-instant"))
     assert_openai_error(r, 504, code="upstream_timeout")
+    release(groq)
     release(groq)
 
 

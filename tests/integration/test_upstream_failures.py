@@ -29,16 +29,19 @@ def _post(gw, body, timeout=30):
 @pytest.mark.parametrize("status", [500, 502, 503])
 def test_upstream_5xx_is_502_upstream_error(solo, status):
     gw, groq = solo
-    groq.script({"kind": "status", "status": status})
+    # A 5xx is retried once on the same model, then reported.
+    groq.script({"kind": "status", "status": status}, {"kind": "status", "status": status})
     r = _post(gw, chat_body(model=GROQ))
     assert_openai_error(r, 502, type_="upstream_error")
+    assert len(groq.requests()) == 2
+    assert r.headers["x-freerelay-attempts"] == "2"
     assert_no_secrets(r, [groq.key])
 
 
 def test_upstream_500_via_sdk_raises(solo):
     gw, groq = solo
     client = gw.client()
-    groq.script({"kind": "status", "status": 500})
+    groq.script({"kind": "status", "status": 500}, {"kind": "status", "status": 500})
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model=GROQ, messages=[{"role": "user", "content": "x"}])
     assert e.value.status_code == 502
@@ -56,10 +59,10 @@ def test_upstream_unreachable_is_502(make_mock, make_gateway):
 
 def test_upstream_connection_closed_without_answer_is_502(solo):
     gw, groq = solo
-    groq.script({"kind": "close"})
+    groq.script({"kind": "close"}, {"kind": "close"})
     r = _post(gw, chat_body(model=GROQ))
     assert_openai_error(r, 502, code="upstream_error", type_="upstream_error")
-    assert len(groq.requests()) == 1
+    assert len(groq.requests()) == 2, "a broken connection is retried once"
 
 
 def test_first_byte_timeout_is_504(make_mock, make_gateway):
@@ -68,10 +71,10 @@ def test_first_byte_timeout_is_504(make_mock, make_gateway):
     all proves the gateway's 500 ms timer fired; no wall-clock bound needed."""
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_UPSTREAM_FIRST_BYTE_TIMEOUT_MS": "500"})
-    groq.script({"kind": "ok", "latency_ms": 60_000})
+    groq.script({"kind": "ok", "latency_ms": 60_000}, {"kind": "ok", "latency_ms": 60_000})
     r = _post(gw, chat_body(model=GROQ, stream=True), timeout=20)
     assert_openai_error(r, 504, code="upstream_timeout", type_="upstream_error")
-    assert len(groq.requests()) == 1
+    assert len(groq.requests()) == 2, "a timeout is retried once"
 
 
 @pytest.mark.parametrize("status", [400, 422])
@@ -197,10 +200,12 @@ def test_429_auto_fallback_streaming(make_mock, make_gateway):
 def test_429_auto_with_no_other_provider_is_429(make_mock, make_gateway):
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq})
-    groq.script({"kind": "status", "status": 429, "retry_after": "5"})
+    # Longer than short_retry_after_ms (5 s): not waited out.
+    groq.script({"kind": "status", "status": 429, "retry_after": "30"})
     r = _post(gw, chat_body())
     assert_openai_error(r, 429, code="rate_limit_exceeded", type_="rate_limit_error")
-    assert 0 < int(r.headers["retry-after"]) <= 5, r.headers
+    assert 25 <= int(r.headers["retry-after"]) <= 30, r.headers
+    assert "Retry after" in r.json()["error"]["message"]
     assert len(groq.requests()) == 1
 
 
@@ -280,8 +285,8 @@ def test_mid_stream_stall_raises_in_sdk(make_mock, make_gateway):
 def test_gateway_recovers_after_failures(solo):
     gw, groq = solo
     client = gw.client()
-    groq.script({"kind": "status", "status": 500}, {"kind": "close"},
-                {"kind": "drop", "after_chunks": 1})
+    groq.script({"kind": "status", "status": 500}, {"kind": "status", "status": 500},
+                {"kind": "close"}, {"kind": "close"}, {"kind": "drop", "after_chunks": 1})
     assert_openai_error(_post(gw, chat_body(model=GROQ)), 502, code="upstream_error")
     assert_openai_error(_post(gw, chat_body(model=GROQ)), 502, code="upstream_error")
     with pytest.raises(openai.APIError) as e:
@@ -291,4 +296,4 @@ def test_gateway_recovers_after_failures(solo):
     _assert_stream_error_event(e.value)
     r = client.chat.completions.create(model=GROQ, messages=[{"role": "user", "content": "fine now"}])
     assert r.choices[0].message.content == "mock(groq): fine now"
-    assert len(groq.requests()) == 4
+    assert len(groq.requests()) == 6

@@ -8,7 +8,7 @@ mod respond;
 
 use freerelay::adapter::{self, Adapter, ReplyCtx, StreamEnd, Target};
 use freerelay::api::{self, Endpoint};
-use freerelay::attempt::{Attempts, Next};
+use freerelay::attempt::{Attempts, Next, Policy};
 use freerelay::config::{self, ApiKey, Config, LogEvents};
 use freerelay::error::ApiError;
 use freerelay::event::{self, Event};
@@ -257,7 +257,17 @@ async fn chat(
         Ok(r) => r,
         Err(e) => return ctx.error(out, &e).await,
     };
-    let plan = match route::plan(config, &request.model, random_u64()) {
+    let mode = match route::Mode::from_header(header(headers, "x-freerelay-mode").as_deref()) {
+        Ok(m) => m,
+        Err(e) => return ctx.error(out, &e).await,
+    };
+    let plan = match route::plan_request(
+        config,
+        &request.model,
+        &request.fallback_models,
+        mode,
+        random_u64(),
+    ) {
         Ok(p) => p,
         Err(e) => return ctx.error(out, &e).await,
     };
@@ -293,17 +303,32 @@ async fn chat(
         }
     };
 
-    let mut attempts = Attempts::new(plan);
+    let policy = Policy {
+        max_attempts: config.max_attempts,
+        short_retry_after_ms: config.short_retry_after_ms,
+        ..Policy::default()
+    };
+    let mut attempts = Attempts::with_policy(plan, policy);
     loop {
         let (attempt, candidate, key_id) = match attempts.next_step() {
-            Next::GiveUp(e) => return ctx.error(out, &e).await,
+            Next::GiveUp(e) => {
+                let reply = Reply::error(&e)
+                    .with_header("x-freerelay-attempts", attempts.count().to_string());
+                return ctx.reply(out, reply).await;
+            }
             Next::Try {
                 attempt,
                 candidate,
                 key,
+                delay_ms,
                 ops,
                 event,
             } => {
+                if delay_ms > 0 {
+                    // Logged before the wait, so the trail shows why the request paused.
+                    ctx.flush();
+                    outbound::sleep(delay_ms).await;
+                }
                 ctx.apply(store.as_ref(), &ops);
                 ctx.log(&event);
                 (attempt, candidate, key)

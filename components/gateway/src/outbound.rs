@@ -48,6 +48,11 @@ pub async fn within<T>(ms: u64, fut: impl Future<Output = T>) -> Option<T> {
     }
 }
 
+/// Waits `ms` milliseconds (a back-off, or a short Retry-After waited out).
+pub async fn sleep(ms: u64) {
+    within(ms, futures::future::pending::<()>()).await;
+}
+
 /// Sends a POST built by an adapter and waits for the response head.
 pub async fn post(up: UpstreamRequest, timeouts: Timeouts) -> Result<IncomingResponse, Transport> {
     let UpstreamRequest { url, headers, body } = up;

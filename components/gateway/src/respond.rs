@@ -35,6 +35,12 @@ impl Reply {
         r
     }
 
+    /// Adds a header.
+    pub fn with_header(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
     /// Adds who answered, after how many attempts, and what it cost (USD; absent when the
     /// price is unknown).
     pub fn answered_by(mut self, c: &Candidate, attempts: u32, cost_usd: Option<f64>) -> Self {
