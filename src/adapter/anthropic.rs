@@ -13,6 +13,7 @@ use super::{
     out, Adapter, Answer, ReplyCtx, StreamState, StreamTranslator, Target, UpstreamRequest,
 };
 use crate::error::ApiError;
+use crate::upstream::{self, BodyHints, Cause, Failure, Hints};
 use crate::wire::openai::{error_message, ChatRequest, Usage};
 use crate::wire::sse::SseFramer;
 use serde::de::{Deserializer, Visitor};
@@ -101,6 +102,41 @@ impl Adapter for Anthropic {
 
     fn error_detail(&self, body: &[u8]) -> Option<String> {
         anthropic_error(body).or_else(|| error_message(body))
+    }
+
+    /// Anthropic's error types follow its statuses (`rate_limit_error` 429, `overloaded_error`
+    /// 529, …) and its wordings are recognised in [`upstream::judge_body`]: "prompt is too
+    /// long: N tokens > M maximum" and "input length and `max_tokens` exceed context limit"
+    /// (context), "Output blocked by content filtering policy" (content filter). What needs
+    /// this adapter: a spent credit balance ("Your credit balance is too low…", sent as a 400
+    /// `invalid_request_error`, or a 402 `billing_error`) is the key's problem, not the
+    /// client's: the key is set aside and another provider tried.
+    fn judge(
+        &self,
+        provider: &str,
+        api_key: &str,
+        status: u16,
+        hints: Hints<'_>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Failure {
+        let detail = self.error_detail(body);
+        let billing = detail.as_deref().is_some_and(|d| {
+            d.contains("(billing_error)") || d.contains("credit balance is too low")
+        });
+        let found = BodyHints {
+            cause: billing.then_some(Cause::KeyRefused),
+            ..BodyHints::default()
+        };
+        upstream::judge_body(
+            provider,
+            api_key,
+            status,
+            hints,
+            detail.as_deref(),
+            found,
+            now_ms,
+        )
     }
 }
 
@@ -2168,6 +2204,67 @@ mod tests {
         );
         assert_eq!(d(br#"{"error":"worse"}"#).as_deref(), Some("worse"));
         assert_eq!(d(b"<html>"), None);
+    }
+
+    #[test]
+    fn errors_are_judged_by_their_type_and_wording() {
+        use crate::upstream::{Cause, Hints};
+        let error = |kind: &str, message: &str| {
+            format!(
+                r#"{{"type":"error","error":{{"type":"{kind}","message":"{message}"}},"request_id":"req_1"}}"#
+            )
+        };
+        let now = 1_795_246_080_000; // 2026-11-21T07:28:00Z
+        let judge = |status: u16, body: &str, hints: Hints<'_>| {
+            Anthropic.judge(
+                "anthropic",
+                "sk-ant-secret",
+                status,
+                hints,
+                body.as_bytes(),
+                now,
+            )
+        };
+        let none = Hints::default();
+        for (status, kind, message, cause) in [
+            (400, "invalid_request_error", "prompt is too long: 208310 tokens > 200000 maximum", Cause::ContextLength),
+            (400, "invalid_request_error", "input length and `max_tokens` exceed context limit: 197444 + 8192 > 200000, decrease input length or `max_tokens` and try again", Cause::ContextLength),
+            (400, "invalid_request_error", "Output blocked by content filtering policy", Cause::ContentFilter),
+            (400, "invalid_request_error", "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.", Cause::KeyRefused),
+            (402, "billing_error", "Payment required", Cause::KeyRefused),
+            (400, "invalid_request_error", "max_tokens: Field required", Cause::Client),
+            (401, "authentication_error", "invalid x-api-key", Cause::KeyRefused),
+            (404, "not_found_error", "model: claude-nope", Cause::Unsupported),
+            (413, "request_too_large", "Request exceeds the maximum allowed number of bytes.", Cause::Client),
+            (500, "api_error", "Internal server error", Cause::Server),
+            (529, "overloaded_error", "Overloaded", Cause::Server),
+        ] {
+            let f = judge(status, &error(kind, message), none);
+            assert_eq!(f.cause, cause, "{status} {kind}: {message}");
+        }
+        // A 429: Retry-After first, else the reset headers (RFC 3339 timestamps).
+        let limited = error("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit. Please reduce the prompt length or the maximum tokens requested, or try again later.");
+        let f = judge(
+            429,
+            &limited,
+            Hints {
+                retry_after: Some("12"),
+                ..none
+            },
+        );
+        assert_eq!(
+            (f.cause, f.cooldown.unwrap().until_ms),
+            (Cause::RateLimited, now + 12_000)
+        );
+        let resets = Hints {
+            reset_requests: Some("2026-11-21T07:28:30Z"),
+            reset_tokens: Some("2026-11-21T07:28:09Z"),
+            ..none
+        };
+        assert_eq!(
+            judge(429, &limited, resets).cooldown.unwrap().until_ms,
+            now + 30_000
+        );
     }
 
     // ---- streams

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::cooldown;
 use crate::error::ApiError;
-use crate::upstream::{self, Failure, Hints};
+use crate::upstream::{self, Cause, Failure, Hints};
 use crate::wire::openai::{error_message, ChatRequest, Usage};
 use crate::wire::sse::SseFramer;
 use serde::{Deserialize, Deserializer};
@@ -189,8 +189,23 @@ impl Adapter for Gemini {
         }
     }
 
-    /// Gemini's 429s carry no `Retry-After`; the wait is a `google.rpc.RetryInfo` detail in the
-    /// body, used here so the cool-down is what Google asked for (LiteLLM #25507 ignored it).
+    /// Reads what Google's error body says beyond its message:
+    ///
+    /// - 429s carry no `Retry-After`; the wait is a `google.rpc.RetryInfo` detail in the body,
+    ///   used so the cool-down is what Google asked for (LiteLLM #25507 ignored it).
+    /// - A 429 whose `google.rpc.QuotaFailure` names a per-day quota
+    ///   (`GenerateRequestsPerDayPerProjectPerModel-FreeTier`) is a spent daily cap: the key cools
+    ///   until the next midnight in America/Los_Angeles, when Google resets it. Its `retryDelay`
+    ///   (tens of seconds) only names the per-minute window and would make a retry storm.
+    /// - Google answers a bad or revoked key with 400 INVALID_ARGUMENT (reason
+    ///   API_KEY_INVALID), not 401: judged as the refused key it is, so it is set aside.
+    /// - "User location is not supported for the API use." (400 FAILED_PRECONDITION): this
+    ///   provider cannot serve the request, another may.
+    ///
+    /// Context overflows ("The input token count (N) exceeds the maximum number of tokens
+    /// allowed (M).") are recognised by their wording in [`upstream::judge_body`]. Safety blocks
+    /// are not HTTP errors on this API: they come as 200 answers (`promptFeedback.blockReason`,
+    /// `finishReason: SAFETY`).
     fn judge(
         &self,
         provider: &str,
@@ -201,23 +216,61 @@ impl Adapter for Gemini {
         now_ms: u64,
     ) -> Failure {
         let detail = self.error_detail(body);
-        let delay = (status == 429 && hints.retry_after.is_none())
-            .then(|| retry_delay_secs(body))
-            .flatten()
-            .map(|s| s.to_string());
-        let hints = Hints {
-            retry_after: delay.as_deref().or(hints.retry_after),
-            ..hints
+        let mut found = upstream::BodyHints {
+            wait_ms: (status == 429)
+                .then(|| retry_delay_secs(body))
+                .flatten()
+                .map(|s| s * 1000),
+            ..Default::default()
         };
-        // Google answers a bad or revoked key with 400 INVALID_ARGUMENT (reason
-        // API_KEY_INVALID), not 401: judged as the refused key it is, so it is set aside.
-        let status = if status == 400 && key_invalid(body) {
-            401
-        } else {
-            status
-        };
-        upstream::judge_status(provider, api_key, status, hints, detail.as_deref(), now_ms)
+        if status == 400 && key_invalid(body) {
+            found.cause = Some(Cause::KeyRefused);
+        } else if status == 429 && per_day_quota(body) {
+            found.cause = Some(Cause::DailyCap);
+            found.reset_at_ms = Some(cooldown::next_reset_ms(
+                upstream::day_reset(provider),
+                now_ms,
+            ));
+        } else if detail
+            .as_deref()
+            .is_some_and(|d| d.contains("location is not supported"))
+        {
+            found.cause = Some(Cause::Unsupported);
+        }
+        upstream::judge_body(
+            provider,
+            api_key,
+            status,
+            hints,
+            detail.as_deref(),
+            found,
+            now_ms,
+        )
     }
+}
+
+/// Does a Gemini 429 name a per-day quota in its `google.rpc.QuotaFailure` violations?
+fn per_day_quota(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let v = match &v {
+        Value::Array(a) => a.first().unwrap_or(&Value::Null),
+        v => v,
+    };
+    v["error"]["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| {
+            d["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("google.rpc.QuotaFailure"))
+        })
+        .filter_map(|d| d["violations"].as_array())
+        .flatten()
+        .filter_map(|v| v["quotaId"].as_str())
+        .any(|id| id.contains("PerDay"))
 }
 
 /// Does a Gemini error body say the key itself is invalid (`google.rpc.ErrorInfo` reason)?
@@ -2231,5 +2284,78 @@ data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"lo\"}]},\"finish
         let other = br#"{"error":{"code":400,"message":"Invalid JSON payload","status":"INVALID_ARGUMENT"}}"#;
         let f = Gemini.judge("gemini", "AIza-secret", 400, Hints::default(), other, 0);
         assert!(!f.key_refused() && !f.retryable);
+    }
+
+    /// A real free-tier 429 (`tests/fixtures/gemini/error_429_page.json`): a per-day quota, with
+    /// a `retryDelay` that only names the per-minute window.
+    const DAILY_CAP: &str = r#"{"error": {"code": 429, "message": "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.", "status": "RESOURCE_EXHAUSTED", "details": [
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests", "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier", "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash"}, "quotaValue": "250"}]},
+        {"@type": "type.googleapis.com/google.rpc.Help", "links": [{"description": "Learn more about Gemini API quotas", "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "22s"}]}}"#;
+
+    #[test]
+    fn a_spent_daily_quota_cools_until_midnight_in_los_angeles() {
+        // 2026-07-04 12:00 UTC (05:00 PDT): the reset is 2026-07-05 00:00 PDT, 07:00 UTC.
+        let now = 1_783_166_400_000;
+        let f = Gemini.judge(
+            "gemini",
+            "AIza-secret",
+            429,
+            Hints::default(),
+            DAILY_CAP.as_bytes(),
+            now,
+        );
+        assert_eq!((f.cause, f.retryable), (Cause::DailyCap, true));
+        assert_eq!(f.cooldown.unwrap().until_ms, 1_783_234_800_000);
+        assert_eq!(f.error.retry_after, Some(19 * 3_600));
+        // 2026-01-15 12:00 UTC (04:00 PST): the reset is at 08:00 UTC the next day.
+        let now = 1_768_478_400_000;
+        let f = Gemini.judge(
+            "gemini",
+            "k",
+            429,
+            Hints::default(),
+            DAILY_CAP.as_bytes(),
+            now,
+        );
+        assert_eq!(f.cooldown.unwrap().until_ms, now + 20 * 3_600_000);
+        // Wrapped in an array, as streaming endpoints send it.
+        let wrapped = format!("[{DAILY_CAP}]");
+        let f = Gemini.judge(
+            "gemini",
+            "k",
+            429,
+            Hints::default(),
+            wrapped.as_bytes(),
+            now,
+        );
+        assert_eq!(f.cause, Cause::DailyCap);
+        // A per-minute quota stays a rate limit, with its retryDelay.
+        let minute = DAILY_CAP.replace("PerDay", "PerMinute");
+        let f = Gemini.judge("gemini", "k", 429, Hints::default(), minute.as_bytes(), now);
+        assert_eq!(f.cause, Cause::RateLimited);
+        assert_eq!(f.cooldown.unwrap().until_ms, now + 22_000);
+    }
+
+    #[test]
+    fn overflows_and_unserved_locations() {
+        let overflow = br#"{"error":{"code":400,"message":"The input token count (1300000) exceeds the maximum number of tokens allowed (1048575).","status":"INVALID_ARGUMENT"}}"#;
+        let f = Gemini.judge("gemini", "k", 400, Hints::default(), overflow, 0);
+        assert_eq!(
+            (f.cause, f.retryable, f.cooldown),
+            (Cause::ContextLength, true, None)
+        );
+        assert_eq!(
+            (f.error.status, f.error.code),
+            (400, Some("context_length_exceeded"))
+        );
+        let location = br#"{"error":{"code":400,"message":"User location is not supported for the API use.","status":"FAILED_PRECONDITION"}}"#;
+        let f = Gemini.judge("gemini", "k", 400, Hints::default(), location, 0);
+        assert_eq!(
+            (f.cause, f.retryable, f.cooldown),
+            (Cause::Unsupported, true, None)
+        );
+        let f = Gemini.judge("gemini", "k", 503, Hints::default(), br#"{"error":{"code":503,"message":"The model is overloaded. Please try again later.","status":"UNAVAILABLE"}}"#, 0);
+        assert_eq!((f.cause, f.retryable), (Cause::Server, true));
     }
 }

@@ -8,7 +8,9 @@ use super::{
     UpstreamRequest,
 };
 use crate::catalog::{MaxTokensField, Quirks};
+use crate::cooldown;
 use crate::error::ApiError;
+use crate::upstream::{self, BodyHints, Cause, Failure, Hints};
 use crate::wire::openai::{error_message, ChatRequest, Usage};
 use crate::wire::sse::SseFramer;
 use serde_json::{json, Map, Value};
@@ -74,8 +76,122 @@ impl Adapter for OpenAi {
         })
     }
 
+    /// The message of an OpenAI-style error body: `error.message` (or `error` as a string),
+    /// else a top-level `message` (Mistral: `{"object":"error","message":…}`) or `detail`
+    /// (FastAPI-style hosts). Structured messages (Mistral's validation errors) are shown as
+    /// compact JSON. OpenRouter's `metadata.raw`, the upstream's own words behind "Provider
+    /// returned error", is appended, so the client (and the judgement) see the real cause.
     fn error_detail(&self, body: &[u8]) -> Option<String> {
-        error_message(body)
+        let v: Value = serde_json::from_slice(body).ok()?;
+        let e = match v.get("error") {
+            Some(Value::String(s)) if !s.is_empty() => return Some(s.clone()),
+            Some(e @ Value::Object(_)) => e,
+            _ => &v,
+        };
+        let message = match e.get("message").or_else(|| e.get("detail"))? {
+            Value::String(s) if !s.is_empty() => s.clone(),
+            m @ (Value::Object(_) | Value::Array(_)) => shorten(&m.to_string()),
+            _ => return None,
+        };
+        let meta = &e["metadata"];
+        Some(match meta["raw"].as_str().filter(|r| !r.is_empty()) {
+            Some(raw) => match meta["provider_name"].as_str().filter(|p| !p.is_empty()) {
+                Some(p) => format!("{message} ({p}: {})", shorten(raw)),
+                None => format!("{message} ({})", shorten(raw)),
+            },
+            None => message,
+        })
+    }
+
+    /// Reads the codes of an OpenAI-style error body ([`read_error`]), then judges.
+    fn judge(
+        &self,
+        provider: &str,
+        api_key: &str,
+        status: u16,
+        hints: Hints<'_>,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Failure {
+        let detail = self.error_detail(body);
+        let found = read_error(status, body, now_ms);
+        upstream::judge_body(
+            provider,
+            api_key,
+            status,
+            hints,
+            detail.as_deref(),
+            found,
+            now_ms,
+        )
+    }
+}
+
+/// What an OpenAI-style error body says beyond its message:
+///
+/// - `code`: `context_length_exceeded` (OpenAI, Groq, Cerebras) is a context overflow;
+///   `content_filter` (Azure), `content_policy_violation` (OpenAI), and `invalid_prompt` whose
+///   message cites the usage policy (OpenAI's reasoning models) a content filter;
+///   `insufficient_quota` (OpenAI: the account's credit is spent, no wait helps) a refused key.
+/// - OpenRouter's moderation (`metadata.flagged_input` / `metadata.reasons`): a content filter.
+/// - On a 429, OpenRouter's `metadata.headers`: `X-RateLimit-Reset` (Unix ms) is when a spent
+///   `free-models-per-day` quota comes back, or the end of a per-minute window;
+///   `Retry-After` and `metadata.retry_after_seconds` (an upstream's own 429 relayed as
+///   "Provider returned error") the wait.
+///
+/// Per-day caps themselves are recognised by their wording in [`upstream::judge_body`].
+fn read_error(status: u16, body: &[u8], now_ms: u64) -> BodyHints {
+    let mut found = BodyHints::default();
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return found;
+    };
+    let e = match v.get("error") {
+        Some(e @ Value::Object(_)) => e,
+        _ => &v,
+    };
+    let message = e["message"].as_str().unwrap_or("");
+    let meta = &e["metadata"];
+    found.cause = match e["code"].as_str().unwrap_or("") {
+        "context_length_exceeded" => Some(Cause::ContextLength),
+        "content_filter" | "content_policy_violation" => Some(Cause::ContentFilter),
+        "invalid_prompt" if message.contains("usage policy") => Some(Cause::ContentFilter),
+        "insufficient_quota" => Some(Cause::KeyRefused),
+        _ if meta.get("flagged_input").is_some() || meta.get("reasons").is_some() => {
+            Some(Cause::ContentFilter)
+        }
+        _ => None,
+    };
+    if status == 429 {
+        let header = |name: &str| -> Option<String> {
+            let (_, v) = meta["headers"]
+                .as_object()?
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))?;
+            v.as_str()
+                .map(str::to_owned)
+                .or_else(|| v.as_u64().map(|n| n.to_string()))
+        };
+        let reset_at = header("X-RateLimit-Reset").and_then(|r| cooldown::parse_instant(&r));
+        found.reset_at_ms = reset_at;
+        found.wait_ms = header("Retry-After")
+            .and_then(|r| cooldown::retry_after_ms(&r, now_ms))
+            .or_else(|| {
+                meta["retry_after_seconds"]
+                    .as_f64()
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(|s| (s * 1000.0).ceil() as u64)
+            })
+            .or_else(|| reset_at.map(|at| at.saturating_sub(now_ms)));
+    }
+    found
+}
+
+/// At most 300 characters of upstream text, for a message.
+fn shorten(text: &str) -> String {
+    const MAX: usize = 300;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
     }
 }
 
@@ -586,5 +702,216 @@ data: [DONE]\n\n";
             .answer(br#"{"error":{"message":"x"}}"#, &ctx(false))
             .is_err());
         assert!(OpenAi.answer(br#"{"id":"x"}"#, &ctx(false)).is_err());
+    }
+
+    // -- errors -------------------------------------------------------------------------------
+
+    /// Unix ms of 2026-11-21 07:28 UTC; the next UTC midnight is 16 h 32 min later.
+    const NOW: u64 = 1_795_246_080_000;
+    const MIDNIGHT_UTC: u64 = 1_795_305_600_000;
+
+    fn judged(provider: &str, status: u16, hints: Hints<'_>, body: &str) -> Failure {
+        OpenAi.judge(provider, "sk-secret", status, hints, body.as_bytes(), NOW)
+    }
+
+    #[test]
+    fn openrouter_daily_cap_cools_until_the_reset_it_names() {
+        // As OpenRouter sends it (openclaude #936): the reset is in `metadata.headers`, in ms.
+        let body = |reset: u64| {
+            format!(
+                r#"{{"error":{{"message":"Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day","code":429,"metadata":{{"headers":{{"X-RateLimit-Limit":"50","X-RateLimit-Remaining":"0","X-RateLimit-Reset":"{reset}"}},"provider_name":null}}}},"user_id":"user_x"}}"#
+            )
+        };
+        let f = judged("openrouter", 429, Hints::default(), &body(MIDNIGHT_UTC));
+        assert_eq!((f.cause, f.retryable), (Cause::DailyCap, true));
+        assert_eq!(f.cooldown.unwrap().until_ms, MIDNIGHT_UTC);
+        assert_eq!(f.error.retry_after, Some((MIDNIGHT_UTC - NOW) / 1000));
+        assert!(f
+            .error
+            .message
+            .starts_with("Provider `openrouter` has spent its daily quota"));
+        // The body's instant is what counts, whatever a header says.
+        let hints = Hints {
+            retry_after: Some("60"),
+            ..Hints::default()
+        };
+        let f = judged("openrouter", 429, hints, &body(NOW + 7_200_000));
+        assert_eq!(f.cooldown.unwrap().until_ms, NOW + 7_200_000);
+        // Without it (or with one already past): the next UTC midnight.
+        let bare = r#"{"error":{"message":"Rate limit exceeded: free-models-per-day-high-balance.","type":"rate_limit_error","code":"429"}}"#;
+        let f = judged("openrouter", 429, hints, bare);
+        assert_eq!(
+            (f.cause, f.cooldown.unwrap().until_ms),
+            (Cause::DailyCap, MIDNIGHT_UTC)
+        );
+        let f = judged("openrouter", 429, hints, &body(NOW - 1_000));
+        assert_eq!(f.cooldown.unwrap().until_ms, MIDNIGHT_UTC);
+    }
+
+    #[test]
+    fn openrouter_per_minute_limits_wait_as_the_body_says() {
+        let per_min = format!(
+            r#"{{"error":{{"message":"Rate limit exceeded: free-models-per-min. ","code":429,"metadata":{{"headers":{{"X-RateLimit-Limit":"20","X-RateLimit-Remaining":"0","X-RateLimit-Reset":"{}"}},"provider_name":null}}}}}}"#,
+            NOW + 40_000
+        );
+        let f = judged("openrouter", 429, Hints::default(), &per_min);
+        assert_eq!(f.cause, Cause::RateLimited);
+        assert_eq!(f.cooldown.unwrap().until_ms, NOW + 40_000);
+        // An upstream's own 429, relayed: its words and its wait.
+        let relayed = r#"{"error":{"message":"Provider returned error","code":429,"metadata":{"raw":"meta-llama/llama-3.3-70b-instruct:free is temporarily rate-limited upstream. Please retry shortly.","provider_name":"Venice","is_byok":false,"retry_after_seconds":17,"retry_after_seconds_raw":16.007,"headers":{"Retry-After":"17"}}},"user_id":"user_x"}"#;
+        let f = judged("openrouter", 429, Hints::default(), relayed);
+        assert_eq!(f.cause, Cause::RateLimited);
+        assert_eq!(f.cooldown.unwrap().until_ms, NOW + 17_000);
+        assert!(f
+            .error
+            .message
+            .contains("Provider returned error (Venice: meta-llama/llama-3.3-70b-instruct:free is temporarily"));
+        let seconds_only = relayed.replace(r#","headers":{"Retry-After":"17"}"#, "");
+        let f = judged("openrouter", 429, Hints::default(), &seconds_only);
+        assert_eq!(f.cooldown.unwrap().until_ms, NOW + 17_000);
+        // A Retry-After header still wins.
+        let hints = Hints {
+            retry_after: Some("5"),
+            ..Hints::default()
+        };
+        assert_eq!(
+            judged("openrouter", 429, hints, relayed)
+                .cooldown
+                .unwrap()
+                .until_ms,
+            NOW + 5_000
+        );
+    }
+
+    #[test]
+    fn groq_daily_caps_wait_for_the_rolling_window() {
+        let tpd = r#"{"error":{"message":"Rate limit reached for model `openai/gpt-oss-120b` in organization `org_x` service tier `on_demand` on tokens per day (TPD): Limit 200000, Used 197494, Requested 4035. Please try again in 11m0.528s. Need more tokens? Upgrade to Dev Tier today at https://console.groq.com/settings/billing","type":"tokens","code":"rate_limit_exceeded"}}"#;
+        let f = judged("groq", 429, Hints::default(), tpd);
+        assert_eq!(f.cause, Cause::DailyCap);
+        assert_eq!(f.cooldown.unwrap().until_ms, NOW + 660_528);
+        let rpd = r#"{"error":{"message":"Rate limit reached for model `llama-3.1-8b-instant` in organization `org_x` service tier `on_demand` on requests per day (RPD): Limit 14400, Used 14400, Requested 1.","type":"requests","code":"rate_limit_exceeded"}}"#;
+        let f = judged("groq", 429, Hints::default(), rpd);
+        assert_eq!(
+            (f.cause, f.cooldown.unwrap().until_ms),
+            (Cause::DailyCap, MIDNIGHT_UTC)
+        );
+        let rpm = r#"{"error":{"message":"Rate limit reached for model `llama-3.1-8b-instant` on requests per minute (RPM): Limit 30, Used 30, Requested 1. Please try again in 2s.","type":"requests","code":"rate_limit_exceeded"}}"#;
+        let hints = Hints {
+            retry_after: Some("2"),
+            reset_requests: Some("2m59.56s"),
+            reset_tokens: Some("7.66s"),
+        };
+        let f = judged("groq", 429, hints, rpm);
+        assert_eq!(
+            (f.cause, f.cooldown.unwrap().until_ms),
+            (Cause::RateLimited, NOW + 2_000)
+        );
+    }
+
+    #[test]
+    fn codes_name_overflows_filters_and_spent_credit() {
+        for (status, body, cause) in [
+            (
+                400,
+                r#"{"error":{"message":"This model's maximum context length is 128000 tokens. However, your messages resulted in 130000 tokens. Please reduce the length of the messages.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+                Cause::ContextLength,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"Input is longer than allowed.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+                Cause::ContextLength,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry.","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":true,"severity":"high"}}}}}"#,
+                Cause::ContentFilter,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"Your request was rejected as a result of our safety system.","type":"invalid_request_error","param":null,"code":"content_policy_violation"}}"#,
+                Cause::ContentFilter,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"Invalid prompt: your prompt was flagged as potentially violating our usage policy. Please try again with a different prompt.","type":"invalid_request_error","param":null,"code":"invalid_prompt"}}"#,
+                Cause::ContentFilter,
+            ),
+            (
+                403,
+                r#"{"error":{"code":403,"message":"Input moderated.","metadata":{"reasons":["harassment"],"flagged_input":"...","provider_name":"OpenAI","model_slug":"openai/gpt-4o"}}}"#,
+                Cause::ContentFilter,
+            ),
+            (
+                429,
+                r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+                Cause::KeyRefused,
+            ),
+            (
+                401,
+                r#"{"error":{"message":"Incorrect API key provided: sk-secret.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+                Cause::KeyRefused,
+            ),
+            (
+                400,
+                r#"{"error":{"message":"Invalid 'messages': empty array.","type":"invalid_request_error","param":"messages","code":"empty_array"}}"#,
+                Cause::Client,
+            ),
+            (
+                400,
+                r#"{"object":"error","message":"Prompt contains 40000 tokens and 0 draft tokens, too large for model with 32768 maximum context length","type":"invalid_request_message_error","param":null,"code":"3051"}"#,
+                Cause::ContextLength,
+            ),
+            (
+                503,
+                r#"{"error":{"message":"The engine is currently overloaded, please try again later.","type":"server_error","param":null,"code":null}}"#,
+                Cause::Server,
+            ),
+        ] {
+            let f = judged("openai", status, Hints::default(), body);
+            assert_eq!(f.cause, cause, "{body}");
+            assert!(
+                !f.error.message.contains("sk-secret"),
+                "{}",
+                f.error.message
+            );
+            match cause {
+                Cause::ContextLength => assert_eq!(f.error.code, Some("context_length_exceeded")),
+                Cause::ContentFilter => assert_eq!(f.error.code, Some("content_filter")),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn error_details_of_every_openai_like_shape() {
+        let d = |b: &str| OpenAi.error_detail(b.as_bytes());
+        assert_eq!(
+            d(r#"{"error":{"message":"plain"}}"#).as_deref(),
+            Some("plain")
+        );
+        assert_eq!(d(r#"{"error":"worse"}"#).as_deref(), Some("worse"));
+        // Mistral: the error is the body itself; a validation error's message is structured.
+        assert_eq!(
+            d(r#"{"object":"error","message":"Invalid model: x","type":"invalid_model","code":"1500"}"#).as_deref(),
+            Some("Invalid model: x")
+        );
+        assert_eq!(
+            d(r#"{"object":"error","message":{"detail":[{"type":"extra_forbidden","loc":["body","stream_options"],"msg":"Extra inputs are not permitted"}]},"type":"invalid_request_error"}"#).as_deref(),
+            Some(r#"{"detail":[{"loc":["body","stream_options"],"msg":"Extra inputs are not permitted","type":"extra_forbidden"}]}"#)
+        );
+        assert_eq!(d(r#"{"detail":"Not Found"}"#).as_deref(), Some("Not Found"));
+        // OpenRouter's relayed upstream words, shortened.
+        let long = "x".repeat(400);
+        let raw = d(&format!(
+            r#"{{"error":{{"message":"Provider returned error","code":400,"metadata":{{"raw":"{long}"}}}}}}"#
+        ))
+        .unwrap();
+        assert!(raw.starts_with("Provider returned error (xxx") && raw.ends_with("x…)"));
+        assert_eq!(
+            raw.chars().count(),
+            "Provider returned error (".len() + 300 + 2
+        );
+        assert_eq!(d("<html>"), None);
+        assert_eq!(d(r#"{"error":{}}"#), None);
     }
 }
