@@ -6,7 +6,8 @@ use crate::catalog::{Scope, Tier, PROVIDERS};
 use crate::config::{Config, Configured};
 use crate::cooldown::Cooldown;
 use crate::error::ApiError;
-use crate::kv::keys;
+use crate::kv::{keys, KvOp};
+use crate::quota::{self, QuotaRef};
 use serde::{Deserialize, Serialize};
 
 /// One provider-model pair to try, with the keys to try it with. Owned and secret-free: it
@@ -251,6 +252,12 @@ fn candidate(c: &Configured, model: &str, reason: String, rotation: u64) -> Cand
     }
 }
 
+/// The quota of one candidate's key, when the key's provider is configured.
+pub fn quota_ref<'a>(config: &'a Config, c: &'a Candidate, key_id: &'a str) -> Option<QuotaRef<'a>> {
+    let configured = config.provider(&c.provider)?;
+    Some(QuotaRef::of(configured, &c.model, c.ledger.as_deref(), key_id))
+}
+
 fn explicit(c: &Configured, model: &str, rotation: u64) -> Plan {
     Plan {
         candidates: vec![candidate(c, model, "named by the client".into(), rotation)],
@@ -278,6 +285,143 @@ impl Candidate {
 }
 
 impl Plan {
+    /// Everything to read before the first attempt, in one batch: for each candidate and each
+    /// of its keys, the key's cool-downs, then its quota counters.
+    pub fn state_keys(&self, config: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        for c in &self.candidates {
+            for k in &c.keys {
+                out.extend(c.cooldown_keys(k));
+                if let Some(q) = quota_ref(config, c, k) {
+                    out.extend(quota::counter_keys(&q).into_iter().map(|(_, key)| key));
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps the keys that may be used now (`values` in the order of [`Self::state_keys`]):
+    /// not cooling down, and with quota left for a request of `estimated_tokens` — so a free
+    /// tier's allowance is spent without ever being told 429. A quota found exhausted is also
+    /// returned as a cool-down to write, so other instances skip the key without reading its
+    /// counters. When no key is left: a 429 with the shortest wait (in the header and in words),
+    /// a 502 when every key was refused by its provider, or a 400 when the request is larger
+    /// than every candidate's token limit.
+    pub fn usable(
+        self,
+        config: &Config,
+        values: &[Option<Vec<u8>>],
+        estimated_tokens: u64,
+        now_ms: u64,
+    ) -> Result<(Self, Vec<KvOp>), ApiError> {
+        let mut shortest: Option<u64> = None;
+        let mut refused: Vec<String> = Vec::new();
+        let mut too_large: Vec<String> = Vec::new();
+        let mut ops = Vec::new();
+        let mut values = values.iter().chain(std::iter::repeat(&None));
+        let mut wait = |until_ms: u64| {
+            let left = until_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
+            shortest = Some(shortest.map_or(left, |s: u64| s.min(left)));
+        };
+        let mut kept = Vec::with_capacity(self.candidates.len());
+        for mut c in self.candidates {
+            let mut usable = Vec::with_capacity(c.keys.len());
+            for k in std::mem::take(&mut c.keys) {
+                let mut cooling = None::<Cooldown>;
+                for _ in c.cooldown_keys(&k) {
+                    let v = values.next().and_then(|v| v.as_deref());
+                    if let Some(cd) = v.and_then(Cooldown::decode) {
+                        if cd.is_active(now_ms)
+                            && cooling.is_none_or(|have| cd.until_ms > have.until_ms)
+                        {
+                            cooling = Some(cd);
+                        }
+                    }
+                }
+                let verdict = quota_ref(config, &c, &k).map(|q| {
+                    let n = quota::counter_keys(&q).len();
+                    let counters: Vec<Option<Vec<u8>>> =
+                        (0..n).map(|_| values.next().cloned().flatten()).collect();
+                    (quota::check(&q, &counters, estimated_tokens, now_ms), q.limits.scope)
+                });
+                match (cooling, verdict) {
+                    (Some(cd), _) if cd.status == 429 => wait(cd.until_ms),
+                    (Some(_), _) => {
+                        if !refused.contains(&c.provider) {
+                            refused.push(c.provider.clone());
+                        }
+                    }
+                    (None, Some((v @ quota::Verdict::Exhausted { until_ms, .. }, scope))) => {
+                        wait(until_ms);
+                        if let Some(cd) = v.cooldown() {
+                            let ledger = match scope {
+                                Scope::Key => None,
+                                _ => c.ledger.as_deref(),
+                            };
+                            ops.push(cd.op(keys::cooldown(&c.provider, &k, ledger)));
+                        }
+                    }
+                    (None, Some((quota::Verdict::TooLarge { kind, until_ms }, _))) => {
+                        match until_ms {
+                            Some(u) => wait(u),
+                            None => too_large.push(format!(
+                                "{}/{} ({} {})",
+                                c.provider,
+                                c.model,
+                                kind.as_str(),
+                                quota_ref(config, &c, &k)
+                                    .and_then(|q| q.limit(kind))
+                                    .unwrap_or(0)
+                            )),
+                        }
+                    }
+                    _ => usable.push(k),
+                }
+            }
+            if !usable.is_empty() {
+                c.keys = usable;
+                kept.push(c);
+            }
+        }
+        if kept.is_empty() {
+            return Err(match shortest {
+                Some(secs) => ApiError::rate_limited(
+                    format!(
+                        "Every provider for this model is rate limited or at its quota. Retry \
+                         after {secs} {}.",
+                        if secs == 1 { "second" } else { "seconds" }
+                    ),
+                    shortest,
+                ),
+                None if !refused.is_empty() => ApiError::upstream(format!(
+                    "Every key of the providers for this model was recently refused by its \
+                     provider (HTTP 401/403) and is set aside for up to an hour; check {}.",
+                    refused
+                        .iter()
+                        .map(|p| format!("`{p}_api_key`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                None if !too_large.is_empty() => ApiError::invalid_request(
+                    format!(
+                        "This request (about {estimated_tokens} tokens) is larger than the token \
+                         limit of every candidate: {}.",
+                        too_large.join(", ")
+                    ),
+                    Some("messages"),
+                ),
+                None => ApiError::internal("The routing plan has no key to use."),
+            });
+        }
+        Ok((
+            Self {
+                candidates: kept,
+                virtual_model: self.virtual_model,
+            },
+            ops,
+        ))
+    }
+
     /// The cool-down keys of every candidate's keys, read in one batch before the first
     /// attempt.
     pub fn cooldown_keys(&self) -> Vec<String> {

@@ -261,7 +261,7 @@ fn a_streamed_thinking_function_call() {
 }
 
 #[test]
-fn a_rate_limit_waits_as_long_as_its_retry_info_says() {
+fn a_per_day_quota_cools_until_midnight_pacific_not_for_its_retry_delay() {
     let page: Value = serde_json::from_str(ERROR_429_PAGE).unwrap();
     let body = serde_json::to_vec(&page["response"]).unwrap();
     assert_eq!(
@@ -276,7 +276,11 @@ fn a_rate_limit_waits_as_long_as_its_retry_info_says() {
         &body,
         10_000,
     );
+    // The recorded 429 is GenerateRequestsPerDayPerProjectPerModel-FreeTier with retryDelay
+    // 22s: waiting 22 s would only meet the same spent daily cap again (a retry storm). The key
+    // cools until Gemini's day resets, midnight Pacific (08:00 UTC on 1970-01-01).
     assert!(f.retryable);
-    assert_eq!(f.cooldown.unwrap().until_ms, 10_000 + 22_000);
-    assert_eq!((f.error.status, f.error.retry_after), (429, Some(22)));
+    assert_eq!(f.cause, freerelay::upstream::Cause::DailyCap);
+    assert_eq!(f.cooldown.unwrap().until_ms, 28_800_000);
+    assert_eq!((f.error.status, f.error.retry_after), (429, Some(28_790)));
 }

@@ -325,6 +325,12 @@ def gateway_env(providers: dict[str, Mock], client_keys: list[str], extra: dict[
     # Every provider not given here is unconfigured (no key), whatever the manifest defaults say.
     for pid in PROVIDERS:
         env.setdefault(f"SPIN_VARIABLE_{pid.upper()}_API_KEY", "")
+        # The mocks stand in for accounts with room to spare: the catalogue's free-tier limits
+        # (Groq's 30 requests a minute…) would otherwise throttle tests that are not about
+        # quotas. Quota tests set their own limits through `extra`.
+        for kind, roomy in (("RPM", "1000000"), ("RPD", "1000000000"), ("TPM", "1000000000"),
+                            ("TPD", "1000000000")):
+            env.setdefault(f"SPIN_VARIABLE_{pid.upper()}_{kind}", roomy)
     env.update(extra or {})
     return env
 

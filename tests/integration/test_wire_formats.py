@@ -301,8 +301,9 @@ def test_a_mid_stream_error_reaches_the_client_as_an_error(mocks, client, provid
 
 
 def test_gemini_malformed_function_call_is_an_error_not_a_stop(mocks, client, gw):
-    # Twice for the JSON request (a broken answer is retried once), once for the stream.
-    mocks["gemini"].script(*[{"kind": "ok", "finish": "malformed_function_call"}] * 3)
+    # Twice for each request: a malformed call is a failed attempt, retried once. The stream's
+    # comes before any answer, so the client gets a clean error, not an empty 200.
+    mocks["gemini"].script(*[{"kind": "ok", "finish": "malformed_function_call"}] * 4)
     with pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="gemini/gemini-2.5-flash", tools=[WEATHER],
                                        messages=[{"role": "user", "content": "weather in Oslo?"}])

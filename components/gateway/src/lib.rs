@@ -14,7 +14,9 @@ use freerelay::error::ApiError;
 use freerelay::event::{self, Event};
 use freerelay::kv::{apply, Kv, KvOp};
 use freerelay::route::{self, Candidate};
+use freerelay::quota::{self, QuotaRef};
 use freerelay::stats;
+use freerelay::wire::openai::Usage;
 use freerelay::upstream::{self, Failure, Hints};
 use freerelay::wire::openai::ChatRequest;
 use futures::{SinkExt, StreamExt};
@@ -281,7 +283,8 @@ async fn chat(
             None
         }
     };
-    let cooling = match store.as_ref().map(|s| s.get_many(&plan.cooldown_keys())) {
+    // Cool-downs and quota counters of every candidate's keys, in one read.
+    let state = match store.as_ref().map(|s| s.get_many(&plan.state_keys(config))) {
         Some(Ok(values)) => values,
         Some(Err(e)) => {
             ctx.log(&Event::StateUnavailable {
@@ -291,8 +294,12 @@ async fn chat(
         }
         None => Vec::new(),
     };
-    let plan = match plan.without_cooling(&cooling, now_ms()) {
-        Ok(p) => p,
+    let estimated_tokens = quota::estimate_prompt_tokens(body.len());
+    let plan = match plan.usable(config, &state, estimated_tokens, now_ms()) {
+        Ok((p, ops)) => {
+            ctx.apply(store.as_ref(), &ops);
+            p
+        }
         Err(e) => {
             ctx.log(&Event::Refused {
                 model: request.model.clone(),
@@ -355,6 +362,39 @@ async fn chat(
             client_usage: request.include_usage,
             price: configured.price(&candidate.model),
         };
+        // The quota is reserved right before sending: never more than a key's limit reaches
+        // the provider in a window, however many instances race for it.
+        let quota = route::quota_ref(config, &candidate, &key_id);
+        if let (Some(store), Some(q)) = (store.as_ref(), quota.as_ref()) {
+            match quota::admit(store, q, now_ms()) {
+                Ok(quota::Verdict::Open) | Ok(quota::Verdict::TooLarge { .. }) => {}
+                Ok(verdict @ quota::Verdict::Exhausted { kind, until_ms }) => {
+                    let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
+                    let failure = Failure {
+                        error: ApiError::rate_limited(
+                            format!(
+                                "Provider `{}`: this key's {} quota is spent until its window \
+                                 ends.",
+                                candidate.provider,
+                                kind.as_str()
+                            ),
+                            Some(secs),
+                        ),
+                        retryable: true,
+                        cooldown: verdict.cooldown(),
+                        cause: upstream::Cause::RateLimited,
+                    };
+                    let decided = attempts.failed(&candidate, &key_id, failure, None, 0);
+                    ctx.apply(Some(store), &decided.ops);
+                    decided.events.iter().for_each(|e| ctx.log(e));
+                    continue;
+                }
+                Err(e) => ctx.log(&Event::StateWriteFailed {
+                    key: q.key(quota::Kind::Rpm),
+                    error: e.to_string(),
+                }),
+            }
+        }
         // What happened so far is on stderr before the upstream is waited for.
         ctx.flush();
         let sent = Instant::now();
@@ -399,18 +439,33 @@ async fn chat(
                     ttfb_ms,
                     stream: true,
                 });
+                let status = response.status();
                 let translator = adapter.stream(reply_ctx.clone());
-                return relay_stream(
-                    ctx,
-                    response,
-                    out,
-                    translator,
-                    &candidate,
-                    attempts.count(),
-                    &reply_ctx,
-                    store.as_ref(),
-                )
-                .await;
+                // Nothing is committed to the client until the first event arrives: a silent
+                // upstream, or one that fails or errors before its answer, is another attempt.
+                match prime(response, translator, config.first_token_timeout_ms, &candidate).await
+                {
+                    Ok(primed) => {
+                        return relay_stream(
+                            ctx,
+                            primed,
+                            out,
+                            &candidate,
+                            attempts.count(),
+                            &reply_ctx,
+                            store.as_ref(),
+                            quota.as_ref(),
+                        )
+                        .await;
+                    }
+                    Err(failure) => {
+                        let ms = sent.elapsed().as_millis() as u64;
+                        let decided =
+                            attempts.failed(&candidate, &key_id, failure, Some(status), ms);
+                        ctx.apply(store.as_ref(), &decided.ops);
+                        decided.events.iter().for_each(|e| ctx.log(e));
+                    }
+                }
             }
             Ok(Answered::Json(status, answer)) => {
                 ctx.log(&Event::AttemptAnswered {
@@ -423,6 +478,7 @@ async fn chat(
                 });
                 if let Some(u) = answer.usage {
                     ctx.apply(store.as_ref(), &Attempts::usage(&candidate, u));
+                    count_tokens(ctx, store.as_ref(), quota.as_ref(), u);
                 }
                 let cost = answer.usage.and_then(|u| reply_ctx.cost(u));
                 ctx.log(&Event::Answer {
@@ -481,8 +537,11 @@ async fn send(
     }
     let h = response.headers();
     let retry_after = header(&h, "retry-after");
-    let reset_requests = header(&h, "x-ratelimit-reset-requests");
-    let reset_tokens = header(&h, "x-ratelimit-reset-tokens");
+    // OpenAI and Groq send reset durations; Anthropic sends RFC 3339 reset times.
+    let reset_requests = header(&h, "x-ratelimit-reset-requests")
+        .or_else(|| header(&h, "anthropic-ratelimit-requests-reset"));
+    let reset_tokens = header(&h, "x-ratelimit-reset-tokens")
+        .or_else(|| header(&h, "anthropic-ratelimit-tokens-reset"));
     let body = read_capped(&response, ERROR_BODY_LIMIT).await;
     let hints = Hints {
         retry_after: retry_after.as_deref(),
@@ -541,20 +600,85 @@ async fn answer(
     }
 }
 
+/// A stream whose first event has arrived (nothing sent to the client yet). Fields drop in
+/// order: the body stream before the response it belongs to.
+struct Primed {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = Result<Vec<u8>, wasi::io::streams::Error>>>>,
+    translator: Box<dyn adapter::StreamTranslator>,
+    /// Client bytes the first events produced.
+    pending: Vec<u8>,
+    _response: IncomingResponse,
+}
+
+/// Reads a stream until its first event, within `timeout_ms` of its head: before that the 200
+/// is not committed, so a silent upstream (no first token), one that breaks, or one whose first
+/// words are an error event is a failed attempt, and the next candidate can still answer.
+async fn prime(
+    response: IncomingResponse,
+    mut translator: Box<dyn adapter::StreamTranslator>,
+    timeout_ms: u64,
+    candidate: &Candidate,
+) -> Result<Primed, Failure> {
+    let provider = candidate.provider.as_str();
+    let mut body = Box::pin(response.take_body_stream());
+    let mut pending = Vec::new();
+    let first = outbound::within(timeout_ms, async {
+        while let Some(chunk) = body.next().await {
+            let bytes = chunk.map_err(|e| {
+                if is_timeout(&e) {
+                    "it went silent before its first event"
+                } else {
+                    "the connection broke before its first event"
+                }
+            })?;
+            translator.feed(&bytes, &mut pending);
+            let s = translator.state();
+            if s.upstream_error {
+                return Err("it sent an error event before its answer");
+            }
+            if !pending.is_empty() || s.done || s.broken.is_some() {
+                return Ok(());
+            }
+        }
+        Err("it ended before its first event")
+    })
+    .await;
+    match first {
+        Some(Ok(())) => Ok(Primed {
+            body,
+            translator,
+            pending,
+            _response: response,
+        }),
+        Some(Err(why)) => Err(upstream::broken_answer(provider, why, false)),
+        None => Err(upstream::broken_answer(
+            provider,
+            &format!("no first event within {timeout_ms} ms (first_token_timeout_ms)"),
+            true,
+        )),
+    }
+}
+
 /// Relays a 2xx stream: whole events only, usage recorded the moment it is known, a clean
 /// error event if it breaks, and the body finished as soon as the answer is complete.
 #[allow(clippy::too_many_arguments)]
 async fn relay_stream(
     ctx: &Ctx,
-    response: IncomingResponse,
+    primed: Primed,
     out: ResponseOutparam,
-    mut translator: Box<dyn adapter::StreamTranslator>,
     candidate: &Candidate,
     attempts: u32,
     reply: &ReplyCtx,
     store: Option<&kv::SpinKv>,
+    quota: Option<&QuotaRef<'_>>,
 ) {
     let provider = candidate.provider.as_str();
+    let Primed {
+        body: mut upstream_body,
+        mut translator,
+        mut pending,
+        _response,
+    } = primed;
     let client = match respond::stream_head(&ctx.id, candidate, attempts) {
         Ok(r) => r,
         Err(detail) => {
@@ -568,11 +692,20 @@ async fn relay_stream(
     out.set(client);
     ctx.flush();
 
-    let mut pending = Vec::new();
     let mut failure: Option<&str> = None;
     let mut client_gone = false;
-    let mut upstream_body = response.take_body_stream();
-    while let Some(chunk) = upstream_body.next().await {
+    if let Some(u) = translator.take_new_usage() {
+        ctx.apply(store, &Attempts::usage(candidate, u));
+        count_tokens(ctx, store, quota, u);
+    }
+    let finished = translator.state().done || translator.state().broken.is_some();
+    if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
+        client_gone = true;
+    }
+    while !client_gone && !finished {
+        let Some(chunk) = upstream_body.next().await else {
+            break;
+        };
         let bytes = match chunk {
             Ok(b) => b,
             Err(e) => {
@@ -587,6 +720,7 @@ async fn relay_stream(
         translator.feed(&bytes, &mut pending);
         if let Some(u) = translator.take_new_usage() {
             ctx.apply(store, &Attempts::usage(candidate, u));
+            count_tokens(ctx, store, quota, u);
         }
         let done = translator.state().done || translator.state().broken.is_some();
         if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
@@ -607,6 +741,7 @@ async fn relay_stream(
         }
         if let Some(u) = translator.take_new_usage() {
             ctx.apply(store, &Attempts::usage(candidate, u));
+            count_tokens(ctx, store, quota, u);
         }
         (!client_gone).then_some(end)
     };
@@ -652,6 +787,18 @@ async fn relay_stream(
         completion_tokens: usage.map(|u| u.completion_tokens),
         ms: ctx.ms(),
     });
+}
+
+/// Counts an answer's tokens against its key's token quotas (best effort, like all state).
+fn count_tokens(ctx: &Ctx, store: Option<&kv::SpinKv>, q: Option<&QuotaRef<'_>>, u: Usage) {
+    if let (Some(store), Some(q)) = (store, q) {
+        if let Err(e) = quota::record_usage(store, q, u.prompt_tokens, u.completion_tokens, now_ms()) {
+            ctx.log(&Event::StateWriteFailed {
+                key: q.key(quota::Kind::Tpm),
+                error: e.to_string(),
+            });
+        }
+    }
 }
 
 fn is_timeout(e: &wasi::io::streams::Error) -> bool {
