@@ -13,12 +13,12 @@ use freerelay::config::{self, ApiKey, Config, LogEvents};
 use freerelay::error::ApiError;
 use freerelay::event::{self, Event};
 use freerelay::kv::{apply, Kv, KvOp};
-use freerelay::route::{self, Candidate};
 use freerelay::quota::{self, QuotaRef};
+use freerelay::route::{self, Candidate};
 use freerelay::stats;
-use freerelay::wire::openai::Usage;
 use freerelay::upstream::{self, Failure, Hints};
 use freerelay::wire::openai::ChatRequest;
+use freerelay::wire::openai::Usage;
 use futures::{SinkExt, StreamExt};
 use respond::Reply;
 use spin_sdk::http::{Fields, IncomingRequest, IncomingResponse, ResponseOutparam};
@@ -443,7 +443,13 @@ async fn chat(
                 let translator = adapter.stream(reply_ctx.clone());
                 // Nothing is committed to the client until the first event arrives: a silent
                 // upstream, or one that fails or errors before its answer, is another attempt.
-                match prime(response, translator, config.first_token_timeout_ms, &candidate).await
+                match prime(
+                    response,
+                    translator,
+                    config.first_token_timeout_ms,
+                    &candidate,
+                )
+                .await
                 {
                     Ok(primed) => {
                         return relay_stream(
@@ -626,21 +632,24 @@ async fn prime(
         while let Some(chunk) = body.next().await {
             let bytes = chunk.map_err(|e| {
                 if is_timeout(&e) {
-                    "it went silent before its first event"
+                    "it went silent before its first event".to_owned()
                 } else {
-                    "the connection broke before its first event"
+                    "the connection broke before its first event".to_owned()
                 }
             })?;
             translator.feed(&bytes, &mut pending);
             let s = translator.state();
             if s.upstream_error {
-                return Err("it sent an error event before its answer");
+                return Err(error_event_message(&pending).map_or_else(
+                    || "it sent an error event before its answer".to_owned(),
+                    |m| format!("it sent an error before its answer: {m}"),
+                ));
             }
             if !pending.is_empty() || s.done || s.broken.is_some() {
                 return Ok(());
             }
         }
-        Err("it ended before its first event")
+        Err("it ended before its first event".to_owned())
     })
     .await;
     match first {
@@ -650,13 +659,22 @@ async fn prime(
             pending,
             _response: response,
         }),
-        Some(Err(why)) => Err(upstream::broken_answer(provider, why, false)),
+        Some(Err(why)) => Err(upstream::broken_answer(provider, &why, false)),
         None => Err(upstream::broken_answer(
             provider,
             &format!("no first event within {timeout_ms} ms (first_token_timeout_ms)"),
             true,
         )),
     }
+}
+
+/// The message of the OpenAI error event among translated client bytes, if any.
+fn error_event_message(bytes: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .find(|d| d.starts_with("{\"error\""))
+        .and_then(|d| freerelay::wire::openai::error_message(d.as_bytes()))
 }
 
 /// Relays a 2xx stream: whole events only, usage recorded the moment it is known, a clean
@@ -792,7 +810,9 @@ async fn relay_stream(
 /// Counts an answer's tokens against its key's token quotas (best effort, like all state).
 fn count_tokens(ctx: &Ctx, store: Option<&kv::SpinKv>, q: Option<&QuotaRef<'_>>, u: Usage) {
     if let (Some(store), Some(q)) = (store, q) {
-        if let Err(e) = quota::record_usage(store, q, u.prompt_tokens, u.completion_tokens, now_ms()) {
+        if let Err(e) =
+            quota::record_usage(store, q, u.prompt_tokens, u.completion_tokens, now_ms())
+        {
             ctx.log(&Event::StateWriteFailed {
                 key: q.key(quota::Kind::Tpm),
                 error: e.to_string(),
