@@ -38,6 +38,8 @@ fn ctx() -> adapter::ReplyCtx {
         model: "m".into(),
         client_usage: false,
         price: None,
+        continuation: false,
+        collect_text: false,
     }
 }
 

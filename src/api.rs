@@ -57,6 +57,15 @@ pub fn model_objects(config: &Config) -> Vec<Value> {
             out.push(json!({"id": name, "object": "model", "created": 0, "owned_by": "freerelay"}));
         }
     }
+    for (name, members) in &config.model_groups {
+        out.push(json!({
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "freerelay",
+            "group": members,
+        }));
+    }
     for c in &config.providers {
         for id in c.model_ids() {
             let info = c.model_info(id);
@@ -143,5 +152,17 @@ mod tests {
         assert!(!ids.iter().any(|i| i.starts_with("openai/")));
         assert!(model_body(&c, "groq/llama-3.1-8b-instant").is_ok());
         assert_eq!(model_body(&c, "x").unwrap_err().status, 404);
+    }
+
+    #[test]
+    fn model_groups_are_listed() {
+        let c = config_of(&[
+            ("groq_api_key", "g"),
+            ("model_groups", "fast=groq/llama-3.1-8b-instant"),
+        ])
+        .unwrap();
+        let m: Value = serde_json::from_slice(&model_body(&c, "fast").unwrap()).unwrap();
+        assert_eq!(m["owned_by"], "freerelay");
+        assert_eq!(m["group"][0], "groq/llama-3.1-8b-instant");
     }
 }

@@ -26,6 +26,8 @@ fn ctx(client_usage: bool) -> ReplyCtx {
         model: "claude-sonnet-4-5".into(),
         client_usage,
         price: None,
+        continuation: false,
+        collect_text: false,
     }
 }
 

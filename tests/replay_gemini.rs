@@ -25,6 +25,8 @@ fn ctx(client_usage: bool) -> ReplyCtx {
         model: "gemini-2.5-flash".into(),
         client_usage,
         price: None,
+        continuation: false,
+        collect_text: false,
     }
 }
 

@@ -84,11 +84,15 @@ impl Adapter for Anthropic {
     }
 
     fn stream(&self, ctx: ReplyCtx) -> Box<dyn StreamTranslator> {
+        let text = ctx.collect_text.then(String::new);
         Box::new(AnthropicStream {
             framer: SseFramer::default(),
             t: Translator {
                 ctx,
-                state: StreamState::default(),
+                state: StreamState {
+                    text,
+                    ..StreamState::default()
+                },
                 new_usage: None,
                 started: false,
                 blocks: Vec::new(),
@@ -1368,6 +1372,10 @@ impl Translator {
 
     /// Sends the first chunk (`role: assistant`) if the client does not have it yet.
     fn start(&mut self, out: &mut Vec<u8>) {
+        if !self.started && self.ctx.continuation {
+            // A continuation: the client has its role chunk from the stream this one rescues.
+            self.started = true;
+        }
         if !self.started {
             self.started = true;
             out::chunk_event(
@@ -1382,6 +1390,7 @@ impl Translator {
     /// Sends one delta (after the first chunk).
     fn emit(&mut self, delta: Value, out: &mut Vec<u8>) {
         self.start(out);
+        super::note_delta(&mut self.state, &delta);
         out::chunk_event(&self.ctx, &delta, None, out);
     }
 
@@ -1572,6 +1581,8 @@ mod tests {
             model: "claude-x".into(),
             client_usage,
             price: None,
+            continuation: false,
+            collect_text: false,
         }
     }
 

@@ -163,11 +163,15 @@ impl Adapter for Gemini {
     }
 
     fn stream(&self, ctx: ReplyCtx) -> Box<dyn StreamTranslator> {
+        let text = ctx.collect_text.then(String::new);
         Box::new(GeminiStream {
             framer: SseFramer::default(),
             t: Translate {
                 ctx,
-                state: StreamState::default(),
+                state: StreamState {
+                    text,
+                    ..StreamState::default()
+                },
                 new_usage: None,
                 started: false,
                 calls: 0,
@@ -1335,9 +1339,13 @@ impl Translate {
     fn emit(&mut self, delta: Value, finish: Option<&str>, out: &mut Vec<u8>) {
         if !self.started {
             self.started = true;
-            let first = json!({"role": "assistant", "content": ""});
-            out::chunk_event(&self.ctx, &first, None, out);
+            // A continuation: the client has its role chunk from the stream this one rescues.
+            if !self.ctx.continuation {
+                let first = json!({"role": "assistant", "content": ""});
+                out::chunk_event(&self.ctx, &first, None, out);
+            }
         }
+        super::note_delta(&mut self.state, &delta);
         out::chunk_event(&self.ctx, &delta, finish, out);
     }
 
@@ -1382,6 +1390,8 @@ mod tests {
             model: "gemini-2.5-flash".into(),
             client_usage,
             price: None,
+            continuation: false,
+            collect_text: false,
         }
     }
 

@@ -60,6 +60,12 @@ pub struct ReplyCtx {
     pub client_usage: bool,
     /// What the answer's tokens cost, per million (`None`: unknown). Free tiers: zero.
     pub price: Option<Price>,
+    /// This stream continues an answer the client already has (a rescue after a broken
+    /// stream): no second `role` chunk.
+    pub continuation: bool,
+    /// Keep the answer's text in [`StreamState::text`] (a broken stream may be continued from
+    /// it on a model that accepts a prefill).
+    pub collect_text: bool,
 }
 
 impl ReplyCtx {
@@ -100,6 +106,36 @@ pub struct StreamState {
     pub upstream_error: bool,
     /// The stream can no longer be translated (e.g. an event over the size limit).
     pub broken: Option<String>,
+    /// The answer has begun: a delta with text, reasoning or a tool call was emitted (a role
+    /// chunk alone is not a first token).
+    pub content: bool,
+    /// With [`ReplyCtx::collect_text`]: the answer's text so far, while it is only text (a tool
+    /// call or anything else that a prefill cannot carry makes it `None`).
+    pub text: Option<String>,
+}
+
+/// Notes one client delta: whether the answer has begun ([`StreamState::content`]) and its
+/// text (see [`ReplyCtx::collect_text`]).
+pub fn note_delta(state: &mut StreamState, delta: &Value) {
+    if !state.content {
+        let non_empty = |k: &str| match delta.get(k) {
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            _ => false,
+        };
+        state.content =
+            non_empty("content") || non_empty("reasoning_content") || non_empty("tool_calls");
+    }
+    let Some(text) = state.text.as_mut() else {
+        return;
+    };
+    if delta.get("tool_calls").is_some_and(|t| !t.is_null())
+        || delta.get("function_call").is_some_and(|t| !t.is_null())
+    {
+        state.text = None;
+    } else if let Some(c) = delta.get("content").and_then(Value::as_str) {
+        text.push_str(c);
+    }
 }
 
 /// How a stream ended, judged when the upstream body ends or fails.

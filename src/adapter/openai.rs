@@ -64,11 +64,15 @@ impl Adapter for OpenAi {
     }
 
     fn stream(&self, ctx: ReplyCtx) -> Box<dyn StreamTranslator> {
+        let text = ctx.collect_text.then(String::new);
         Box::new(OpenAiStream {
             framer: SseFramer::default(),
             relay: Relay {
                 ctx,
-                state: StreamState::default(),
+                state: StreamState {
+                    text,
+                    ..StreamState::default()
+                },
                 new_usage: None,
                 usage_sent: false,
                 role_checked: false,
@@ -330,9 +334,13 @@ impl Relay {
             return;
         }
         self.state.events += 1;
+        if !self.state.content && has_tokens(data) {
+            self.state.content = true;
+        }
         let first = !self.role_checked;
         // Most chunks carry nothing to note: parse only those that may.
         let worth_parsing = first
+            || self.state.text.is_some()
             || field_is(data, b"\"usage\"", |b| b == b'{')
             || field_is(data, b"\"finish_reason\"", |b| b != b'n')
             || field_is(data, b"\"error\"", |b| b != b'n');
@@ -364,10 +372,20 @@ impl Relay {
                 .and_then(Value::as_object_mut)
             {
                 self.role_checked = true;
-                if !delta.contains_key("role") {
+                if self.ctx.continuation {
+                    // The client has its role chunk from the stream this one rescues.
+                    if delta.remove("role").is_some() {
+                        rewrite = true;
+                    }
+                } else if !delta.contains_key("role") {
                     delta.insert("role".into(), json!("assistant"));
                     rewrite = true;
                 }
+            }
+        }
+        if self.state.text.is_some() {
+            if let Some(delta) = v.pointer("/choices/0/delta") {
+                super::note_delta(&mut self.state, delta);
             }
         }
         if v.get("error").is_some_and(|e| !e.is_null()) {
@@ -439,6 +457,30 @@ impl Relay {
     }
 }
 
+/// Does a chunk carry a token: non-empty `content` or `reasoning_content`, or tool calls? (Read
+/// without parsing, until the first one: a role chunk alone is not a first token.)
+fn has_tokens(data: &[u8]) -> bool {
+    let non_empty_string = |name: &[u8]| {
+        let mut from = 0;
+        while let Some(i) = find(&data[from..], name) {
+            let rest = &data[from + i + name.len()..];
+            let mut it = rest.iter().skip_while(|b| b.is_ascii_whitespace());
+            if it.next() == Some(&b':') {
+                let mut it = it.skip_while(|b| b.is_ascii_whitespace());
+                if it.next() == Some(&b'"') && it.next().is_some_and(|&b| b != b'"') {
+                    return true;
+                }
+            }
+            from += i + name.len();
+        }
+        false
+    };
+    non_empty_string(b"\"content\"")
+        || non_empty_string(b"\"reasoning_content\"")
+        || non_empty_string(b"\"reasoning\"")
+        || field_is(data, b"\"tool_calls\"", |b| b == b'[')
+}
+
 /// Does `"name"` appear with a value whose first byte satisfies `first`?
 fn field_is(data: &[u8], name: &[u8], first: impl Fn(u8) -> bool) -> bool {
     let mut from = 0;
@@ -480,6 +522,8 @@ data: [DONE]\n\n";
             model: "m".into(),
             client_usage,
             price: None,
+            continuation: false,
+            collect_text: false,
         }
     }
 
@@ -606,6 +650,23 @@ data: [DONE]\n\n";
         assert!(!out.is_empty());
         assert!(t.state().upstream_error);
         assert_eq!(t.end(None, &mut Vec::new()), StreamEnd::UpstreamError);
+    }
+
+    #[test]
+    fn a_role_chunk_is_not_a_first_token() {
+        assert!(!has_tokens(
+            br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#
+        ));
+        assert!(has_tokens(br#"{"choices":[{"delta":{"content":"Hi"}}]}"#));
+        assert!(has_tokens(
+            br#"{"choices":[{"delta":{"reasoning_content":"hm"}}]}"#
+        ));
+        assert!(has_tokens(
+            br#"{"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#
+        ));
+        assert!(!has_tokens(
+            br#"{"choices":[{"delta":{"tool_calls":null}}]}"#
+        ));
     }
 
     #[test]

@@ -145,6 +145,31 @@ impl ChatRequest {
         })
     }
 
+    /// The same request with `text` as the start of the assistant's answer (a prefill): to
+    /// continue an answer that broke off. A client's own trailing prefill is extended.
+    pub fn with_prefill(&self, text: &str) -> Self {
+        let mut r = self.clone();
+        if let Some(Value::Array(messages)) = r.body.get_mut("messages") {
+            let own = messages
+                .last_mut()
+                .and_then(Value::as_object_mut)
+                .filter(|m| {
+                    m.get("role").and_then(Value::as_str) == Some("assistant")
+                        && m.get("content").is_some_and(Value::is_string)
+                        && m.get("tool_calls").is_none_or(Value::is_null)
+                });
+            match own {
+                Some(m) => {
+                    let have = m.get("content").and_then(Value::as_str).unwrap_or("");
+                    let joined = format!("{have}{text}");
+                    m.insert("content".into(), Value::String(joined));
+                }
+                None => messages.push(serde_json::json!({"role": "assistant", "content": text})),
+            }
+        }
+        r
+    }
+
     /// The body as the client sent it (validated), for translators to read.
     pub fn body(&self) -> &Map<String, Value> {
         &self.body
@@ -436,5 +461,25 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_prefill_continues_the_answer() {
+        let r = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        let p = r.with_prefill("Once upon");
+        assert_eq!(
+            p.body()["messages"][1],
+            serde_json::json!({"role": "assistant", "content": "Once upon"})
+        );
+        let own = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","content":"def f("}]}"#).unwrap();
+        assert_eq!(
+            own.with_prefill("a, b)").body()["messages"][1]["content"],
+            "def f(a, b)"
+        );
+        assert_eq!(
+            r.body()["messages"].as_array().unwrap().len(),
+            1,
+            "the original is unchanged"
+        );
     }
 }

@@ -154,7 +154,8 @@ def test_a_429_cooldown_is_visible_while_the_fallback_still_streams(make_mock, m
 def test_a_client_leaving_mid_stream_loses_nothing(make_mock, make_gateway):
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq})
-    groq.script({"kind": "ok", "pause_after_chunks": 1})
+    # The role chunk and the first word: the 200 is committed at the first token.
+    groq.script({"kind": "ok", "pause_after_chunks": 2})
     rid = "stop-pressed-1"
     with httpx.Client(base_url=gw.url, timeout=30) as c:
         with c.stream("POST", "/v1/chat/completions",

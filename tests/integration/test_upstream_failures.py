@@ -286,7 +286,9 @@ def test_gateway_recovers_after_failures(solo):
     gw, groq = solo
     client = gw.client()
     groq.script({"kind": "status", "status": 500}, {"kind": "status", "status": 500},
-                {"kind": "close"}, {"kind": "close"}, {"kind": "drop", "after_chunks": 1})
+                {"kind": "close"}, {"kind": "close"},
+                # Past the first token (role chunk, one word), so the 200 is committed.
+                {"kind": "drop", "after_chunks": 2})
     assert_openai_error(_post(gw, chat_body(model=GROQ)), 502, code="upstream_error")
     assert_openai_error(_post(gw, chat_body(model=GROQ)), 502, code="upstream_error")
     with pytest.raises(openai.APIError) as e:

@@ -289,7 +289,11 @@ def test_max_tokens_and_safety_endings(mocks, client, provider, model, upstream,
 
 @pytest.mark.parametrize("provider,model,upstream", FORMATS, ids=IDS)
 def test_a_mid_stream_error_reaches_the_client_as_an_error(mocks, client, provider, model, upstream):
-    mocks[provider].script({"kind": "stream_error", "after_chunks": 3, "message": "upstream overloaded"})
+    # Past the first token, so the 200 is committed (Anthropic: message_start, ping,
+    # content_block_start, then two text deltas).
+    after = 5 if provider == "anthropic" else 3
+    mocks[provider].script({"kind": "stream_error", "after_chunks": after,
+                            "message": "upstream overloaded"})
     stream = client.chat.completions.create(model=model, stream=True,
                                             messages=[{"role": "user", "content": "long answer please"}])
     got = []

@@ -315,6 +315,16 @@ async fn chat(
         short_retry_after_ms: config.short_retry_after_ms,
         ..Policy::default()
     };
+    // A broken stream may be continued on the plan's models that accept a prefill, unless the
+    // client said `x-freerelay-rescue: off`.
+    let rescue_on =
+        header(headers, "x-freerelay-rescue").is_none_or(|v| !v.trim().eq_ignore_ascii_case("off"));
+    let rescue_candidates: Vec<Candidate> = plan
+        .candidates
+        .iter()
+        .filter(|c| c.prefill)
+        .cloned()
+        .collect();
     let mut attempts = Attempts::with_policy(plan, policy);
     loop {
         let (attempt, candidate, key_id) = match attempts.next_step() {
@@ -361,6 +371,9 @@ async fn chat(
             model: candidate.model.clone(),
             client_usage: request.include_usage,
             price: configured.price(&candidate.model),
+            continuation: false,
+            // Kept only when a broken stream could be continued with it.
+            collect_text: request.stream && rescue_on && !rescue_candidates.is_empty(),
         };
         // The quota is reserved right before sending: never more than a key's limit reaches
         // the provider in a window, however many instances race for it.
@@ -409,9 +422,16 @@ async fn chat(
                 },
                 None,
             )),
-            Ok(up) if request.stream => send(adapter, &target, key, up, config, None)
-                .await
-                .map(Answered::Stream),
+            // The first-token deadline covers the head too.
+            Ok(up) if request.stream => {
+                let head_ms = config
+                    .timeouts
+                    .first_byte_ms
+                    .min(config.first_token_timeout_ms);
+                send(adapter, &target, key, up, config, Some(head_ms))
+                    .await
+                    .map(Answered::Stream)
+            }
             Ok(up) => {
                 let deadline = config.timeouts.total_ms;
                 let attempt_answer = answer(adapter, &target, key, up, config, &reply_ctx);
@@ -443,24 +463,51 @@ async fn chat(
                 let translator = adapter.stream(reply_ctx.clone());
                 // Nothing is committed to the client until the first event arrives: a silent
                 // upstream, or one that fails or errors before its answer, is another attempt.
-                match prime(
-                    response,
-                    translator,
-                    config.first_token_timeout_ms,
-                    &candidate,
-                )
-                .await
-                {
+                // What is left of the first-token deadline after the head:
+                let left = config
+                    .first_token_timeout_ms
+                    .saturating_sub(sent.elapsed().as_millis() as u64)
+                    .max(1);
+                match prime(response, translator, left, &candidate).await {
                     Ok(primed) => {
+                        // Rescue candidates: the models that accept a prefill, this one first.
+                        let mut candidates: Vec<Candidate> = rescue_candidates
+                            .iter()
+                            .filter(|c| {
+                                c.provider == candidate.provider && c.model == candidate.model
+                            })
+                            .cloned()
+                            .collect();
+                        candidates.extend(
+                            rescue_candidates
+                                .iter()
+                                .filter(|c| {
+                                    !(c.provider == candidate.provider
+                                        && c.model == candidate.model)
+                                })
+                                .cloned(),
+                        );
+                        let rescue = Rescue {
+                            config,
+                            request: &request,
+                            attempts_left: config.max_attempts.saturating_sub(attempts.count()),
+                            next_attempt: attempts.count() + 1,
+                            enabled: rescue_on && !candidates.is_empty(),
+                            candidates,
+                        };
+                        let first = Segment {
+                            primed,
+                            candidate: candidate.clone(),
+                            key: key_id.clone(),
+                            reply: reply_ctx.clone(),
+                        };
                         return relay_stream(
                             ctx,
-                            primed,
+                            first,
                             out,
-                            &candidate,
                             attempts.count(),
-                            &reply_ctx,
                             store.as_ref(),
-                            quota.as_ref(),
+                            rescue,
                         )
                         .await;
                     }
@@ -616,9 +663,10 @@ struct Primed {
     _response: IncomingResponse,
 }
 
-/// Reads a stream until its first event, within `timeout_ms` of its head: before that the 200
-/// is not committed, so a silent upstream (no first token), one that breaks, or one whose first
-/// words are an error event is a failed attempt, and the next candidate can still answer.
+/// Reads a stream until its first token (text, reasoning or a tool call; or its end), within
+/// `timeout_ms`: before that the 200 is not committed, so a silent upstream (no first token),
+/// one that breaks, or one whose first words are an error event is a failed attempt, and the
+/// next candidate can still answer.
 async fn prime(
     response: IncomingResponse,
     mut translator: Box<dyn adapter::StreamTranslator>,
@@ -645,7 +693,8 @@ async fn prime(
                     |m| format!("it sent an error before its answer: {m}"),
                 ));
             }
-            if !pending.is_empty() || s.done || s.broken.is_some() {
+            // A role chunk or a keep-alive is not yet a first token.
+            if s.content || s.done || s.broken.is_some() {
                 return Ok(());
             }
         }
@@ -677,27 +726,42 @@ fn error_event_message(bytes: &[u8]) -> Option<String> {
         .and_then(|d| freerelay::wire::openai::error_message(d.as_bytes()))
 }
 
-/// Relays a 2xx stream: whole events only, usage recorded the moment it is known, a clean
-/// error event if it breaks, and the body finished as soon as the answer is complete.
-#[allow(clippy::too_many_arguments)]
+/// One stretch of a streamed answer: a primed upstream stream and who sends it.
+struct Segment {
+    primed: Primed,
+    candidate: Candidate,
+    key: String,
+    reply: ReplyCtx,
+}
+
+/// What rescuing a broken stream may use: the request, the candidates whose models accept a
+/// prefill (the broken one first), and the attempts left in the request's budget.
+struct Rescue<'a> {
+    config: &'a Config,
+    request: &'a ChatRequest,
+    candidates: Vec<Candidate>,
+    attempts_left: u32,
+    /// Number of the next attempt, for the log.
+    next_attempt: u32,
+    /// Off with `x-freerelay-rescue: off`, or when no candidate accepts a prefill.
+    enabled: bool,
+}
+
+/// Relays a 2xx stream: whole events only, usage recorded the moment it is known, and the body
+/// finished as soon as the answer is complete. A stream that breaks after bytes reached the
+/// client is rescued when it can be: the answer so far becomes an assistant prefill for another
+/// attempt (the same model first, only on models that accept a prefill), whose stream continues
+/// the same response, so the client gets one complete answer; otherwise a clean error event,
+/// never a truncated success.
 async fn relay_stream(
     ctx: &Ctx,
-    primed: Primed,
+    first: Segment,
     out: ResponseOutparam,
-    candidate: &Candidate,
     attempts: u32,
-    reply: &ReplyCtx,
     store: Option<&kv::SpinKv>,
-    quota: Option<&QuotaRef<'_>>,
+    mut rescue: Rescue<'_>,
 ) {
-    let provider = candidate.provider.as_str();
-    let Primed {
-        body: mut upstream_body,
-        mut translator,
-        mut pending,
-        _response,
-    } = primed;
-    let client = match respond::stream_head(&ctx.id, candidate, attempts) {
+    let client = match respond::stream_head(&ctx.id, &first.candidate, attempts) {
         Ok(r) => r,
         Err(detail) => {
             ctx.log(&Event::Internal { detail });
@@ -710,101 +774,251 @@ async fn relay_stream(
     out.set(client);
     ctx.flush();
 
-    let mut failure: Option<&str> = None;
-    let mut client_gone = false;
-    if let Some(u) = translator.take_new_usage() {
-        ctx.apply(store, &Attempts::usage(candidate, u));
-        count_tokens(ctx, store, quota, u);
-    }
-    let finished = translator.state().done || translator.state().broken.is_some();
-    if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
-        client_gone = true;
-    }
-    while !client_gone && !finished {
-        let Some(chunk) = upstream_body.next().await else {
-            break;
-        };
-        let bytes = match chunk {
-            Ok(b) => b,
-            Err(e) => {
-                failure = Some(if is_timeout(&e) {
-                    "no data within the between-bytes timeout"
-                } else {
-                    "the upstream connection failed"
-                });
+    let mut segment = first;
+    // The answer's text before the current segment (rescues continue from it).
+    let mut answered = String::new();
+    loop {
+        let Segment {
+            primed,
+            candidate,
+            key,
+            reply,
+        } = segment;
+        let quota = route::quota_ref(rescue.config, &candidate, &key);
+        let quota = quota.as_ref();
+        let provider = candidate.provider.as_str();
+        let Primed {
+            body: mut upstream_body,
+            mut translator,
+            mut pending,
+            _response,
+        } = primed;
+        let mut failure: Option<&str> = None;
+        let mut client_gone = false;
+        if let Some(u) = translator.take_new_usage() {
+            ctx.apply(store, &Attempts::usage(&candidate, u));
+            count_tokens(ctx, store, quota, u);
+        }
+        let finished = translator.state().done || translator.state().broken.is_some();
+        if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
+            client_gone = true;
+        }
+        while !client_gone && !finished {
+            let Some(chunk) = upstream_body.next().await else {
+                break;
+            };
+            let bytes = match chunk {
+                Ok(b) => b,
+                Err(e) => {
+                    failure = Some(if is_timeout(&e) {
+                        "no data within the between-bytes timeout"
+                    } else {
+                        "the upstream connection failed"
+                    });
+                    break;
+                }
+            };
+            translator.feed(&bytes, &mut pending);
+            if let Some(u) = translator.take_new_usage() {
+                ctx.apply(store, &Attempts::usage(&candidate, u));
+                count_tokens(ctx, store, quota, u);
+            }
+            let done = translator.state().done || translator.state().broken.is_some();
+            if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
+                client_gone = true;
                 break;
             }
+            if done {
+                break;
+            }
+        }
+        drop(upstream_body);
+        drop(_response);
+        let end = if client_gone {
+            None
+        } else {
+            let end = translator.end(failure, &mut pending);
+            if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
+                client_gone = true;
+            }
+            if let Some(u) = translator.take_new_usage() {
+                ctx.apply(store, &Attempts::usage(&candidate, u));
+                count_tokens(ctx, store, quota, u);
+            }
+            (!client_gone).then_some(end)
         };
-        translator.feed(&bytes, &mut pending);
-        if let Some(u) = translator.take_new_usage() {
-            ctx.apply(store, &Attempts::usage(candidate, u));
-            count_tokens(ctx, store, quota, u);
+        let state = translator.state();
+        let usage = state.usage;
+        let (ok, why) = match &end {
+            None => (false, Some("the client went away".to_owned())),
+            Some(StreamEnd::Complete) => (true, None),
+            Some(StreamEnd::UpstreamError) => {
+                (false, Some("the upstream sent an error event".into()))
+            }
+            Some(StreamEnd::Interrupted(why)) => (false, Some(why.clone())),
+        };
+        let ops = match &end {
+            None => Attempts::client_gone(&candidate),
+            Some(StreamEnd::Complete) => Vec::new(),
+            Some(_) => Attempts::broke_after_commit(&candidate),
+        };
+        ctx.apply(store, &ops);
+        if client_gone {
+            ctx.log(&Event::ClientGone {
+                provider: provider.to_owned(),
+                ms: ctx.ms(),
+            });
         }
-        let done = translator.state().done || translator.state().broken.is_some();
-        if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
-            client_gone = true;
-            break;
-        }
-        if done {
-            break;
-        }
-    }
-    drop(upstream_body);
-    let end = if client_gone {
-        None
-    } else {
-        let end = translator.end(failure, &mut pending);
-        if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
-            client_gone = true;
-        }
-        if let Some(u) = translator.take_new_usage() {
-            ctx.apply(store, &Attempts::usage(candidate, u));
-            count_tokens(ctx, store, quota, u);
-        }
-        (!client_gone).then_some(end)
-    };
-    let state = translator.state();
-    let usage = state.usage;
-    let (ok, why) = match &end {
-        None => (false, Some("the client went away".to_owned())),
-        Some(StreamEnd::Complete) => (true, None),
-        Some(StreamEnd::UpstreamError) => (false, Some("the upstream sent an error event".into())),
-        Some(StreamEnd::Interrupted(why)) => (false, Some(why.clone())),
-    };
-    if let Some(StreamEnd::Interrupted(why)) = &end {
-        // Only whole events were relayed, so this error event starts at an event boundary and
-        // parses; no [DONE] follows, so SDKs raise instead of returning a truncated answer.
-        let _ = sink
-            .send(upstream::stream_interrupted(provider, why).sse_event())
-            .await;
-    }
-    // The answer is complete (or ended): finish the body now, in this poll, so the last bytes
-    // and the end of the body leave together.
-    drop(sink);
-    let ops = match &end {
-        None => Attempts::client_gone(candidate),
-        Some(StreamEnd::Complete) => Vec::new(),
-        Some(_) => Attempts::broke_after_commit(candidate),
-    };
-    ctx.apply(store, &ops);
-    if client_gone {
-        ctx.log(&Event::ClientGone {
+        ctx.log(&Event::StreamEnd {
             provider: provider.to_owned(),
+            model: candidate.model.clone(),
+            ok,
+            why,
+            finish_reason: state.finish_reason.clone(),
+            cost_usd: usage.and_then(|u| reply.cost(u)),
+            events: state.events,
+            prompt_tokens: usage.map(|u| u.prompt_tokens),
+            completion_tokens: usage.map(|u| u.completion_tokens),
             ms: ctx.ms(),
         });
+        if let Some(StreamEnd::Interrupted(why)) = &end {
+            let text = state.text.clone();
+            if let (true, Some(text)) = (rescue.enabled, text) {
+                answered.push_str(&text);
+                if let Some(next) = rescue_stream(ctx, &mut rescue, &answered, &reply, store).await
+                {
+                    segment = next;
+                    continue;
+                }
+            }
+            // Only whole events were relayed, so this error event starts at an event boundary
+            // and parses; no [DONE] follows, so SDKs raise instead of returning a truncated
+            // answer.
+            let _ = sink
+                .send(upstream::stream_interrupted(provider, why).sse_event())
+                .await;
+        }
+        // The answer is complete (or ended): finish the body now, in this poll, so the last
+        // bytes and the end of the body leave together.
+        drop(sink);
+        return;
     }
-    ctx.log(&Event::StreamEnd {
-        provider: provider.to_owned(),
-        model: candidate.model.clone(),
-        ok,
-        why,
-        finish_reason: state.finish_reason.clone(),
-        cost_usd: usage.and_then(|u| reply.cost(u)),
-        events: state.events,
-        prompt_tokens: usage.map(|u| u.prompt_tokens),
-        completion_tokens: usage.map(|u| u.completion_tokens),
-        ms: ctx.ms(),
-    });
+}
+
+/// Finds a stream that continues `answered` (an assistant prefill): the rescue candidates in
+/// order, each key once, within the attempts left. `None` when none can.
+async fn rescue_stream(
+    ctx: &Ctx,
+    rescue: &mut Rescue<'_>,
+    answered: &str,
+    broken: &ReplyCtx,
+    store: Option<&kv::SpinKv>,
+) -> Option<Segment> {
+    let config = rescue.config;
+    let request = rescue.request.with_prefill(answered);
+    for candidate in rescue.candidates.clone() {
+        for key_id in &candidate.keys {
+            if rescue.attempts_left == 0 {
+                return None;
+            }
+            let Some((configured, key)) = config
+                .provider(&candidate.provider)
+                .and_then(|c| Some((c, c.key(key_id)?)))
+            else {
+                continue;
+            };
+            rescue.attempts_left -= 1;
+            let attempt = rescue.next_attempt;
+            rescue.next_attempt += 1;
+            ctx.apply(store, &[stats::attempt_started(&candidate.provider)]);
+            ctx.log(&Event::AttemptStart {
+                attempt,
+                provider: candidate.provider.clone(),
+                model: candidate.model.clone(),
+                key: key_id.clone(),
+            });
+            let quota = route::quota_ref(config, &candidate, key_id);
+            if let (Some(store), Some(q)) = (store, quota.as_ref()) {
+                if let Ok(quota::Verdict::Exhausted { .. }) = quota::admit(store, q, now_ms()) {
+                    continue;
+                }
+            }
+            let target = configured.target(&candidate.model);
+            let adapter = adapter::for_wire(target.provider.wire);
+            let reply = ReplyCtx {
+                model: candidate.model.clone(),
+                price: configured.price(&candidate.model),
+                continuation: true,
+                collect_text: true,
+                ..broken.clone()
+            };
+            let Ok(up) = adapter.request(&target, &request) else {
+                continue;
+            };
+            ctx.flush();
+            let sent = Instant::now();
+            let head_ms = config
+                .timeouts
+                .first_byte_ms
+                .min(config.first_token_timeout_ms);
+            let failed = match send(adapter, &target, key, up, config, Some(head_ms)).await {
+                Ok(response) => {
+                    let status = response.status();
+                    let left = config
+                        .first_token_timeout_ms
+                        .saturating_sub(sent.elapsed().as_millis() as u64)
+                        .max(1);
+                    match prime(response, adapter.stream(reply.clone()), left, &candidate).await {
+                        Ok(primed) => {
+                            ctx.log(&Event::AttemptAnswered {
+                                attempt,
+                                provider: candidate.provider.clone(),
+                                model: candidate.model.clone(),
+                                upstream_status: status,
+                                ttfb_ms: sent.elapsed().as_millis() as u64,
+                                stream: true,
+                            });
+                            return Some(Segment {
+                                primed,
+                                candidate: candidate.clone(),
+                                key: key_id.clone(),
+                                reply,
+                            });
+                        }
+                        Err(f) => (f, Some(status)),
+                    }
+                }
+                Err(failed) => failed,
+            };
+            let (failure, upstream_status) = failed;
+            let mut ops = vec![stats::attempt_failed(&candidate.provider)];
+            if let Some(cd) = &failure.cooldown {
+                let ledger = if failure.key_refused() {
+                    None
+                } else {
+                    candidate.ledger.as_deref()
+                };
+                ops.push(cd.op(freerelay::kv::keys::cooldown(
+                    &candidate.provider,
+                    key_id,
+                    ledger,
+                )));
+            }
+            ctx.apply(store, &ops);
+            ctx.log(&Event::AttemptFailed {
+                attempt,
+                provider: candidate.provider.clone(),
+                model: candidate.model.clone(),
+                upstream_status,
+                status: failure.error.status,
+                reason: failure.error.message.clone(),
+                retryable: failure.retryable,
+                cooldown_until_ms: failure.cooldown.map(|c| c.until_ms),
+                ms: sent.elapsed().as_millis() as u64,
+            });
+        }
+    }
+    None
 }
 
 /// Counts an answer's tokens against its key's token quotas (best effort, like all state).
