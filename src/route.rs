@@ -253,9 +253,18 @@ fn candidate(c: &Configured, model: &str, reason: String, rotation: u64) -> Cand
 }
 
 /// The quota of one candidate's key, when the key's provider is configured.
-pub fn quota_ref<'a>(config: &'a Config, c: &'a Candidate, key_id: &'a str) -> Option<QuotaRef<'a>> {
+pub fn quota_ref<'a>(
+    config: &'a Config,
+    c: &'a Candidate,
+    key_id: &'a str,
+) -> Option<QuotaRef<'a>> {
     let configured = config.provider(&c.provider)?;
-    Some(QuotaRef::of(configured, &c.model, c.ledger.as_deref(), key_id))
+    Some(QuotaRef::of(
+        configured,
+        &c.model,
+        c.ledger.as_deref(),
+        key_id,
+    ))
 }
 
 fn explicit(c: &Configured, model: &str, rotation: u64) -> Plan {
@@ -342,7 +351,10 @@ impl Plan {
                     let n = quota::counter_keys(&q).len();
                     let counters: Vec<Option<Vec<u8>>> =
                         (0..n).map(|_| values.next().cloned().flatten()).collect();
-                    (quota::check(&q, &counters, estimated_tokens, now_ms), q.limits.scope)
+                    (
+                        quota::check(&q, &counters, estimated_tokens, now_ms),
+                        q.limits.scope,
+                    )
                 });
                 match (cooling, verdict) {
                     (Some(cd), _) if cd.status == 429 => wait(cd.until_ms),
