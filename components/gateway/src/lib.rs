@@ -529,10 +529,6 @@ async fn chat(
                     ttfb_ms,
                     stream: false,
                 });
-                if let Some(u) = answer.usage {
-                    ctx.apply(store.as_ref(), &Attempts::usage(&candidate, u));
-                    count_tokens(ctx, store.as_ref(), quota.as_ref(), u);
-                }
                 let cost = answer.usage.and_then(|u| reply_ctx.cost(u));
                 ctx.log(&Event::Answer {
                     provider: candidate.provider.clone(),
@@ -542,9 +538,18 @@ async fn chat(
                     completion_tokens: answer.usage.map(|u| u.completion_tokens),
                     cost_usd: cost,
                 });
+                let usage = answer.usage;
                 let reply =
                     Reply::json(200, answer.body).answered_by(&candidate, attempts.count(), cost);
-                return ctx.reply(out, reply).await;
+                ctx.reply(out, reply).await;
+                // Counted right after the answer left: the component runs on after its response
+                // is finished (under Spin as under the runner), so the client does not wait for
+                // these writes and leaving cannot cancel them.
+                if let Some(u) = usage {
+                    ctx.apply(store.as_ref(), &Attempts::usage(&candidate, u));
+                    count_tokens(ctx, store.as_ref(), quota.as_ref(), u);
+                }
+                return;
             }
             Err((failure, upstream_status)) => {
                 let decided =
