@@ -2556,6 +2556,23 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
     }
 
     #[test]
+    fn a_continuation_has_no_second_role_and_keeps_its_text() {
+        let s = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"and on\"}}\n\n";
+        let mut c = ctx(false);
+        c.continuation = true;
+        c.collect_text = true;
+        let (out, t) = run(c, &[s.as_bytes()]);
+        let events = data_events(&out);
+        assert!(events
+            .iter()
+            .all(|e| e.pointer("/choices/0/delta/role").is_none()));
+        assert_eq!(events[0]["choices"][0]["delta"]["content"], "and on");
+        assert_eq!(t.state().text.as_deref(), Some("and on"));
+        assert!(t.state().content);
+    }
+
+    #[test]
     fn borrowed_strings_read_escapes_and_nulls() {
         let e: Event<'_> = serde_json::from_slice(
             br#"{"type":"message_delta","delta":{"stop_reason":null,"text":"a\nb"}}"#,

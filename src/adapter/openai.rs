@@ -653,6 +653,27 @@ data: [DONE]\n\n";
     }
 
     #[test]
+    fn a_continuation_has_no_second_role_and_the_text_is_kept_for_a_rescue() {
+        let mut c = ctx(false);
+        c.collect_text = true;
+        let (_, t) = run_with(c.clone(), &[STREAM.as_bytes()]);
+        assert_eq!(t.state().text.as_deref(), Some("hi"));
+        assert!(t.state().content);
+        c.continuation = true;
+        let (out, _) = run_with(c, &[STREAM.as_bytes()]);
+        assert!(data_events(&out)
+            .iter()
+            .all(|e| e.pointer("/choices/0/delta/role").is_none()));
+        // A tool call cannot be carried by a prefill: no text to rescue with.
+        let mut c = ctx(false);
+        c.collect_text = true;
+        let tool = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]}}]}\n\n";
+        let (_, t) = run_with(c, &[tool.as_bytes()]);
+        assert_eq!(t.state().text, None);
+        assert!(t.state().content);
+    }
+
+    #[test]
     fn a_role_chunk_is_not_a_first_token() {
         assert!(!has_tokens(
             br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#
