@@ -110,8 +110,17 @@ pub fn plan_request(
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut virtual_model = !fallbacks.is_empty();
     let mut excluded: Vec<String> = Vec::new();
-    for spec in std::iter::once(model).chain(fallbacks.iter().map(String::as_str)) {
-        let p = resolve(config, spec, rotation)?;
+    for (i, spec) in std::iter::once(model)
+        .chain(fallbacks.iter().map(String::as_str))
+        .enumerate()
+    {
+        let p = match resolve(config, spec, rotation) {
+            Ok(p) => p,
+            // A fallback on a provider this deployment has no key for is skipped, as a group's
+            // member is: one list can serve deployments with different providers.
+            Err(_) if i > 0 && names_a_catalogued_provider(spec) => continue,
+            Err(e) => return Err(e),
+        };
         virtual_model |= p.virtual_model;
         for c in p.candidates {
             let tier = config.provider(&c.provider).map_or(Tier::Free, |p| p.tier);
@@ -146,6 +155,16 @@ pub fn plan_request(
         virtual_model: virtual_model || candidates.len() > 1,
         candidates,
     })
+}
+
+/// Does `model` name a provider of the catalogue (`<provider>/<model>`, or a catalogue model)?
+fn names_a_catalogued_provider(model: &str) -> bool {
+    PROVIDERS
+        .iter()
+        .any(|p| p.models.iter().any(|m| m.id == model))
+        || model
+            .split_once('/')
+            .is_some_and(|(id, _)| crate::catalog::provider(id).is_some())
 }
 
 /// The candidates one model name stands for.
@@ -744,9 +763,23 @@ mod tests {
         assert!(e.message.contains("paid tier"));
         assert_eq!(Mode::from_header(Some(" FREE ")).unwrap(), Mode::Free);
         assert!(Mode::from_header(Some("cheap")).is_err());
-        // An unknown fallback is the client's mistake.
+        // An unknown fallback is the client's mistake; one on a provider without a key here is
+        // skipped (the same list serves deployments with other providers).
         let e = plan_request(&c, "auto", &["nope".into()], Mode::Auto, 0).unwrap_err();
         assert_eq!(e.status, 404);
+        let p = plan_request(
+            &c,
+            "groq/x",
+            &["mistral/mistral-small-latest".into()],
+            Mode::Auto,
+            0,
+        )
+        .unwrap();
+        assert_eq!(ids(&p), vec![pair("groq", "x")]);
+        assert!(
+            plan_request(&c, "mistral/m", &[], Mode::Auto, 0).is_err(),
+            "the model itself"
+        );
         // Prefill capability travels with the candidate (for stream rescue).
         let c = config_of(&[("mistral_api_key", "m")]).unwrap();
         assert!(plan(&c, "auto", 0).unwrap().candidates[0].prefill);

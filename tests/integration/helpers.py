@@ -107,3 +107,55 @@ def upstream_auth(provider: str, req: dict) -> str:
     if provider == ANTHROPIC:
         return h.get("x-api-key", "")
     return h.get("authorization", "").removeprefix("Bearer ")
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway's structured events, daily resets and retry-after texts (fallback and quota tests).
+
+
+def gateway_events(gw, event: str | None = None) -> list[dict]:
+    """The gateway's events so far (one JSON object per stderr line), or only those of one kind."""
+    out = []
+    for line in gw.stderr_tail(50_000_000).splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if event is None or e.get("event") == event:
+            out.append(e)
+    return out
+
+
+def wait_for_event(gw, event: str, pred: Callable[[dict], bool] = lambda e: True,
+                   timeout: float = 5.0) -> dict | None:
+    """The first event of kind `event` matching `pred`, polling the log (events are written when
+    a request ends, which may be just after the client has its answer); None if none came."""
+    found: list[dict] = []
+
+    def check() -> bool:
+        found[:] = [e for e in gateway_events(gw, event) if pred(e)]
+        return bool(found)
+
+    wait_until(check, timeout=timeout)
+    return found[0] if found else None
+
+
+def next_midnight_ms(now_s: float, tz: str = "UTC") -> int:
+    """The next midnight after `now_s` (Unix seconds) in time zone `tz`, in Unix milliseconds."""
+    import datetime as _dt
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(tz)
+    today = _dt.datetime.fromtimestamp(now_s, zone).date()
+    midnight = _dt.datetime.combine(today + _dt.timedelta(days=1), _dt.time(0), tzinfo=zone)
+    return int(midnight.timestamp() * 1000)
+
+
+def retry_after_in_text(text: str) -> int | None:
+    """N from a "retry after N seconds" phrase in an error message, if there is one."""
+    import re as _re
+
+    m = _re.search(r"retry after (\d+) seconds?", text, _re.IGNORECASE)
+    return int(m.group(1)) if m else None
