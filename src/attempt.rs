@@ -191,14 +191,7 @@ impl Attempts {
     ) -> Decided {
         let mut ops = Vec::with_capacity(2);
         let mut events = Vec::with_capacity(3);
-        if let Some(cd) = &failure.cooldown {
-            let ledger = if failure.key_refused() {
-                None
-            } else {
-                candidate.ledger.as_deref()
-            };
-            ops.push(cd.op(keys::cooldown(&candidate.provider, key, ledger)));
-        }
+        ops.extend(Self::cooldown_op(candidate, key, &failure));
         ops.push(stats::attempt_failed(&candidate.provider));
         events.push(Event::AttemptFailed {
             attempt: self.attempt,
@@ -355,6 +348,19 @@ impl Attempts {
         with_retry_text(e)
     }
 
+    /// The cool-down a failure asks for, under its key: the whole key for a refused key, else
+    /// the key's model or pool (the candidate's ledger), as the provider counts its limits.
+    pub fn cooldown_op(candidate: &Candidate, key: &str, failure: &Failure) -> Option<KvOp> {
+        let ledger = if failure.key_refused() {
+            None
+        } else {
+            candidate.ledger.as_deref()
+        };
+        failure
+            .cooldown
+            .map(|cd| cd.op(keys::cooldown(&candidate.provider, key, ledger)))
+    }
+
     /// The usage of the answer, the moment it is known.
     pub fn usage(candidate: &Candidate, usage: Usage) -> Vec<KvOp> {
         stats::usage(&candidate.provider, usage)
@@ -421,9 +427,9 @@ mod tests {
         let pairs: Vec<(&str, &str)> = pairs.iter().map(|(a, b)| (&**a, &**b)).collect();
         let config = config_of(&pairs).unwrap();
         let plan = route::plan(&config, model, 0).unwrap();
-        let cooling = kv.get_many(&plan.cooldown_keys()).unwrap();
-        let plan = match plan.without_cooling(&cooling, now) {
-            Ok(p) => p,
+        let state = kv.get_many(&plan.state_keys(&config)).unwrap();
+        let plan = match plan.usable(&config, &state, 10, now) {
+            Ok((p, _)) => p,
             Err(e) => {
                 apply(kv, &stats::refused()).unwrap();
                 return (Err(e), vec![]);

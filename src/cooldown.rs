@@ -24,7 +24,6 @@ pub const MAX_MS: u64 = 25 * HOUR_MS;
 
 const SECOND_MS: i64 = 1_000;
 const HOUR_MS: u64 = 3_600_000;
-const DAY_MS: i64 = 86_400_000;
 
 /// Skip a provider until `until_ms` (Unix milliseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,7 +306,7 @@ fn unix_ms(year: i64, month: u32, day: u32, h: u32, m: u32, s: u32) -> Option<i6
     {
         return None;
     }
-    let secs = days_from_civil(year, month, day) * 86_400
+    let secs = crate::quota::days_from_civil(year, month, day) * 86_400
         + i64::from(h) * 3_600
         + i64::from(m) * 60
         + i64::from(s);
@@ -323,81 +322,12 @@ fn days_in_month(year: i64, month: u32) -> u32 {
     }
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant, "chrono-Compatible
-/// Low-Level Date Algorithms", `days_from_civil`).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The year of a day counted from 1970-01-01 (the inverse of [`days_from_civil`], year only).
-fn year_of_day(days: i64) -> i64 {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    // Days are counted from March: January and February belong to the next civil year.
-    yoe + era * 400 + i64::from(mp >= 10)
-}
-
-/// The `n`th (1-based) Sunday of a month, as a day since 1970-01-01.
-fn nth_sunday(year: i64, month: u32, n: i64) -> i64 {
-    let first = days_from_civil(year, month, 1);
-    // 1970-01-01 was a Thursday: weekday 0 = Sunday.
-    let weekday = (first + 4).rem_euclid(7);
-    first + (7 - weekday) % 7 + 7 * (n - 1)
-}
-
-/// Is `date` (a day since 1970-01-01) on US daylight saving time at its local midnight? DST
-/// runs from 02:00 on the second Sunday of March to 02:00 on the first Sunday of November
-/// (Energy Policy Act of 2005, in force since 2007), so the midnight that starts the second
-/// Sunday of March is still standard time and the one that starts the first Sunday of November
-/// is still daylight time.
-fn us_dst_at_midnight(date: i64) -> bool {
-    let year = year_of_day(date);
-    nth_sunday(year, 3, 2) < date && date <= nth_sunday(year, 11, 1)
-}
-
-/// Is the UTC instant `utc_ms` on US daylight saving time in the Pacific zone? The switches
-/// happen at 02:00 local: 10:00 UTC in March (from PST), 09:00 UTC in November (from PDT).
-fn pacific_dst_at(utc_ms: i64) -> bool {
-    let year = year_of_day(utc_ms.div_euclid(DAY_MS));
-    let start = nth_sunday(year, 3, 2) * DAY_MS + 10 * HOUR_MS as i64;
-    let end = nth_sunday(year, 11, 1) * DAY_MS + 9 * HOUR_MS as i64;
-    (start..end).contains(&utc_ms)
-}
-
-/// America/Los_Angeles's offset from UTC in ms: -7 h on daylight time, else -8 h.
-fn pacific_offset_ms(dst: bool) -> i64 {
-    if dst {
-        -7 * HOUR_MS as i64
-    } else {
-        -8 * HOUR_MS as i64
-    }
-}
-
 /// The next reset of a provider's day strictly after `now_ms` (Unix ms): the next UTC midnight,
 /// or the next midnight in America/Los_Angeles, daylight saving time included (so 07:00 or
-/// 08:00 UTC). The quota module counts days the same way; this one names the instant a spent
-/// daily cap comes back, for the cool-down.
+/// 08:00 UTC) — the instant a spent daily cap comes back, for the cool-down. The quota module
+/// counts the same days; it owns the calendar arithmetic.
 pub fn next_reset_ms(reset: Reset, now_ms: u64) -> u64 {
-    let now = now_ms as i64;
-    match reset {
-        Reset::UtcMidnight => ((now.div_euclid(DAY_MS) + 1) * DAY_MS) as u64,
-        Reset::PacificMidnight => {
-            let local = now + pacific_offset_ms(pacific_dst_at(now));
-            let next_date = local.div_euclid(DAY_MS) + 1;
-            let offset = pacific_offset_ms(us_dst_at_midnight(next_date));
-            (next_date * DAY_MS - offset) as u64
-        }
-    }
+    crate::quota::next_reset_ms(reset, now_ms)
 }
 
 #[cfg(test)]
@@ -502,25 +432,8 @@ mod tests {
 
     #[test]
     fn calendar_arithmetic() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(days_from_civil(1969, 12, 31), -1);
         assert_eq!(utc(2026, 3, 8, 8, 0), 1_772_956_800_000);
         assert_eq!(utc(2026, 11, 1, 7, 0), 1_793_516_400_000);
-        for (y, m, d) in [
-            (1970, 1, 1),
-            (2024, 2, 29),
-            (2026, 12, 31),
-            (2027, 1, 1),
-            (2100, 3, 1),
-        ] {
-            assert_eq!(year_of_day(days_from_civil(y, m, d)), y, "{y}-{m}-{d}");
-        }
-        // US DST 2026: 8 March to 1 November; 2027: 14 March to 7 November.
-        assert_eq!(nth_sunday(2026, 3, 2), days_from_civil(2026, 3, 8));
-        assert_eq!(nth_sunday(2026, 11, 1), days_from_civil(2026, 11, 1));
-        assert_eq!(nth_sunday(2027, 3, 2), days_from_civil(2027, 3, 14));
-        assert_eq!(nth_sunday(2027, 11, 1), days_from_civil(2027, 11, 7));
     }
 
     #[test]

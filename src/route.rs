@@ -452,87 +452,6 @@ impl Plan {
             ops,
         ))
     }
-
-    /// The cool-down keys of every candidate's keys, read in one batch before the first
-    /// attempt.
-    pub fn cooldown_keys(&self) -> Vec<String> {
-        self.candidates
-            .iter()
-            .flat_map(|c| c.keys.iter().flat_map(move |k| c.cooldown_keys(k)))
-            .collect()
-    }
-
-    /// Drops the keys that are cooling down (`values` in the order of
-    /// [`Self::cooldown_keys`]), and the candidates left without a key. When none is left the
-    /// client gets a 429 with the shortest remaining wait (or, when every key was refused by
-    /// its provider, a 502 saying so).
-    pub fn without_cooling(
-        self,
-        values: &[Option<Vec<u8>>],
-        now_ms: u64,
-    ) -> Result<Self, ApiError> {
-        let mut shortest: Option<u64> = None;
-        let mut refused: Vec<String> = Vec::new();
-        let mut values = values.iter().chain(std::iter::repeat(&None));
-        let mut kept = Vec::with_capacity(self.candidates.len());
-        for mut c in self.candidates {
-            let mut usable = Vec::with_capacity(c.keys.len());
-            for k in std::mem::take(&mut c.keys) {
-                let mut cooling = None::<Cooldown>;
-                for _ in c.cooldown_keys(&k) {
-                    let v = values.next().and_then(|v| v.as_deref());
-                    if let Some(cd) = v.and_then(Cooldown::decode) {
-                        if cd.is_active(now_ms)
-                            && cooling.is_none_or(|have| cd.until_ms > have.until_ms)
-                        {
-                            cooling = Some(cd);
-                        }
-                    }
-                }
-                match cooling {
-                    Some(cd) if cd.status == 429 => {
-                        let left = cd.remaining_secs(now_ms);
-                        shortest = Some(shortest.map_or(left, |s| s.min(left)));
-                    }
-                    Some(_) => {
-                        if !refused.contains(&c.provider) {
-                            refused.push(c.provider.clone());
-                        }
-                    }
-                    None => usable.push(k),
-                }
-            }
-            if !usable.is_empty() {
-                c.keys = usable;
-                kept.push(c);
-            }
-        }
-        if kept.is_empty() {
-            return Err(match shortest {
-                Some(secs) => ApiError::rate_limited(
-                    format!(
-                        "Every provider for this model is rate limited. Retry after {secs} {}.",
-                        if secs == 1 { "second" } else { "seconds" }
-                    ),
-                    shortest,
-                ),
-                None if !refused.is_empty() => ApiError::upstream(format!(
-                    "Every key of the providers for this model was recently refused by its \
-                     provider (HTTP 401/403) and is set aside for up to an hour; check {}.",
-                    refused
-                        .iter()
-                        .map(|p| format!("`{p}_api_key`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-                None => ApiError::internal("The routing plan has no key to use."),
-            });
-        }
-        Ok(Self {
-            candidates: kept,
-            virtual_model: self.virtual_model,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -627,34 +546,39 @@ mod tests {
 
     #[test]
     fn cooling_keys_are_skipped_then_429() {
+        use crate::kv::{Kv, MemKv};
         let c = config_of(&[("groq_api_key", "ga"), ("mistral_api_key", "m")]).unwrap();
         let p = plan(&c, "auto", 0).unwrap();
         let (ga, m) = (ApiKey::new("ga").id, ApiKey::new("m").id);
-        assert_eq!(
-            p.cooldown_keys(),
-            vec![
-                format!("cooldown:v1:groq:{ga}"),
-                format!("cooldown:v1:groq:{ga}:llama-3.1-8b-instant"),
-                format!("cooldown:v1:mistral:{m}"),
-                format!("cooldown:v1:mistral:{m}:mistral-small-latest"),
-            ]
-        );
-        let groq_cool = Some(Cooldown::new(0, 5_000, 429).encode());
-        let kept = p
-            .clone()
-            .without_cooling(&[None, groq_cool.clone(), None, None], 1_000)
+        let state = p.state_keys(&c);
+        for k in [
+            format!("cooldown:v1:groq:{ga}"),
+            format!("cooldown:v1:groq:{ga}:llama-3.1-8b-instant"),
+            format!("cooldown:v1:mistral:{m}"),
+            format!("cooldown:v1:mistral:{m}:mistral-small-latest"),
+        ] {
+            assert!(state.contains(&k), "{k} is read");
+        }
+        let kv = MemKv::default();
+        let usable = |now| {
+            let values = kv.get_many(&p.state_keys(&c)).unwrap();
+            p.clone().usable(&c, &values, 10, now)
+        };
+        let groq_model = format!("cooldown:v1:groq:{ga}:llama-3.1-8b-instant");
+        kv.set(&groq_model, &Cooldown::new(0, 5_000, 429).encode())
             .unwrap();
+        let (kept, ops) = usable(1_000).unwrap();
         assert_eq!(ids(&kept), vec![pair("mistral", "mistral-small-latest")]);
-        let expired = p
-            .clone()
-            .without_cooling(&[None, groq_cool.clone(), None], 9_000)
-            .unwrap();
-        assert_eq!(expired.candidates.len(), 2);
-        let both = Some(Cooldown::new(0, 9_000, 429).encode());
-        let e = p
-            .without_cooling(&[None, groq_cool, both, None], 1_000)
-            .unwrap_err();
+        assert!(ops.is_empty());
+        assert_eq!(usable(9_000).unwrap().0.candidates.len(), 2, "expired");
+        kv.set(
+            &format!("cooldown:v1:mistral:{m}"),
+            &Cooldown::new(0, 9_000, 429).encode(),
+        )
+        .unwrap();
+        let e = usable(1_000).unwrap_err();
         assert_eq!((e.status, e.retry_after), (429, Some(4)));
+        assert!(e.message.contains("Retry after 4 seconds."));
     }
 
     #[test]

@@ -58,23 +58,11 @@ impl Adapter for Anthropic {
         let body = messages_body(target, req)?;
         Ok(UpstreamRequest {
             url: format!("{}/messages", target.base_url),
-            headers: vec![
-                ("content-type", "application/json".into()),
-                ("anthropic-version", API_VERSION.into()),
-                (
-                    "accept",
-                    if req.stream {
-                        "text/event-stream"
-                    } else {
-                        "application/json"
-                    }
-                    .into(),
-                ),
-                (
-                    "user-agent",
-                    concat!("freerelay/", env!("CARGO_PKG_VERSION")).into(),
-                ),
-            ],
+            headers: {
+                let mut h = super::base_headers(req.stream);
+                h.push(("anthropic-version", API_VERSION.into()));
+                h
+            },
             body: serde_json::to_vec(&body).unwrap_or_default(),
         })
     }

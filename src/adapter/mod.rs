@@ -33,6 +33,26 @@ pub struct UpstreamRequest {
     pub body: Vec<u8>,
 }
 
+/// The headers every upstream request carries (a wire format adds its own).
+pub fn base_headers(stream: bool) -> Vec<(&'static str, String)> {
+    vec![
+        ("content-type", "application/json".into()),
+        (
+            "accept",
+            if stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            }
+            .into(),
+        ),
+        (
+            "user-agent",
+            concat!("freerelay/", env!("CARGO_PKG_VERSION")).into(),
+        ),
+    ]
+}
+
 /// Adds the key as the provider expects it; an empty key (a keyless local endpoint) adds none.
 pub fn authorize(request: &mut UpstreamRequest, auth: Auth, api_key: &str) {
     if api_key.is_empty() {

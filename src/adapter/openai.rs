@@ -25,22 +25,7 @@ impl Adapter for OpenAi {
         apply_quirks(&mut body, &target.provider.quirks, req.stream);
         Ok(UpstreamRequest {
             url: format!("{}/chat/completions", target.base_url),
-            headers: vec![
-                ("content-type", "application/json".into()),
-                (
-                    "accept",
-                    if req.stream {
-                        "text/event-stream"
-                    } else {
-                        "application/json"
-                    }
-                    .into(),
-                ),
-                (
-                    "user-agent",
-                    concat!("freerelay/", env!("CARGO_PKG_VERSION")).into(),
-                ),
-            ],
+            headers: super::base_headers(req.stream),
             body: serde_json::to_vec(&body).unwrap_or_default(),
         })
     }

@@ -997,18 +997,7 @@ async fn rescue_stream(
             };
             let (failure, upstream_status) = failed;
             let mut ops = vec![stats::attempt_failed(&candidate.provider)];
-            if let Some(cd) = &failure.cooldown {
-                let ledger = if failure.key_refused() {
-                    None
-                } else {
-                    candidate.ledger.as_deref()
-                };
-                ops.push(cd.op(freerelay::kv::keys::cooldown(
-                    &candidate.provider,
-                    key_id,
-                    ledger,
-                )));
-            }
+            ops.extend(Attempts::cooldown_op(&candidate, key_id, &failure));
             ctx.apply(store, &ops);
             ctx.log(&Event::AttemptFailed {
                 attempt,
