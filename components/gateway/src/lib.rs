@@ -327,7 +327,8 @@ async fn chat(
         .collect();
     let mut attempts = Attempts::with_policy(plan, policy);
     loop {
-        let (attempt, candidate, key_id) = match attempts.next_step() {
+        // `start_ops` (the attempt's counter) are written once the request is on its way.
+        let (attempt, candidate, key_id, start_ops) = match attempts.next_step() {
             Next::GiveUp(e) => {
                 let reply = Reply::error(&e)
                     .with_header("x-freerelay-attempts", attempts.count().to_string());
@@ -346,9 +347,8 @@ async fn chat(
                     ctx.flush();
                     outbound::sleep(delay_ms).await;
                 }
-                ctx.apply(store.as_ref(), &ops);
                 ctx.log(&event);
-                (attempt, candidate, key)
+                (attempt, candidate, key, ops)
             }
         };
         let found = config
@@ -379,7 +379,7 @@ async fn chat(
         // the provider in a window, however many instances race for it.
         let quota = route::quota_ref(config, &candidate, &key_id);
         if let (Some(store), Some(q)) = (store.as_ref(), quota.as_ref()) {
-            match quota::admit(store, q, now_ms()) {
+            match quota::admit_minute(store, q, now_ms()) {
                 Ok(quota::Verdict::Open) | Ok(quota::Verdict::TooLarge { .. }) => {}
                 Ok(verdict @ quota::Verdict::Exhausted { kind, until_ms }) => {
                     let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
@@ -410,6 +410,19 @@ async fn chat(
         }
         // What happened so far is on stderr before the upstream is waited for.
         ctx.flush();
+        // Bookkeeping that need not precede the request runs while it is in flight: the
+        // attempt's counter and the quota's per-day count.
+        let in_flight = || {
+            ctx.apply(store.as_ref(), &start_ops);
+            if let (Some(store), Some(q)) = (store.as_ref(), quota.as_ref()) {
+                if let Err(e) = quota::count_in_flight(store, q, now_ms()) {
+                    ctx.log(&Event::StateWriteFailed {
+                        key: q.key(quota::Kind::Rpd),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        };
         let sent = Instant::now();
         let outcome = match adapter.request(&target, &request) {
             // This wire format cannot carry what the client asked; another candidate may.
@@ -428,13 +441,14 @@ async fn chat(
                     .timeouts
                     .first_byte_ms
                     .min(config.first_token_timeout_ms);
-                send(adapter, &target, key, up, config, Some(head_ms))
+                send(adapter, &target, key, up, config, Some(head_ms), in_flight)
                     .await
                     .map(Answered::Stream)
             }
             Ok(up) => {
                 let deadline = config.timeouts.total_ms;
-                let attempt_answer = answer(adapter, &target, key, up, config, &reply_ctx);
+                let attempt_answer =
+                    answer(adapter, &target, key, up, config, &reply_ctx, in_flight);
                 match outbound::within(deadline, attempt_answer).await {
                     Some(r) => r,
                     None => Err((
@@ -572,6 +586,7 @@ type Failed = (Failure, Option<u16>);
 type Attempted = Result<Answered, Failed>;
 
 /// One upstream request up to its 2xx head; non-2xx answers become a [`Failure`].
+#[allow(clippy::too_many_arguments)]
 async fn send(
     adapter: &dyn Adapter,
     target: &Target<'_>,
@@ -579,6 +594,7 @@ async fn send(
     mut up: adapter::UpstreamRequest,
     config: &Config,
     first_byte_ms: Option<u64>,
+    in_flight: impl FnOnce(),
 ) -> Result<IncomingResponse, Failed> {
     let provider = target.provider.id;
     adapter::authorize(&mut up, target.provider.auth, key.secret());
@@ -586,7 +602,7 @@ async fn send(
     if let Some(ms) = first_byte_ms {
         timeouts.first_byte_ms = ms;
     }
-    let response = outbound::post(up, timeouts)
+    let response = outbound::post(up, timeouts, in_flight)
         .await
         .map_err(|t| (upstream::judge_transport(provider, key.secret(), &t), None))?;
     let status = response.status();
@@ -622,12 +638,13 @@ async fn answer(
     up: adapter::UpstreamRequest,
     config: &Config,
     reply: &ReplyCtx,
+    in_flight: impl FnOnce(),
 ) -> Attempted {
     let provider = target.provider.id;
     // The head of a JSON answer comes when the answer is ready: only the total deadline
     // (enforced around this whole attempt) bounds it.
     let first_byte = Some(config.timeouts.total_ms);
-    let response = send(adapter, target, key, up, config, first_byte).await?;
+    let response = send(adapter, target, key, up, config, first_byte, in_flight).await?;
     let status = response.status();
     let mut body = Vec::new();
     let mut stream = response.take_body_stream();
@@ -935,7 +952,6 @@ async fn rescue_stream(
             rescue.attempts_left -= 1;
             let attempt = rescue.next_attempt;
             rescue.next_attempt += 1;
-            ctx.apply(store, &[stats::attempt_started(&candidate.provider)]);
             ctx.log(&Event::AttemptStart {
                 attempt,
                 provider: candidate.provider.clone(),
@@ -944,7 +960,9 @@ async fn rescue_stream(
             });
             let quota = route::quota_ref(config, &candidate, key_id);
             if let (Some(store), Some(q)) = (store, quota.as_ref()) {
-                if let Ok(quota::Verdict::Exhausted { .. }) = quota::admit(store, q, now_ms()) {
+                if let Ok(quota::Verdict::Exhausted { .. }) =
+                    quota::admit_minute(store, q, now_ms())
+                {
                     continue;
                 }
             }
@@ -966,7 +984,14 @@ async fn rescue_stream(
                 .timeouts
                 .first_byte_ms
                 .min(config.first_token_timeout_ms);
-            let failed = match send(adapter, &target, key, up, config, Some(head_ms)).await {
+            let in_flight = || {
+                ctx.apply(store, &[stats::attempt_started(&candidate.provider)]);
+                if let (Some(store), Some(q)) = (store, quota.as_ref()) {
+                    let _ = quota::count_in_flight(store, q, now_ms());
+                }
+            };
+            let sent_to = send(adapter, &target, key, up, config, Some(head_ms), in_flight);
+            let failed = match sent_to.await {
                 Ok(response) => {
                     let status = response.status();
                     let left = config

@@ -53,8 +53,14 @@ pub async fn sleep(ms: u64) {
     within(ms, futures::future::pending::<()>()).await;
 }
 
-/// Sends a POST built by an adapter and waits for the response head.
-pub async fn post(up: UpstreamRequest, timeouts: Timeouts) -> Result<IncomingResponse, Transport> {
+/// Sends a POST built by an adapter and waits for the response head;
+/// `in_flight` runs once the request has been handed to the host, before its answer is awaited:
+/// bookkeeping that need not precede the request overlaps the upstream's work instead.
+pub async fn post(
+    up: UpstreamRequest,
+    timeouts: Timeouts,
+    in_flight: impl FnOnce(),
+) -> Result<IncomingResponse, Transport> {
     let UpstreamRequest { url, headers, body } = up;
     let parsed = url::Url::parse(&url).map_err(|e| Transport::Other(format!("bad URL: {e}")))?;
     let authority = match (parsed.host_str(), parsed.port()) {
@@ -114,6 +120,7 @@ pub async fn post(up: UpstreamRequest, timeouts: Timeouts) -> Result<IncomingRes
     }
     drop(stream);
     let _ = OutgoingBody::finish(out, None);
+    in_flight();
     // Declared after `future`, so dropped before it: a pollable must never outlive its parent
     // resource (the host traps), which would happen if this attempt is abandoned at a deadline.
     let mut waiting: Option<CancelOnDropToken> = None;
