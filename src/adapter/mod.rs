@@ -9,7 +9,7 @@ pub mod openai;
 
 use crate::catalog::{Auth, ModelInfo, Price, Provider, Wire};
 use crate::error::ApiError;
-use crate::upstream::{self, Failure, Hints};
+use crate::upstream::{Failure, Hints};
 use crate::wire::openai::{ChatRequest, Usage};
 use serde_json::{json, Value};
 
@@ -208,7 +208,8 @@ pub trait Adapter: Sync {
     /// The human-readable message in an error body, if it has one.
     fn error_detail(&self, body: &[u8]) -> Option<String>;
 
-    /// Judges a non-2xx answer.
+    /// Judges a non-2xx answer: each format reads its own error body's codes (daily caps,
+    /// context overflows, refused keys) before [`crate::upstream::judge_body`] decides.
     fn judge(
         &self,
         provider: &str,
@@ -217,10 +218,7 @@ pub trait Adapter: Sync {
         hints: Hints<'_>,
         body: &[u8],
         now_ms: u64,
-    ) -> Failure {
-        let detail = self.error_detail(body);
-        upstream::judge_status(provider, api_key, status, hints, detail.as_deref(), now_ms)
-    }
+    ) -> Failure;
 }
 
 /// The adapter for a wire format.
