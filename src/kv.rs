@@ -27,6 +27,10 @@ pub trait Kv {
     /// Reads many keys in one host call; the result is in the order of `keys`.
     fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>>;
     fn set(&self, key: &str, value: &[u8]) -> KvResult<()>;
+    /// Writes many keys; stores with a batch call do it in one host call.
+    fn set_many(&self, pairs: &[(String, Vec<u8>)]) -> KvResult<()> {
+        pairs.iter().try_for_each(|(k, v)| self.set(k, v))
+    }
     fn delete(&self, key: &str) -> KvResult<()>;
     fn exists(&self, key: &str) -> KvResult<bool>;
     /// Adds `delta` to the i64 stored at `key` (absent counts as 0) and returns the new value.
@@ -34,11 +38,72 @@ pub trait Kv {
     fn increment(&self, key: &str, delta: i64) -> KvResult<i64>;
     /// Writes `new` only if the current value is `expected` (`None`: absent); true if written.
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> KvResult<bool>;
+    /// Compare-and-swap on a counter by value: writes `new`, in the stored counter's encoding
+    /// ([`CounterEncoding`]), only if the counter holds `expected` now; false otherwise. Stores
+    /// whose swap reads the current value anyway (Spin's `atomics::cas`) override it to do both
+    /// in one compare-and-swap.
+    fn swap_counter(&self, key: &str, expected: i64, new: i64) -> KvResult<bool> {
+        let current = self.get(key)?;
+        if current.as_deref().and_then(decode_counter) != Some(expected) {
+            return Ok(false);
+        }
+        let bytes = encode_counter_like(current.as_deref(), new);
+        self.compare_and_swap(key, current.as_deref(), &bytes)
+    }
 }
 
-/// Decodes a counter written by [`Kv::increment`].
+/// How a store keeps the counters its `increment` writes: Spin's SQLite store as 8 little-endian
+/// bytes, Spin's Redis store (`INCRBY`) as ASCII decimal. Readers accept both; a counter
+/// rewritten by compare-and-swap keeps the encoding it had, so the store's own `increment` can
+/// go on adding to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterEncoding {
+    LittleEndian,
+    Decimal,
+}
+
+impl CounterEncoding {
+    /// The encoding of a stored counter. Eight bytes that are all ASCII digits (or a leading
+    /// `-`) are decimal: as little-endian they would be at least 0x3030…30 ≈ 3.5e18, more than any
+    /// counter FreeRelay writes (window tags stay below 2^61 until the year 2225).
+    pub fn of(bytes: &[u8]) -> Option<Self> {
+        let decimal = !bytes.is_empty()
+            && bytes.len() <= 20
+            && bytes
+                .iter()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_digit() || (i == 0 && *b == b'-' && bytes.len() > 1));
+        if decimal {
+            Some(Self::Decimal)
+        } else if bytes.len() == 8 {
+            Some(Self::LittleEndian)
+        } else {
+            None
+        }
+    }
+
+    pub fn encode(self, value: i64) -> Vec<u8> {
+        match self {
+            Self::LittleEndian => value.to_le_bytes().to_vec(),
+            Self::Decimal => value.to_string().into_bytes(),
+        }
+    }
+}
+
+/// Decodes a counter written by [`Kv::increment`], in either store's encoding.
 pub fn decode_counter(bytes: &[u8]) -> Option<i64> {
-    <[u8; 8]>::try_from(bytes).ok().map(i64::from_le_bytes)
+    match CounterEncoding::of(bytes)? {
+        CounterEncoding::LittleEndian => <[u8; 8]>::try_from(bytes).ok().map(i64::from_le_bytes),
+        CounterEncoding::Decimal => std::str::from_utf8(bytes).ok()?.parse().ok(),
+    }
+}
+
+/// `value` encoded as the counter `current` is (little-endian when there is none).
+pub fn encode_counter_like(current: Option<&[u8]>, value: i64) -> Vec<u8> {
+    current
+        .and_then(CounterEncoding::of)
+        .unwrap_or(CounterEncoding::LittleEndian)
+        .encode(value)
 }
 
 /// Key names. Every key the product writes is built here and described in `kv-schema/`
@@ -91,6 +156,13 @@ pub enum KvOp {
         /// Reads the rank of an encoded value; unreadable values rank lowest.
         rank: fn(&[u8]) -> Option<u64>,
     },
+    /// [`KvOp::CasMax`] for a counter the store's `increment` also writes: ranks decoded values
+    /// and writes `value` in the stored counter's encoding ([`CounterEncoding`]).
+    CounterMax {
+        key: String,
+        value: i64,
+        rank: fn(i64) -> Option<u64>,
+    },
 }
 
 /// Equal when they would write the same thing (a `CasMax`'s rank function is not compared:
@@ -107,9 +179,15 @@ impl PartialEq for KvOp {
                     key: b, value: y, ..
                 },
             ) => a == b && x == y,
-            (KvOp::Increment { key: a, delta: x }, KvOp::Increment { key: b, delta: y }) => {
-                a == b && x == y
-            }
+            (KvOp::Increment { key: a, delta: x }, KvOp::Increment { key: b, delta: y })
+            | (
+                KvOp::CounterMax {
+                    key: a, value: x, ..
+                },
+                KvOp::CounterMax {
+                    key: b, value: y, ..
+                },
+            ) => a == b && x == y,
             _ => false,
         }
     }
@@ -118,7 +196,10 @@ impl PartialEq for KvOp {
 impl KvOp {
     pub fn key(&self) -> &str {
         match self {
-            KvOp::Set { key, .. } | KvOp::Increment { key, .. } | KvOp::CasMax { key, .. } => key,
+            KvOp::Set { key, .. }
+            | KvOp::Increment { key, .. }
+            | KvOp::CasMax { key, .. }
+            | KvOp::CounterMax { key, .. } => key,
         }
     }
 }
@@ -166,6 +247,19 @@ pub fn apply(kv: &(impl Kv + ?Sized), op: &KvOp) -> KvResult<()> {
             })
             .map(|_| ())
         }
+        KvOp::CounterMax { key, value, rank } => {
+            let proposed = rank(*value);
+            cas_update(kv, key, |current| {
+                let stored = current.and_then(decode_counter);
+                let higher = match (stored.and_then(rank), proposed) {
+                    (Some(c), Some(p)) => p > c,
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                };
+                higher.then(|| encode_counter_like(current, *value))
+            })
+            .map(|_| ())
+        }
     }
 }
 
@@ -173,9 +267,19 @@ pub fn apply(kv: &(impl Kv + ?Sized), op: &KvOp) -> KvResult<()> {
 #[derive(Debug, Default)]
 pub struct MemKv {
     map: Mutex<HashMap<String, Vec<u8>>>,
+    /// Counters as ASCII decimal, as Spin's Redis store keeps them (`INCRBY`).
+    decimal: bool,
 }
 
 impl MemKv {
+    /// A store that keeps counters as Redis does (ASCII decimal), for testing both encodings.
+    pub fn redis_like() -> Self {
+        Self {
+            decimal: true,
+            ..Self::default()
+        }
+    }
+
     fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Vec<u8>>) -> T) -> KvResult<T> {
         let mut map = self.map.lock().map_err(|_| KvError("poisoned".into()))?;
         Ok(f(&mut map))
@@ -216,7 +320,12 @@ impl Kv for MemKv {
                 }
             }?;
             let next = current.wrapping_add(delta);
-            m.insert(key.to_owned(), next.to_le_bytes().to_vec());
+            let encoding = if self.decimal {
+                CounterEncoding::Decimal
+            } else {
+                CounterEncoding::LittleEndian
+            };
+            m.insert(key.to_owned(), encoding.encode(next));
             Ok(next)
         })?
     }

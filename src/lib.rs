@@ -14,6 +14,7 @@ pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod cooldown;
+pub mod counter;
 pub mod error;
 pub mod event;
 pub mod kv;

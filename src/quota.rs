@@ -36,7 +36,8 @@
 use crate::catalog::{Limits, Reset};
 use crate::config::Configured;
 use crate::cooldown::Cooldown;
-use crate::kv::{self, decode_counter, keys, Kv, KvError, KvOp, KvResult};
+use crate::counter;
+use crate::kv::{keys, Kv, KvOp, KvResult};
 
 /// What a counter counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -286,10 +287,8 @@ impl Increment {
     /// Reads the value `Kv::increment` returned. `None`: the increment landed on a counter of an
     /// earlier window (or on garbage); perform [`Self::reset`] and increment again.
     pub fn settle(&self, new_value: i64) -> Option<Counted> {
-        let (tag, count) = decode(new_value)?;
-        // A later tag is a window another instance already started (its clock a few ms ahead):
-        // counting into it is conservative and keeps the counter monotonic.
-        (tag >= self.window).then(|| Counted {
+        let count = self.windowed().settle(new_value)?;
+        Some(Counted {
             kind: self.kind,
             count,
             admitted: self.limit.is_none_or(|l| count <= u64::from(l)),
@@ -298,17 +297,20 @@ impl Increment {
 
     /// The counter with this increment alone in its window: `window × 2^36 + delta`.
     pub fn started(&self) -> i64 {
-        encode(self.window, self.delta.max(0) as u64)
+        self.windowed().started()
     }
 
-    /// Starts this increment's window on the counter: writes `window × 2^36 + 0` unless the stored
-    /// tag is already this window or a later one (a [`KvOp::CasMax`] ranked by tag), so only a
-    /// stale value is ever cleared, and once per window however many instances race to do it.
+    /// Starts this increment's window on the counter ([`counter::Windowed::reset`]).
     pub fn reset(&self) -> KvOp {
-        KvOp::CasMax {
+        self.windowed().reset()
+    }
+
+    fn windowed(&self) -> counter::Windowed {
+        counter::Windowed {
             key: self.key.clone(),
-            value: encode(self.window, 0).to_le_bytes().to_vec(),
-            rank: tag_rank,
+            delta: self.delta,
+            window: self.window,
+            layout: counter::QUOTA,
         }
     }
 }
@@ -369,23 +371,12 @@ pub fn usage(
 /// started, and none that landed on the current window's value is ever wiped: each request is
 /// counted exactly once in its window.
 pub fn perform(kv: &(impl Kv + ?Sized), inc: &Increment) -> KvResult<Counted> {
-    let observed = kv.increment(&inc.key, inc.delta)?;
-    if let Some(c) = inc.settle(observed) {
-        return Ok(c);
-    }
-    let started = inc.started();
-    if kv.compare_and_swap(
-        &inc.key,
-        Some(&observed.to_le_bytes()),
-        &started.to_le_bytes(),
-    )? {
-        if let Some(c) = inc.settle(started) {
-            return Ok(c);
-        }
-    }
-    kv::apply(kv, &inc.reset())?;
-    inc.settle(kv.increment(&inc.key, inc.delta)?)
-        .ok_or_else(|| KvError(format!("{}: still an earlier window after reset", inc.key)))
+    let count = counter::perform(kv, &inc.windowed())?;
+    Ok(Counted {
+        kind: inc.kind,
+        count,
+        admitted: inc.limit.is_none_or(|l| count <= u64::from(l)),
+    })
 }
 
 /// Reserves one request on a key and ledger ([`reserve`], [`perform`]): [`Verdict::Open`] if the
@@ -453,35 +444,25 @@ pub fn record_usage(
 // Counter encoding.
 
 /// Bits of a stored value that hold the count; the bits above hold the window.
-pub const COUNT_BITS: u32 = 36;
-const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+pub const COUNT_BITS: u32 = counter::QUOTA_BITS;
 /// The largest window a tag holds (27 bits: minute indices until the year 2225).
-pub const MAX_WINDOW: u64 = (1 << (63 - COUNT_BITS)) - 1;
+pub const MAX_WINDOW: u64 = counter::QUOTA.max_window();
 
 /// A stored counter value: `window × 2^36 + count` (non-negative; a count past 2^36 ≈ 6.9e10 in
 /// one window would spill into the tag, far beyond any limit).
 pub fn encode(window: u64, count: u64) -> i64 {
-    ((window.min(MAX_WINDOW) << COUNT_BITS) | (count & COUNT_MASK)) as i64
+    counter::QUOTA.encode(window, count)
 }
 
 /// (window, count) of a stored counter value; `None` for a negative value (never written by us).
 pub fn decode(value: i64) -> Option<(u64, u64)> {
-    let v = u64::try_from(value).ok()?;
-    Some((v >> COUNT_BITS, v & COUNT_MASK))
+    counter::QUOTA.decode(value)
 }
 
 /// The count a stored value holds for `window`: zero when absent, unreadable or from an earlier
 /// window.
 fn count_in(window: u64, stored: Option<&[u8]>) -> u64 {
-    match stored.and_then(decode_counter).and_then(decode) {
-        Some((tag, count)) if tag >= window.min(MAX_WINDOW) => count,
-        _ => 0,
-    }
-}
-
-/// A stored counter ranks by its window tag (unreadable values rank lowest).
-fn tag_rank(bytes: &[u8]) -> Option<u64> {
-    decode_counter(bytes).and_then(decode).map(|(tag, _)| tag)
+    counter::QUOTA.count_in(window, stored)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -593,7 +574,7 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use crate::catalog::Scope;
-    use crate::kv::MemKv;
+    use crate::kv::{self, decode_counter, MemKv};
     use std::collections::BTreeSet;
     use std::sync::{Arc, Mutex};
 
@@ -1053,7 +1034,8 @@ mod tests {
         };
         kv.inner.set("k", &encode(6, 9).to_le_bytes()).unwrap();
         assert_eq!(perform(&kv, &inc).unwrap().count, 1);
-        assert_eq!(*kv.ops.lock().unwrap(), ["increment", "cas"]);
+        // Stores like Spin's read the value in their swap; this one reads it first.
+        assert_eq!(*kv.ops.lock().unwrap(), ["increment", "get", "cas"]);
         assert_eq!(perform(&kv, &inc).unwrap().count, 2);
         // Contended: the swap fails, the reset and a second increment follow.
         kv.inner.set("k", &encode(6, 9).to_le_bytes()).unwrap();
@@ -1063,7 +1045,7 @@ mod tests {
         assert_eq!((c.count, c.admitted), (1, true));
         assert_eq!(
             *kv.ops.lock().unwrap(),
-            ["increment", "cas", "get", "cas", "increment"]
+            ["increment", "get", "cas", "get", "cas", "increment"]
         );
         assert_eq!(
             decode_counter(&kv.inner.get("k").unwrap().unwrap()),
