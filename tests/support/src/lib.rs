@@ -10,4 +10,4 @@ pub mod load;
 pub mod mock;
 pub mod wire;
 
-pub use mock::{Behaviour, Finish, MockConfig, MockHandle, MockProvider, RecordedRequest};
+pub use mock::{Behaviour, Finish, MockConfig, MockHandle, MockProvider, RecordedRequest, Rule};

@@ -1053,3 +1053,144 @@ async fn load_generator_refuses_non_loopback() {
     let err = Target::parse("http://192.0.2.1:80/v1").await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
 }
+
+async fn control(m: &MockHandle, method: Method, path: &str, body: Value) -> (u16, Value) {
+    let r = conn(m)
+        .await
+        .fetch(
+            method,
+            path,
+            &[("content-type", "application/json")],
+            Bytes::from(body.to_string()),
+        )
+        .await
+        .unwrap();
+    (r.status.as_u16(), r.json())
+}
+
+fn for_model(model: &str, content: &str) -> Value {
+    let mut b = simple(content);
+    b["model"] = json!(model);
+    b
+}
+
+#[tokio::test]
+async fn rules_apply_per_model_and_text_before_the_script() {
+    let m = mock().await;
+    let (status, v) = control(
+        &m,
+        Method::POST,
+        "/_mock/rules",
+        json!([
+            {"model": "bad-model", "behaviour": {"kind": "status", "status": 500}},
+            {"contains": "FLAKY", "times": 2, "behaviour": {"kind": "status", "status": 503}}
+        ]),
+    )
+    .await;
+    assert_eq!((status, v), (200, json!({"rules": 2})));
+    script(&m, json!([{"kind": "ok", "content": "scripted"}])).await;
+
+    // The standing rule answers every request for its model; the script is left alone.
+    for _ in 0..3 {
+        assert_eq!(
+            post_chat(&m, CHAT, for_model("bad-model", "a"))
+                .await
+                .status,
+            500
+        );
+    }
+    // Text rules count down, then the script and the default answer take over.
+    assert_eq!(post_chat(&m, CHAT, simple("FLAKY one")).await.status, 503);
+    let (_, left) = control(&m, Method::GET, "/_mock/rules", json!(null)).await;
+    assert_eq!(left[1]["times"], 1, "{left}");
+    assert_eq!(post_chat(&m, CHAT, simple("FLAKY two")).await.status, 503);
+    let v = post_chat(&m, CHAT, simple("FLAKY three")).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "scripted");
+    let v = post_chat(&m, CHAT, simple("fine")).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], "mock(groq): fine");
+    assert_eq!(m.rules().len(), 1);
+
+    // Replaced at run time (a status switch), and cleared by a reset.
+    control(
+        &m,
+        Method::POST,
+        "/_mock/rules",
+        json!({"model": "bad-model", "behaviour": {"kind": "status", "status": 429}}),
+    )
+    .await;
+    assert_eq!(
+        post_chat(&m, CHAT, for_model("bad-model", "a"))
+            .await
+            .status,
+        429
+    );
+    m.reset();
+    assert!(m.rules().is_empty());
+    assert_eq!(
+        post_chat(&m, CHAT, for_model("bad-model", "a"))
+            .await
+            .status,
+        200
+    );
+
+    let (status, _) = control(
+        &m,
+        Method::POST,
+        "/_mock/rules",
+        json!([{"model": "x", "behaviour": {"kind": "bogus"}}]),
+    )
+    .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn rules_match_the_gemini_model_in_the_path() {
+    let m = MockProvider::start(MockConfig::new("gemini", KEY))
+        .await
+        .unwrap();
+    m.set_rules(
+        freerelay_testkit::mock::parse_rules(
+            br#"{"model":"gemini-2.5-flash","behaviour":{"kind":"status","status":500}}"#,
+        )
+        .unwrap(),
+    );
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+    let post = |model: &'static str| {
+        let body = body.clone();
+        let m = &m;
+        async move {
+            conn(m)
+                .await
+                .fetch(
+                    Method::POST,
+                    &format!("/v1beta/models/{model}:generateContent"),
+                    &[
+                        ("x-goog-api-key", KEY),
+                        ("content-type", "application/json"),
+                    ],
+                    Bytes::from(body.to_string()),
+                )
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(post("gemini-2.5-flash").await, 500);
+    assert_eq!(post("gemini-2.5-pro").await, 200);
+}
+
+#[tokio::test]
+async fn recorded_requests_carry_their_arrival_time() {
+    let m = mock().await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    post_chat(&m, CHAT, simple("a")).await;
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let at = m.requests()[0].at_ms;
+    assert!(before <= at && at <= after, "{before} <= {at} <= {after}");
+}

@@ -139,7 +139,7 @@ pub(crate) async fn chat(
         Err(e) => return Ok(request_error(&route, &e)),
     };
 
-    let behaviour = state.next_behaviour();
+    let behaviour = state.next_behaviour(&chat.model, &body);
     let answer = Answer {
         state,
         route: &route,

@@ -15,6 +15,10 @@
 //!   `GET /_mock/requests` (every chat request received, whatever its format; `?kind=chat`,
 //!   `anthropic` or `gemini`: those of one format; `?all=1`: every request to the provider API,
 //!   model listings and unknown paths included), `GET /_mock/script` (what is left).
+//! - `POST /_mock/rules` (a list of [`Rule`]s, or one): replaces the standing rules, which are
+//!   consulted before the script (per model and/or request text, optionally for N requests);
+//!   `GET /_mock/rules`: those left (with the uses left in `times`). `POST /_mock/reset` clears
+//!   them too.
 //! - `POST /_mock/release` (body optional: `{"count": N}`, default 1): lets N answers paused by
 //!   `pause_after_chunks` go on (a release sent before the answer reaches its pause is kept);
 //!   `GET /_mock/paused`: `{"paused": N}`, answers waiting at their pause right now.
@@ -48,7 +52,7 @@ use tokio::task::JoinHandle;
 
 pub use args::plausible as plausible_arguments;
 pub use body::{BodyEnd, Gates, MockBody, Piece};
-pub use script::{parse_script, Behaviour, Cut, Finish};
+pub use script::{parse_rules, parse_script, take_rule, Behaviour, Cut, Finish, Rule};
 
 use crate::wire::{anthropic, gemini, openai, Checks, Format, Reply};
 
@@ -122,6 +126,9 @@ pub struct RecordedRequest {
     pub query: Option<String>,
     /// Lower-case names; repeated headers joined with `, `.
     pub headers: BTreeMap<String, String>,
+    /// When the request was received (its body read), Unix milliseconds.
+    #[serde(default)]
+    pub at_ms: u64,
     /// The parsed JSON body (`null` if it was not JSON; see `body_text`).
     pub body: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,6 +155,7 @@ struct State {
     checks: Checks,
     fixed_reply: FixedReplies,
     script: Mutex<VecDeque<Behaviour>>,
+    rules: Mutex<Vec<Rule>>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     seq: AtomicU64,
     gates: Gates,
@@ -156,6 +164,7 @@ struct State {
 impl State {
     fn reset(&self) {
         self.script.lock().unwrap().clear();
+        self.rules.lock().unwrap().clear();
         self.requests.lock().unwrap().clear();
         self.gates.clear();
     }
@@ -174,9 +183,14 @@ impl State {
             .collect()
     }
 
-    fn next_behaviour(&self) -> Behaviour {
+    /// What to do with a chat request for `model` with this raw `body`: the first matching rule,
+    /// else the next scripted behaviour, else a normal answer.
+    fn next_behaviour(&self, model: &str, body: &[u8]) -> Behaviour {
         if self.config.fixed {
             return Behaviour::ok();
+        }
+        if let Some(b) = take_rule(&mut self.rules.lock().unwrap(), model, body) {
+            return b;
         }
         self.script
             .lock()
@@ -223,6 +237,7 @@ impl MockProvider {
             config,
             fixed_reply,
             script: Mutex::new(VecDeque::new()),
+            rules: Mutex::new(Vec::new()),
             requests: Mutex::new(VecDeque::new()),
             seq: AtomicU64::new(1),
             gates: Gates::default(),
@@ -254,7 +269,17 @@ impl MockHandle {
         self.state.script.lock().unwrap().extend(behaviours);
     }
 
-    /// Clears the script, the recorded requests and unused releases.
+    /// Replaces the standing rules (consulted before the script).
+    pub fn set_rules(&self, rules: impl IntoIterator<Item = Rule>) {
+        *self.state.rules.lock().unwrap() = rules.into_iter().collect();
+    }
+
+    /// The standing rules left.
+    pub fn rules(&self) -> Vec<Rule> {
+        self.state.rules.lock().unwrap().clone()
+    }
+
+    /// Clears the script, the rules, the recorded requests and unused releases.
     pub fn reset(&self) {
         self.state.reset();
     }
@@ -611,6 +636,30 @@ async fn control(state: &State, action: &str, req: Request<Incoming>) -> Respons
                 None,
             ),
         },
+        (Method::POST, "rules") => match parse_rules(&body) {
+            Ok(rules) => {
+                let count = rules.len();
+                *state.rules.lock().unwrap() = rules;
+                json_response(
+                    StatusCode::OK,
+                    Bytes::from(serde_json::json!({ "rules": count }).to_string()),
+                )
+            }
+            Err(e) => openai_error(
+                StatusCode::BAD_REQUEST,
+                &format!("bad rules: {e}"),
+                "invalid_request_error",
+                None,
+                None,
+            ),
+        },
+        (Method::GET, "rules") => {
+            let rules = state.rules.lock().unwrap().clone();
+            json_response(
+                StatusCode::OK,
+                Bytes::from(serde_json::to_vec(&rules).expect("rules serialise")),
+            )
+        }
         (Method::GET, "script") => {
             let script: Vec<Behaviour> = state.script.lock().unwrap().iter().cloned().collect();
             json_response(
@@ -682,6 +731,13 @@ fn header_map(headers: &http::HeaderMap) -> BTreeMap<String, String> {
     out
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn push_record(state: &State, entry: RecordedRequest) {
     let mut requests = state.requests.lock().unwrap();
     if requests.len() >= state.config.max_recorded.max(1) {
@@ -700,6 +756,7 @@ fn record_head(state: &State, kind: &str, req: &Request<Incoming>) {
             path: req.uri().path().to_string(),
             query: req.uri().query().map(str::to_string),
             headers: header_map(req.headers()),
+            at_ms: now_ms(),
             body: Value::Null,
             body_text: None,
         },
@@ -720,6 +777,7 @@ fn record(
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(str::to_string),
         headers: header_map(&parts.headers),
+        at_ms: now_ms(),
         body: parsed.cloned().unwrap_or(Value::Null),
         body_text: match parsed {
             Some(_) => None,

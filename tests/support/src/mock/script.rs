@@ -203,6 +203,60 @@ impl Behaviour {
     }
 }
 
+/// A standing rule: every chat request it matches gets its behaviour, before the FIFO script
+/// is consulted (the first matching rule wins). `model` matches the requested model exactly
+/// (Gemini: the model in the path), `contains` any substring of the raw request body; both
+/// absent = every request. `times`: the rule applies to that many requests, then is dropped
+/// ("fail the next N, then succeed"); absent = until the rules are replaced or reset.
+///
+/// JSON: `{"model": "m", "contains": "FAIL", "times": 3, "behaviour": {"kind": "status",
+/// "status": 500}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contains: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times: Option<u64>,
+    pub behaviour: Behaviour,
+}
+
+impl Rule {
+    /// True if the rule applies to a request for `model` with this raw `body`.
+    pub fn matches(&self, model: &str, body: &[u8]) -> bool {
+        self.model.as_deref().is_none_or(|m| m == model)
+            && self.contains.as_deref().is_none_or(|needle| {
+                needle.is_empty() || body.windows(needle.len()).any(|w| w == needle.as_bytes())
+            })
+            && self.times != Some(0)
+    }
+}
+
+/// Takes the behaviour of the first rule matching (`model`, `body`), counting one use of it and
+/// dropping a rule whose `times` are used up.
+pub fn take_rule(rules: &mut Vec<Rule>, model: &str, body: &[u8]) -> Option<Behaviour> {
+    let i = rules.iter().position(|r| r.matches(model, body))?;
+    let behaviour = rules[i].behaviour.clone();
+    if let Some(t) = rules[i].times.as_mut() {
+        *t -= 1;
+        if *t == 0 {
+            rules.remove(i);
+        }
+    }
+    Some(behaviour)
+}
+
+/// Reads rules: a JSON list of rules, or a single rule.
+pub fn parse_rules(body: &[u8]) -> Result<Vec<Rule>, serde_json::Error> {
+    let value: Value = serde_json::from_slice(body)?;
+    match value {
+        Value::Array(_) => serde_json::from_value(value),
+        other => Ok(vec![serde_json::from_value(other)?]),
+    }
+}
+
 /// Reads a script: a JSON list of behaviours, or a single behaviour.
 pub fn parse_script(body: &[u8]) -> Result<Vec<Behaviour>, serde_json::Error> {
     let value: Value = serde_json::from_slice(body)?;
@@ -274,5 +328,46 @@ mod tests {
         assert!(parse_script(br#"[{"kind":"ok","after_bytes":3}]"#).is_err());
         assert!(parse_script(br#"[{"kind":"ok","finish":"done"}]"#).is_err());
         assert!(parse_script(br#"[{"kind":"stream_error","after":1}]"#).is_err());
+    }
+
+    #[test]
+    fn rules_match_by_model_and_body_and_count_down() {
+        let mut rules = parse_rules(
+            br#"[{"model":"a","times":2,"behaviour":{"kind":"status","status":500}},
+                {"contains":"SLOW","behaviour":{"kind":"ok","latency_ms":5}},
+                {"model":"b","contains":"x","behaviour":{"kind":"close"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(rules.len(), 3);
+        assert_eq!(
+            take_rule(&mut rules, "a", b"{}"),
+            Some(Behaviour::status(500))
+        );
+        assert_eq!(rules[0].times, Some(1));
+        assert_eq!(
+            take_rule(&mut rules, "a", b"{}"),
+            Some(Behaviour::status(500))
+        );
+        // Used up: dropped, the other rules stay.
+        assert_eq!(rules.len(), 2);
+        assert_eq!(take_rule(&mut rules, "a", b"{}"), None);
+        assert!(matches!(
+            take_rule(&mut rules, "a", b"{\"m\":\"SLOW\"}"),
+            Some(Behaviour::Ok { latency_ms: 5, .. })
+        ));
+        // Both matchers must hold; a standing rule is never used up.
+        assert_eq!(take_rule(&mut rules, "b", b"{}"), None);
+        assert_eq!(take_rule(&mut rules, "c", b"x"), None);
+        for _ in 0..3 {
+            assert_eq!(take_rule(&mut rules, "b", b"x"), Some(Behaviour::Close));
+        }
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            parse_rules(br#"{"behaviour":{"kind":"close"}}"#).unwrap()[0].model,
+            None
+        );
+        assert!(parse_rules(br#"[{"model":"a"}]"#).is_err());
+        assert!(parse_rules(br#"[{"behavior":{"kind":"close"}}]"#).is_err());
+        assert!(parse_rules(br#"[{"behaviour":{"kind":"nope"}}]"#).is_err());
     }
 }
