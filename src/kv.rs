@@ -110,7 +110,13 @@ pub fn encode_counter_like(current: Option<&[u8]>, value: i64) -> Vec<u8> {
 /// (a test checks that each builder's prefix is documented there).
 pub mod keys {
     /// Every key prefix built below, for the documentation test.
-    pub const PREFIXES: &[&str] = &["stats:v1:", "cooldown:v1:", "quota:v1:"];
+    pub const PREFIXES: &[&str] = &[
+        "stats:v1:",
+        "cooldown:v1:",
+        "quota:v1:",
+        "breaker:v1:",
+        "aimd:v1:",
+    ];
 
     /// `stats:v1:<scope>:<field>` — i64 counter (increment). `<scope>` is a provider id or
     /// `gateway` for requests that never reached a provider.
@@ -137,6 +143,30 @@ pub mod keys {
     pub fn quota(provider: &str, key_id: &str, ledger: Option<&str>, kind: &str) -> String {
         let ledger = ledger.unwrap_or("*");
         format!("quota:v1:{provider}:{key_id}:{ledger}:{kind}")
+    }
+
+    /// `breaker:v1:<provider>:state:<model>` — JSON [`crate::breaker::State`]. The model is
+    /// last (model ids contain `/` and `:`): split on the first four `:`.
+    pub fn breaker_state(provider: &str, model: &str) -> String {
+        format!("breaker:v1:{provider}:state:{model}")
+    }
+
+    /// `breaker:v1:<provider>:s<slot>:<model>` (successes) or `…:f<slot>:<model>` (failures) —
+    /// i64 counter tagged with its bucket ([`crate::counter::LEASE`], see [`crate::breaker`]).
+    pub fn breaker_outcomes(provider: &str, model: &str, failures: bool, slot: u64) -> String {
+        let kind = if failures { 'f' } else { 's' };
+        format!("breaker:v1:{provider}:{kind}{slot}:{model}")
+    }
+
+    /// `aimd:v1:<provider>:window` — JSON [`crate::aimd::Window`]: the allowed concurrency.
+    pub fn aimd_window(provider: &str) -> String {
+        format!("aimd:v1:{provider}:window")
+    }
+
+    /// `aimd:v1:<provider>:inflight:<slot>` — i64 counter of requests in flight, tagged with
+    /// their lease period ([`crate::counter::LEASE`], see [`crate::aimd`]).
+    pub fn aimd_in_flight(provider: &str, slot: u64) -> String {
+        format!("aimd:v1:{provider}:inflight:{slot}")
     }
 }
 

@@ -8,9 +8,11 @@
 //! paths.
 
 pub mod adapter;
+pub mod aimd;
 pub mod api;
 pub mod attempt;
 pub mod auth;
+pub mod breaker;
 pub mod catalog;
 pub mod config;
 pub mod cooldown;
