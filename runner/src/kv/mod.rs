@@ -1,7 +1,8 @@
-//! Key-value storage: one small backend trait (SQLite now, room for Redis), the label → backend
-//! map built from `--runtime-config-file`, and the guest-facing WIT implementations.
+//! Key-value storage: one small backend trait (SQLite, Redis), the label → backend map built
+//! from `--runtime-config-file`, and the guest-facing WIT implementations.
 
 pub mod host;
+pub mod redis;
 pub mod sqlite;
 
 use std::collections::HashMap;
@@ -67,7 +68,9 @@ pub trait KvBackend: Send + Sync {
     fn set_many(&self, store: &str, pairs: &[(String, Vec<u8>)]) -> Result<(), KvError>;
     /// Removes all `keys`.
     fn delete_many(&self, store: &str, keys: &[String]) -> Result<(), KvError>;
-    /// Atomically adds `delta` to the little-endian i64 at `key` (absent = 0); returns the new value.
+    /// Atomically adds `delta` to the i64 at `key` (absent = 0); returns the new value. Each
+    /// backend keeps Spin's encoding for it: SQLite stores 8 little-endian bytes, Redis ASCII
+    /// decimal (`INCRBY`).
     fn increment(&self, store: &str, key: &str, delta: i64) -> Result<i64, KvError>;
     /// Atomically writes `value` if the current value matches `expected`; `Ok(false)` if not.
     fn swap(
@@ -121,7 +124,8 @@ impl KvStores {
     }
 
     /// Builds the stores: `default` is SQLite at `<state_dir>/sqlite_key_value.db` unless the
-    /// runtime config says otherwise.
+    /// runtime config says otherwise. A `type = "redis"` store is connected to (and `PING`ed)
+    /// here, so an unreachable server fails `freerelay up` at startup.
     pub fn from_config(state_dir: &Path, runtime_config: Option<&Path>) -> Result<Self> {
         let mut stores = Self::default();
         let mut opened: HashMap<PathBuf, Arc<sqlite::SqliteBackend>> = HashMap::new();
@@ -133,6 +137,8 @@ impl KvStores {
             opened.insert(path, b.clone());
             Ok(b)
         };
+        // Labels with the same URL share one connection pool (and, as in Spin, their keys).
+        let mut connected: HashMap<String, Arc<redis::RedisBackend>> = HashMap::new();
 
         let mut configured: Vec<(String, StoreConfig)> = Vec::new();
         let mut config_dir = PathBuf::from(".");
@@ -164,11 +170,23 @@ impl KvStores {
                     let b = open_sqlite(path.clone())?;
                     stores.insert(&label, b, format!("\"{}\"", path.display()));
                 }
-                StoreConfig::Redis { .. } => bail!(
-                    "key_value_store.{label}: type = \"redis\" is not supported by freerelay up yet (use type = \"spin\", or run under Spin)"
-                ),
+                StoreConfig::Redis { url } => {
+                    let b = match connected.get(&url) {
+                        Some(b) => b.clone(),
+                        None => {
+                            let b = Arc::new(
+                                redis::RedisBackend::connect(&url)
+                                    .map_err(|e| anyhow::anyhow!("key_value_store.{label}: {e}"))?,
+                            );
+                            connected.insert(url, b.clone());
+                            b
+                        }
+                    };
+                    let summary = format!("redis \"{}\"", b.display_url());
+                    stores.insert(&label, b, summary);
+                }
                 StoreConfig::Other => bail!(
-                    "key_value_store.{label}: unsupported type (freerelay up supports type = \"spin\")"
+                    "key_value_store.{label}: unsupported type (freerelay up supports type = \"spin\" and type = \"redis\")"
                 ),
             }
         }
@@ -190,7 +208,6 @@ enum StoreConfig {
         path: Option<PathBuf>,
     },
     Redis {
-        #[allow(dead_code)] // Parsed so the error can name the store; not used yet.
         url: String,
     },
     #[serde(other)]
@@ -215,7 +232,7 @@ mod tests {
     }
 
     #[test]
-    fn runtime_config_spin_path_and_redis_error() {
+    fn runtime_config_spin_path() {
         let dir = tempfile::tempdir().unwrap();
         let rc = dir.path().join("rc.toml");
         std::fs::write(
@@ -236,16 +253,78 @@ mod tests {
             .join("state")
             .join("sqlite_key_value.db")
             .exists());
+    }
 
-        std::fs::write(
-            &rc,
-            "[key_value_store.default]\ntype = \"redis\"\nurl = \"redis://localhost\"\n",
+    #[test]
+    fn runtime_config_parses_redis_stores() {
+        let rc: RuntimeConfig = toml::from_str(
+            "[key_value_store.default]\ntype = \"redis\"\nurl = \"redis://127.0.0.1:6390\"\n\
+             [key_value_store.cache]\ntype = \"redis\"\nurl = \"redis://:pw@cache:6379/2\"\n\
+             [key_value_store.odd]\ntype = \"azure_cosmos\"\n",
         )
         .unwrap();
-        let err = KvStores::from_config(dir.path(), Some(&rc))
+        assert!(matches!(
+            &rc.key_value_store["default"],
+            StoreConfig::Redis { url } if url == "redis://127.0.0.1:6390"
+        ));
+        assert!(matches!(
+            &rc.key_value_store["cache"],
+            StoreConfig::Redis { url } if url == "redis://:pw@cache:6379/2"
+        ));
+        assert!(matches!(&rc.key_value_store["odd"], StoreConfig::Other));
+        // A redis store needs its URL.
+        assert!(
+            toml::from_str::<RuntimeConfig>("[key_value_store.default]\ntype = \"redis\"\n")
+                .is_err()
+        );
+    }
+
+    /// A loopback port nothing listens on.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    fn from_config_error(rc_text: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let rc = dir.path().join("rc.toml");
+        std::fs::write(&rc, rc_text).unwrap();
+        KvStores::from_config(dir.path(), Some(&rc))
             .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("not supported by freerelay up yet"), "{err}");
+            .expect("from_config should fail")
+            .to_string()
+    }
+
+    #[test]
+    fn unreachable_redis_fails_at_startup_without_showing_the_password() {
+        let port = closed_port();
+        let err = from_config_error(&format!(
+            "[key_value_store.default]\ntype = \"redis\"\nurl = \"redis://:s3cret@127.0.0.1:{port}\"\n"
+        ));
+        assert!(
+            err.starts_with(&format!(
+                "key_value_store.default: cannot reach Redis at redis://127.0.0.1:{port}: "
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn invalid_redis_urls_and_types_are_named() {
+        let err = from_config_error(
+            "[key_value_store.default]\ntype = \"redis\"\nurl = \"http://u:s3cret@example.com\"\n",
+        );
+        assert!(
+            err.starts_with("key_value_store.default: invalid Redis URL http://example.com"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        let err = from_config_error(
+            "[key_value_store.default]\ntype = \"redis\"\nurl = \"rediss://example.com\"\n",
+        );
+        assert!(err.contains("TLS (rediss://) is not supported"), "{err}");
+        let err = from_config_error("[key_value_store.x]\ntype = \"azure_cosmos\"\n");
+        assert!(err.contains("key_value_store.x: unsupported type"), "{err}");
     }
 }
