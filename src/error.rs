@@ -154,6 +154,20 @@ impl ApiError {
         e
     }
 
+    /// 429 `insufficient_quota`: a spend budget is spent, so paid routes are refused (free ones
+    /// keep serving). The message names the budget and when it resets; `retry_after` is the wait
+    /// until then (`None` for a budget of 0, which no wait helps).
+    pub fn budget_exhausted(message: impl Into<String>, retry_after: Option<u64>) -> Self {
+        let mut e = Self::new(
+            429,
+            "insufficient_quota",
+            Some("insufficient_quota"),
+            message.into(),
+        );
+        e.retry_after = retry_after;
+        e
+    }
+
     /// 500: a fault of the gateway itself (a store or host call failed), never of the input.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "server_error", Some("internal_error"), message.into())
@@ -211,6 +225,16 @@ mod tests {
         assert_eq!(v["error"]["param"], "messages");
         assert!(v["error"]["code"].is_null());
         assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn budget_exhausted_is_insufficient_quota() {
+        let e = ApiError::budget_exhausted("spent", Some(60));
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+        assert_eq!(v["error"]["message"], "spent");
+        assert_eq!((e.status, e.retry_after), (429, Some(60)));
     }
 
     #[test]

@@ -114,6 +114,7 @@ pub mod keys {
         "stats:v1:",
         "cooldown:v1:",
         "quota:v1:",
+        "budget:v1:",
         "breaker:v1:",
         "aimd:v1:",
     ];
@@ -167,6 +168,13 @@ pub mod keys {
     /// their lease period ([`crate::counter::LEASE`], see [`crate::aimd`]).
     pub fn aimd_in_flight(provider: &str, slot: u64) -> String {
         format!("aimd:v1:{provider}:inflight:{slot}")
+    }
+
+    /// `budget:v1:<scope>:<field>` — `<scope>` is `global`, a tenant id or `<tenant>:<user>`
+    /// (pseudonyms, see [`crate::budget`]); `<field>` is `day` or `month` (money counters tagged
+    /// with their window, [`crate::counter::MONEY`]) or `ewma` (JSON [`crate::budget::Ewma`]).
+    pub fn budget(scope: &str, field: &str) -> String {
+        format!("budget:v1:{scope}:{field}")
     }
 }
 

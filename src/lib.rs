@@ -12,6 +12,7 @@ pub mod aimd;
 pub mod api;
 pub mod attempt;
 pub mod auth;
+pub mod budget;
 pub mod breaker;
 pub mod catalog;
 pub mod config;
