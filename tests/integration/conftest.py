@@ -10,13 +10,16 @@ Run: scripts/build && cargo build --release -p freerelay-cli -p freerelay-testki
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import queue
 import re
 import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -125,6 +128,36 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=5)
 
 
+# The runner keeps the compiled component in `<state-dir>/cache/<digest>.cwasm` (its name covers
+# the .wasm and the engine, so a stale one is never used). A fresh state dir would compile the
+# component again (~2.5 s a gateway); every gateway of the session is given the first compile.
+_COMPILE_CACHE: Path | None = None
+
+
+def _seed_compile_cache(state_dir: Path) -> None:
+    if _COMPILE_CACHE is None:
+        return
+    dest = state_dir / "cache"
+    for f in _COMPILE_CACHE.glob("*.cwasm"):
+        if not (dest / f.name).exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            tmp = dest / (f.name + ".seed.tmp")
+            shutil.copyfile(f, tmp)
+            tmp.replace(dest / f.name)
+
+
+def _keep_compile_cache(state_dir: Path) -> None:
+    global _COMPILE_CACHE
+    if _COMPILE_CACHE is None:
+        _COMPILE_CACHE = Path(tempfile.mkdtemp(prefix="freerelay-cwasm-"))
+        atexit.register(shutil.rmtree, _COMPILE_CACHE, True)
+    for f in (state_dir / "cache").glob("*.cwasm"):
+        if not (_COMPILE_CACHE / f.name).exists():
+            tmp = _COMPILE_CACHE / (f.name + ".tmp")
+            shutil.copyfile(f, tmp)
+            tmp.replace(_COMPILE_CACHE / f.name)
+
+
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SPIN_VARIABLE_")}
 
@@ -191,6 +224,28 @@ class Mock:
         """Every request to the provider API: chat, model listings and unknown paths."""
         return self.http.get("/_mock/requests", params={"all": "1"}).json()
 
+    def rules(self, *rules: dict) -> None:
+        """Replaces the mock's standing rules (consulted before the script, first match wins):
+        `{"model": m?, "contains": text?, "times": n?, "behaviour": {...}}`. `model` is the
+        requested model (Gemini: the one in the path), `contains` any substring of the raw
+        body; `times` limits the rule to n requests. No rules: every request follows the
+        script, then the default answer."""
+        r = self.http.post("/_mock/rules", json=list(rules))
+        assert r.status_code == 200, r.text
+
+    def fail_model(self, model: str, status: int = 500, times: int | None = None,
+                   **behaviour) -> None:
+        """Every request for `model` (or the next `times` of them) gets `status` (replaces the
+        standing rules)."""
+        rule: dict = {"model": model, "behaviour": {"kind": "status", "status": status, **behaviour}}
+        if times is not None:
+            rule["times"] = times
+        self.rules(rule)
+
+    def standing_rules(self) -> list[dict]:
+        """The rules left (with the uses left in `times`)."""
+        return self.http.get("/_mock/rules").json()
+
     def release(self, count: int = 1) -> None:
         """Lets `count` answers held by `pause_after_chunks` go on (kept if none waits yet)."""
         r = self.http.post("/_mock/release", json={"count": count})
@@ -243,17 +298,24 @@ class Gateway:
     _stderr_path: Path | None = None
     _clients: list = field(default_factory=list)
     _starts: int = 0
+    # `--runtime-config-file` (e.g. a Redis key-value store shared with other runners).
+    runtime_config: Path | None = None
+    name: str = "gateway"
 
     def start(self) -> "Gateway":
         _require(RUNNER_BIN, "The runner binary (freerelay)")
         _require(WASM, "The gateway component (.wasm)")
         self._starts += 1
-        self._stderr_path = self.log_dir / f"gateway-{self._starts}.stderr.log"
+        self._stderr_path = self.log_dir / f"{self.name}-{self._starts}.stderr.log"
+        _seed_compile_cache(self.state_dir)
+        cmd = [
+            str(RUNNER_BIN), "up", "-f", str(MANIFEST),
+            "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
+        ]
+        if self.runtime_config is not None:
+            cmd += ["--runtime-config-file", str(self.runtime_config)]
         self.proc = subprocess.Popen(
-            [
-                str(RUNNER_BIN), "up", "-f", str(MANIFEST),
-                "--listen", "127.0.0.1:0", "--state-dir", str(self.state_dir),
-            ],
+            cmd,
             stdout=subprocess.PIPE,
             stderr=open(self._stderr_path, "wb"),
             env=self.env,
@@ -269,6 +331,7 @@ class Gateway:
                 pytrace=False,
             )
         self.url = m.group(1)
+        _keep_compile_cache(self.state_dir)
         return self
 
     def stderr_tail(self, n: int = 4000) -> str:
@@ -310,6 +373,15 @@ class Gateway:
         assert r.status_code == 200, r.text
         return r.json()
 
+    def state(self, key: str | None = None, headers: dict[str, str] | None = None) -> dict:
+        """`GET /v1/freerelay/state` as client `key` (default: the first): breakers, AIMD
+        limits, budgets, quotas, cache counters."""
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            r = c.get("/v1/freerelay/state",
+                      headers={"Authorization": f"Bearer {key or self.client_key}", **(headers or {})})
+        assert r.status_code == 200, f"/v1/freerelay/state: {r.status_code} {r.text[:500]}"
+        return r.json()
+
     def close(self) -> None:
         for c in self._clients:
             c.close()
@@ -344,16 +416,20 @@ def make_gateway(tmp_path) -> Iterable[Callable[..., Gateway]]:
     """Starts a dedicated gateway: `make_gateway({"groq": mock}, extra_env={...})`.
 
     `state_dir` defaults to a fresh directory under the test's tmp_path; `gw.restart()` keeps it.
+    `runtime_config`: a Spin runtime config file (`--runtime-config-file`), e.g. from
+    `redis_store()`, to share the key-value store with other gateways.
     """
     gateways: list[Gateway] = []
 
     def make(providers: dict[str, Mock], extra_env: dict[str, str] | None = None,
-             state_dir: Path | None = None, client_keys: list[str] | None = None) -> Gateway:
+             state_dir: Path | None = None, client_keys: list[str] | None = None,
+             runtime_config: Path | None = None) -> Gateway:
         keys = client_keys or [new_client_key()]
         sd = state_dir or (tmp_path / f"state-{len(gateways)}")
         sd.mkdir(parents=True, exist_ok=True)
         gw = Gateway(state_dir=sd, env=gateway_env(providers, keys, extra_env),
-                     client_key=keys[0], log_dir=tmp_path)
+                     client_key=keys[0], log_dir=tmp_path, runtime_config=runtime_config,
+                     name=f"gateway{len(gateways)}")
         gateways.append(gw)
         return gw.start()
 
@@ -425,3 +501,119 @@ def gw(shared) -> Gateway:
 @pytest.fixture
 def client(shared) -> OpenAI:
     return shared.gateway.client()
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis: one `redis-server` for the session, one database per test (`redis_store()`), so that
+# several `freerelay up` processes can share the key-value store as edge instances do.
+
+REDIS_DATABASES = 512
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    _next_db: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def new_db(self) -> int:
+        """A database index no other test has used (Spin's Redis store keeps every key at the
+        top level of the URL's database, so a fresh one is a fresh store)."""
+        with self._lock:
+            self._next_db += 1
+            if self._next_db >= REDIS_DATABASES:
+                pytest.fail(f"more than {REDIS_DATABASES - 1} Redis databases asked for")
+            return self._next_db
+
+    def command(self, *args: str, db: int = 0) -> str:
+        """One command through redis-cli (for checks and diagnostics)."""
+        cli = _which("redis-cli")
+        if not cli:
+            pytest.fail("redis-cli is missing (it comes with redis-server)", pytrace=False)
+        out = subprocess.run([cli, "-p", str(self.port), "-n", str(db), *args],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+
+    def close(self) -> None:
+        _stop(self.proc)
+
+
+def _which(name: str) -> str | None:
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/bin", "/usr/sbin", "/usr/local/bin"):
+        p = Path(d) / name
+        if p.exists():
+            return str(p)
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir) -> Iterable[RedisServer]:
+    """A private `redis-server` on a free loopback port, no persistence. Without the binary the
+    tests that need it are skipped, unless FREERELAY_REQUIRE_REDIS=1 (scripts/test), which
+    makes that a failure."""
+    binary = os.environ.get("FREERELAY_REDIS_SERVER") or _which("redis-server")
+    if binary and not Path(binary).exists():
+        binary = None
+    if not binary:
+        msg = ("redis-server not found (install the redis-server package, or set "
+               "FREERELAY_REDIS_SERVER)")
+        if os.environ.get("FREERELAY_REQUIRE_REDIS") == "1":
+            pytest.fail(msg + "; FREERELAY_REQUIRE_REDIS=1 forbids skipping", pytrace=False)
+        pytest.skip(msg)
+    port = free_port()
+    log = session_dir / "redis-server.log"
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--databases", str(REDIS_DATABASES), "--protected-mode", "yes", "--dir", str(session_dir),
+         "--logfile", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_clean_env(),
+    )
+    server = RedisServer(proc=proc, port=port, log=log)
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"redis-server exited ({proc.returncode}): "
+                        f"{log.read_text(errors='replace')[-2000:] if log.exists() else ''}",
+                        pytrace=False)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            server.close()
+            pytest.fail("redis-server did not answer PING within 10 s", pytrace=False)
+        time.sleep(0.05)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_store(redis_server, tmp_path) -> Callable[[], Path]:
+    """`redis_store()`: a runtime config file whose `default` key-value store is a fresh Redis
+    database; give the same file to several gateways (`make_gateway(..., runtime_config=rc)`)
+    and they share one store."""
+    count = [0]
+
+    def make() -> Path:
+        count[0] += 1
+        db = redis_server.new_db()
+        rc = tmp_path / f"runtime-config-{count[0]}.toml"
+        rc.write_text(f'[key_value_store.default]\ntype = "redis"\nurl = "{redis_server.url(db)}"\n')
+        return rc
+
+    return make

@@ -159,3 +159,141 @@ def retry_after_in_text(text: str) -> int | None:
 
     m = _re.search(r"retry after (\d+) seconds?", text, _re.IGNORECASE)
     return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge state (`GET /v1/freerelay/state`): each field is read in exactly one function below, so a
+# renamed field is a one-line change. Money is compared in integer micro-dollars (Decimal, never
+# float arithmetic).
+
+from decimal import Decimal  # noqa: E402
+
+
+def tenant_id(client_key: str) -> str:
+    """The tenant a client key is budgeted as: `t` + the first 10 hex of its SHA-256."""
+    import hashlib as _hashlib
+
+    return "t" + _hashlib.sha256(client_key.encode()).hexdigest()[:10]
+
+
+def micro(usd) -> int:
+    """USD (a header string, a Decimal, or a JSON number) as exact integer micro-dollars."""
+    d = Decimal(usd if isinstance(usd, (str, Decimal)) else repr(usd))
+    m = d * 1_000_000
+    assert m == m.to_integral_value(), f"{usd!r} is not a whole number of micro-dollars"
+    return int(m)
+
+
+def state_now_ms(state: dict) -> int:
+    return state["now_ms"]
+
+
+def breakers(state: dict) -> list[dict]:
+    return state.get("breakers") or []
+
+
+def breaker(state: dict, provider: str, model: str) -> dict | None:
+    """The breaker of `provider`/`model`, None when the gateway has none for it (never failed)."""
+    for b in breakers(state):
+        if b["provider"] == provider and b["model"] == model:
+            return b
+    return None
+
+
+def breaker_state(state: dict, provider: str, model: str) -> str:
+    """`closed`, `open` or `half_open`; a model without a breaker entry is closed."""
+    b = breaker(state, provider, model)
+    return "closed" if b is None else b["state"]
+
+
+def breaker_until_ms(state: dict, provider: str, model: str) -> int | None:
+    b = breaker(state, provider, model)
+    return None if b is None else b.get("until_ms")
+
+
+def breaker_level(state: dict, provider: str, model: str) -> int:
+    """How many probes failed in a row (the cool-down is `breaker_cooldown_ms` × 2^level)."""
+    b = breaker(state, provider, model)
+    return 0 if b is None else int(b.get("level") or 0)
+
+
+def breaker_failures(state: dict, provider: str, model: str) -> int:
+    b = breaker(state, provider, model)
+    return 0 if b is None else int(b.get("failures") or 0)
+
+
+def aimd_entry(state: dict, provider: str) -> dict | None:
+    for a in state.get("aimd") or []:
+        if a["provider"] == provider:
+            return a
+    return None
+
+
+def aimd_limit(state: dict, provider: str) -> int | None:
+    a = aimd_entry(state, provider)
+    return None if a is None else a["limit"]
+
+
+def aimd_in_flight(state: dict, provider: str) -> int:
+    a = aimd_entry(state, provider)
+    return 0 if a is None else a["in_flight"]
+
+
+def aimd_entries(state: dict) -> list[dict]:
+    return state.get("aimd") or []
+
+
+def budget_tenant(state: dict) -> str:
+    return state["budgets"]["tenant"]
+
+
+def budget_scope(state: dict, scope: str, period: str = "day", id_: str | None = None) -> dict | None:
+    """A budget scope (`global`, `tenant`, `user`) for `period` (`day`, `month`); `id_` picks
+    one tenant or user."""
+    for s in state["budgets"]["scopes"]:
+        if s["scope"] == scope and s["period"] == period and (id_ is None or s.get("id") == id_):
+            return s
+    return None
+
+
+def spent_micro(state: dict, scope: str, period: str = "day", id_: str | None = None) -> int:
+    """Recorded spend of a scope in micro-dollars (0 when the scope is not listed)."""
+    s = budget_scope(state, scope, period, id_)
+    return 0 if s is None else int(s["spent_micro_usd"])
+
+
+def quota_entries(state: dict, provider: str | None = None, kind: str | None = None) -> list[dict]:
+    return [q for q in state.get("quotas") or []
+            if (provider is None or q["provider"] == provider) and (kind is None or q["kind"] == kind)]
+
+
+def cache_counters(state: dict) -> dict:
+    """`hits_exact`, `hits_semantic`, `misses`, `stores`, `too_large`."""
+    return state["cache"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Response headers of the edge features, read in one place too.
+
+COST_HEADER = "x-freerelay-cost-usd"
+CACHE_HEADER = "x-freerelay-cache"
+
+
+def cost_header_micro(headers) -> int | None:
+    v = headers.get(COST_HEADER)
+    return None if v is None else micro(v)
+
+
+def cache_status(headers) -> str | None:
+    """`exact`, `semantic`, `miss`, or None (not cacheable / cache off)."""
+    return headers.get(CACHE_HEADER)
+
+
+def usage_cost(usage) -> object | None:
+    """`usage.cost` of an SDK usage object or a dict (the cost of a stream)."""
+    if usage is None:
+        return None
+    if isinstance(usage, dict):
+        return usage.get("cost")
+    extra = getattr(usage, "model_extra", None) or {}
+    return extra.get("cost", getattr(usage, "cost", None))
