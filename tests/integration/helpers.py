@@ -222,36 +222,96 @@ def breaker_failures(state: dict, provider: str, model: str) -> int:
     return 0 if b is None else int(b.get("failures") or 0)
 
 
+def aimd_entries(state: dict) -> list[dict]:
+    return state.get("aimd") or []
+
+
 def aimd_entry(state: dict, provider: str) -> dict | None:
-    for a in state.get("aimd") or []:
+    for a in aimd_entries(state):
         if a["provider"] == provider:
             return a
     return None
 
 
+def entry_limit(a: dict) -> int:
+    """An AIMD entry's allowed concurrency (whole requests)."""
+    return int(a["limit"])
+
+
+def entry_in_flight(a: dict) -> int:
+    return int(a["in_flight"])
+
+
 def aimd_limit(state: dict, provider: str) -> int | None:
     a = aimd_entry(state, provider)
-    return None if a is None else a["limit"]
+    return None if a is None else entry_limit(a)
 
 
 def aimd_in_flight(state: dict, provider: str) -> int:
     a = aimd_entry(state, provider)
-    return 0 if a is None else a["in_flight"]
-
-
-def aimd_entries(state: dict) -> list[dict]:
-    return state.get("aimd") or []
+    return 0 if a is None else entry_in_flight(a)
 
 
 def budget_tenant(state: dict) -> str:
     return state["budgets"]["tenant"]
 
 
+def user_pseudonym(user_id: str | None = None, email: str | None = None) -> str:
+    """The name an end user is budgeted as: `u` + the first 10 hex of the SHA-256 of the trimmed
+    id, or else of the trimmed, lower-cased email."""
+    import hashlib as _hashlib
+
+    text = user_id.strip() if user_id is not None else (email or "").strip().lower()
+    return "u" + _hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def budget_entries(state: dict) -> list[dict]:
+    """Every budget scope × period of the state."""
+    b = state.get("budgets")
+    if isinstance(b, dict):
+        for k in ("scopes", "budgets"):
+            if isinstance(b.get(k), list):
+                return b[k]
+    return b if isinstance(b, list) else []
+
+
+def scope_level(s: dict) -> str:
+    """`global`, `tenant` or `user`."""
+    return s["level"] if s.get("level") in ("global", "tenant", "user") else s["scope"]
+
+
+def scope_id(s: dict) -> str | None:
+    """The tenant (`t…`) or user (`u…`, maybe as `t…:u…`) a scope belongs to."""
+    return s.get("scope") if "level" in s else s.get("id")
+
+
+def scope_period(s: dict) -> str:
+    return s["period"]
+
+
+def scope_spent_micro(s: dict) -> int:
+    return int(s["spent_micro_usd"])
+
+
+def scope_limit_micro(s: dict) -> int | None:
+    if s.get("limit_micro_usd") is not None:
+        return int(s["limit_micro_usd"])
+    return None if s.get("limit_usd") is None else micro(str(s["limit_usd"]))
+
+
+def scope_spent_usd(s: dict):
+    """The spend as USD, where the state gives it (None otherwise)."""
+    return s.get("spent_usd")
+
+
 def budget_scope(state: dict, scope: str, period: str = "day", id_: str | None = None) -> dict | None:
     """A budget scope (`global`, `tenant`, `user`) for `period` (`day`, `month`); `id_` picks
-    one tenant or user."""
-    for s in state["budgets"]["scopes"]:
-        if s["scope"] == scope and s["period"] == period and (id_ is None or s.get("id") == id_):
+    one tenant (`t…`) or user (`u…`)."""
+    for s in budget_entries(state):
+        if scope_level(s) != scope or scope_period(s) != period:
+            continue
+        sid = scope_id(s) or ""
+        if id_ is None or sid == id_ or sid.endswith(":" + id_) or sid.startswith(id_ + ":"):
             return s
     return None
 
@@ -259,7 +319,7 @@ def budget_scope(state: dict, scope: str, period: str = "day", id_: str | None =
 def spent_micro(state: dict, scope: str, period: str = "day", id_: str | None = None) -> int:
     """Recorded spend of a scope in micro-dollars (0 when the scope is not listed)."""
     s = budget_scope(state, scope, period, id_)
-    return 0 if s is None else int(s["spent_micro_usd"])
+    return 0 if s is None else scope_spent_micro(s)
 
 
 def quota_entries(state: dict, provider: str | None = None, kind: str | None = None) -> list[dict]:

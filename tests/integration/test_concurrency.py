@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import openai
 import pytest
 
-from helpers import (aimd_entries, breaker, breaker_state, breaker_until_ms, cache_status,
+from helpers import (aimd_entries, breaker, entry_in_flight, entry_limit, breaker_state, breaker_until_ms, cache_status,
                      cost_header_micro, micro, spent_micro, upstream_model, usage_cost, wait_until)
 
 N_REQUESTS = 500
@@ -265,9 +265,9 @@ def test_500_concurrent_requests_lose_nothing_and_account_for_everything(
     # 5. AIMD: nothing left in flight, limits within bounds.
     for gw in gateways:
         def settled():
-            return all(a["in_flight"] == 0 for a in aimd_entries(gw.state()))
+            return all(entry_in_flight(a) == 0 for a in aimd_entries(gw.state()))
         assert wait_until(settled, timeout=10), aimd_entries(gw.state())
         for a in aimd_entries(gw.state()):
-            assert 1 <= a["limit"] <= MAX_LIMIT, a
+            assert 1 <= entry_limit(a) <= MAX_LIMIT, a
 
     assert elapsed < 60, f"{N_REQUESTS} requests took {elapsed:.1f}s"
