@@ -40,9 +40,13 @@
 //! - `budget_lean_free_at`: the fraction of a budget left below which `auto` leans free
 //!   (default `0.25`; `0` to lean only on a predicted run-out).
 //!
-//! Days and months are UTC. Spend is counted only in the scopes that have a limit in some period
-//! (both periods, since the prediction needs the day's counter): a deployment without budgets
-//! writes nothing more, and a limit set in mid-month counts from then on.
+//! Days and months are UTC. The gateway's own day and month counters (scope `global`) are always
+//! kept for paid answers, and the global EWMA too, limit or not: the state endpoint and the
+//! dashboard show what the gateway spends, so a global limit set in mid-month counts the month's
+//! spend so far. A tenant or an end user is counted only where a limit applies to it in some
+//! period (both periods, since the prediction needs the day's counter): a deployment without
+//! tenant or user budgets writes nothing per tenant or user, and such a limit set in mid-month
+//! counts from then on.
 //!
 //! # Money
 //!
@@ -104,17 +108,27 @@
 //!
 //! ```json
 //! {"lean_free_at": 0.25, "lean_free": true,
-//!  "budgets": [{"scope": "t1a2b3c4d5e", "level": "tenant", "period": "day",
+//!  "budgets": [{"scope": "global", "level": "global", "period": "day",
+//!    "limit_micro_usd": null, "spent_micro_usd": 12300000, "remaining_micro_usd": null,
+//!    "fraction_left": null, "exhausted": false,
+//!    "resets_at_ms": 1795651200000, "resets_at": "2026-11-26T00:00:00Z",
+//!    "rate_micro_usd_per_s": 120.5, "predicted_runout_ms": null},
+//!   {"scope": "global", "level": "global", "period": "month", …},
+//!   {"scope": "t1a2b3c4d5e", "level": "tenant", "period": "day",
 //!    "limit_micro_usd": 5000000, "spent_micro_usd": 4100000, "remaining_micro_usd": 900000,
 //!    "fraction_left": 0.18, "exhausted": false,
 //!    "resets_at_ms": 1795651200000, "resets_at": "2026-11-26T00:00:00Z",
 //!    "rate_micro_usd_per_s": 41.7, "predicted_runout_ms": 1795621600000}]}
 //! ```
 //!
-//! `level` is `global`, `tenant` or `user`; `period` is `day` or `month`; `limit_micro_usd`,
-//! `remaining_micro_usd` and `fraction_left` are `null` for a period without a limit (in a scope
-//! that has one in the other period); `predicted_runout_ms` is `null` when the budget will not run
-//! out before it resets at the current pace, or is already spent (`exhausted`).
+//! `budgets` lists the counted scopes broadest first, a day and a month each: always the gateway
+//! (`global`), then the tenant and its user where a limit applies to them. `level` is `global`,
+//! `tenant` or `user`; `period` is `day` or `month`; `limit_micro_usd`, `remaining_micro_usd` and
+//! `fraction_left` are `null` for a period without a limit (the global scope's without global
+//! budgets, or a scope's that has a limit only in the other period): such a period only reports
+//! spend and rate, never leans free nor refuses; `predicted_runout_ms` is `null` when the budget
+//! has no limit, will not run out before it resets at the current pace, or is already spent
+//! (`exhausted`).
 //!
 //! [`QuotaForecast`] (per provider key ledger with a daily request limit):
 //! `{"used": 40, "limit": 50, "resets_at_ms": 1795651200000, "predicted_runout_ms": null}`.
@@ -394,8 +408,9 @@ impl Budgets {
         }
     }
 
-    /// The scopes a request of `tenant` counts in that have a limit in some period, broadest
-    /// first: the gateway, the tenant, its user.
+    /// The scopes a request of `tenant` counts in, broadest first: the gateway always (its
+    /// spend is what the state endpoint and the dashboard show, limit or not), the tenant and
+    /// its user where a limit applies to them.
     pub fn scopes(&self, tenant: &Tenant) -> Vec<(Level, String, Limits)> {
         let mut all = vec![
             (Level::Global, "global".to_owned()),
@@ -407,7 +422,7 @@ impl Budgets {
                 let limits = self.limits(level, &scope);
                 (level, scope, limits)
             })
-            .filter(|(_, _, l)| l.any())
+            .filter(|(level, _, l)| *level == Level::Global || l.any())
             .collect()
     }
 }
@@ -628,9 +643,10 @@ impl Ewma {
 // ---------------------------------------------------------------------------------------------
 // Reading.
 
-/// The keys to read before routing, in the gateway's one batched `get_many`: for each scope
-/// with a limit ([`Budgets::scopes`]), its day counter, month counter and EWMA. Empty when no
-/// budget applies to the tenant. [`Health::read`] takes their values in this order.
+/// The keys to read before routing, in the gateway's one batched `get_many`: for each counted
+/// scope ([`Budgets::scopes`]: the gateway always, the tenant and its user where a limit applies),
+/// its day counter, month counter and EWMA; so at least the gateway's three. [`Health::read`]
+/// takes their values in this order.
 pub fn state_keys(budgets: &Budgets, tenant: &Tenant) -> Vec<String> {
     budgets
         .scopes(tenant)
@@ -689,7 +705,8 @@ pub struct Health {
     pub lean_free_at: f64,
     /// [`Health::lean_free`], for the JSON.
     lean_free: bool,
-    /// Every scope's day and month (those with a limit in some period), broadest scope first.
+    /// Every counted scope's day and month ([`Budgets::scopes`]: the gateway always, the tenant
+    /// and its user where a limit applies), broadest scope first.
     pub budgets: Vec<BudgetHealth>,
     /// Each scope's EWMA record as read: tells [`record_spend`] whether a fold is due without
     /// reading it again.
@@ -757,6 +774,7 @@ impl Health {
             }
             health.seen.push((scope, ewma));
         }
+        // Only limited periods lean: the gateway's spend is read even without a global limit.
         health.lean_free = health.budgets.iter().any(|b| {
             b.limit_micro_usd.is_some()
                 && (b.exhausted
@@ -766,24 +784,29 @@ impl Health {
         health
     }
 
-    /// Whether `auto` should lean free: some budget is spent, or has less than `lean_free_at` of
-    /// itself left, or is predicted to run out before it resets.
+    /// Whether `auto` should lean free: some budget (a period with a limit) is spent, or has less
+    /// than `lean_free_at` of itself left, or is predicted to run out before it resets.
     pub fn lean_free(&self) -> bool {
         self.lean_free
     }
 
     /// The error that refuses paid routes while a budget is spent: of the spent ones, the one
     /// that resets last (the broadest on a tie), with `Retry-After` until then. `None` while
-    /// every budget has money left.
+    /// every budget has money left. A period without a limit (the gateway's, without global
+    /// budgets) only reports its spend: it never refuses.
     pub fn refusal(&self, now_ms: u64) -> Option<ApiError> {
-        let b = self.budgets.iter().filter(|b| b.exhausted).reduce(|a, b| {
-            if b.resets_at_ms > a.resets_at_ms {
-                b
-            } else {
-                a
-            }
-        })?;
-        let limit = b.limit_micro_usd.unwrap_or(0);
+        let (b, limit) = self
+            .budgets
+            .iter()
+            .filter(|b| b.exhausted)
+            .filter_map(|b| Some((b, b.limit_micro_usd?)))
+            .reduce(|a, b| {
+                if b.0.resets_at_ms > a.0.resets_at_ms {
+                    b
+                } else {
+                    a
+                }
+            })?;
         const FREE: &str = "Free models keep serving: ask for `free` or a free model.";
         if limit == 0 {
             let message = format!("{} allows no paid models. {FREE}", b.describe(0));
@@ -811,8 +834,9 @@ pub struct Increment {
     pub inc: Windowed,
 }
 
-/// The increments of a request that cost `micro` µ$: the day and month counters of each scope
-/// with a limit, broadest scope first. Empty for a free answer.
+/// The increments of a request that cost `micro` µ$: the day and month counters of each counted
+/// scope ([`Budgets::scopes`]: the gateway always, the tenant and its user where a limit applies),
+/// broadest scope first. Empty for a free answer.
 pub fn spend(budgets: &Budgets, tenant: &Tenant, micro: u64, now_ms: u64) -> Vec<Increment> {
     if micro == 0 {
         return Vec::new();
@@ -845,7 +869,7 @@ pub struct Spent {
     pub total: u64,
 }
 
-/// Adds a request's cost to every applicable counter ([`spend`], [`counter::perform`]: exact
+/// Adds a request's cost to every counted scope's counters ([`spend`], [`counter::perform`]: exact
 /// under concurrency) and folds each scope's EWMA when a fold is due: `seen` is the [`Health`]
 /// read at the request's start (a fold is due when its record is absent or 60 s old; a scope it
 /// does not know is checked by reading the record). A free answer writes nothing. Returns the
@@ -1105,7 +1129,25 @@ mod tests {
         let b = Budgets::from_vars(|_| None).unwrap();
         assert_eq!(b, Budgets::default());
         let t = Tenant::of(&digest("k"), Some("bob"), None);
-        assert!(b.scopes(&t).is_empty() && state_keys(&b, &t).is_empty());
+        // Without budgets only the gateway's own scope is counted, without limits.
+        assert_eq!(
+            b.scopes(&t),
+            [(Level::Global, "global".to_owned(), Limits::default())]
+        );
+        assert_eq!(
+            state_keys(&b, &t),
+            [
+                "budget:v1:global:day",
+                "budget:v1:global:month",
+                "budget:v1:global:ewma"
+            ]
+        );
+        // A global limit alone counts no tenant nor user; a tenant limit counts the tenant only.
+        let only_global = budgets(&[(BUDGET_DAILY_USD, "5")]);
+        assert_eq!(only_global.scopes(&t).len(), 1);
+        let only_tenant = budgets(&[(TENANT_BUDGET_MONTHLY_USD, "5")]);
+        let levels: Vec<Level> = only_tenant.scopes(&t).iter().map(|s| s.0).collect();
+        assert_eq!(levels, [Level::Global, Level::Tenant]);
 
         let tid = t.id.clone();
         let scope_u = t.user_scope().unwrap();
@@ -1160,6 +1202,17 @@ mod tests {
         );
         // Without a user header, no user scope.
         assert_eq!(b.scopes(&Tenant::of(&digest("k"), None, None)).len(), 2);
+        // A tenant whose override lifts its only limit is not counted; nor is such a user.
+        let lifted = budgets(&[
+            (TENANT_BUDGET_DAILY_USD, "5"),
+            (USER_BUDGET_DAILY_USD, "1"),
+            (
+                TENANT_BUDGETS,
+                &format!("{tid}=daily:none; {scope_u}=daily:none"),
+            ),
+        ]);
+        let levels: Vec<Level> = lifted.scopes(&t).iter().map(|s| s.0).collect();
+        assert_eq!(levels, [Level::Global]);
     }
 
     #[test]
@@ -1358,15 +1411,26 @@ mod tests {
             let t = Tenant::of(&digest("k"), None, None);
             let h0 = Health::default();
             let spend_at = |micro, now| record_spend(&kv, &b, &t, micro, &h0, now).unwrap();
+            // The gateway (always counted) and the tenant, day then month each.
             let totals = spend_at(3_000_000, utc(2026, 11, 30, 23, 0));
+            let scopes: Vec<_> = totals.iter().map(|s| (&s.scope[..], s.period)).collect();
+            assert_eq!(
+                scopes,
+                [
+                    ("global", Period::Day),
+                    ("global", Period::Month),
+                    (&t.id[..], Period::Day),
+                    (&t.id[..], Period::Month)
+                ]
+            );
             assert_eq!(
                 totals.iter().map(|s| s.total).collect::<Vec<_>>(),
-                [3_000_000; 2]
+                [3_000_000; 4]
             );
             let totals = spend_at(1_000_000, utc(2026, 11, 30, 23, 59));
             assert_eq!(
                 totals.iter().map(|s| s.total).collect::<Vec<_>>(),
-                [4_000_000, 4_000_000]
+                [4_000_000; 4]
             );
             // A new day: the day starts again, the month keeps counting.
             let h = read(&kv, &b, &t, utc(2026, 12, 1, 0, 0) - 1);
@@ -1374,16 +1438,19 @@ mod tests {
             let h = read(&kv, &b, &t, utc(2026, 11, 30, 0, 0) + DAY_MS);
             assert_eq!(find(&h, &t.id, Period::Day).spent_micro_usd, 0);
             assert_eq!(find(&h, &t.id, Period::Month).spent_micro_usd, 0);
+            assert_eq!(find(&h, "global", Period::Month).spent_micro_usd, 0);
             // (The next day is also a new month here.) Mid-month, the month keeps the day.
             spend_at(2_000_000, utc(2026, 12, 14, 10, 0));
             let totals = spend_at(500_000, utc(2026, 12, 15, 0, 5));
             assert_eq!(
                 totals.iter().map(|s| s.total).collect::<Vec<_>>(),
-                [500_000, 2_500_000]
+                [500_000, 2_500_000, 500_000, 2_500_000]
             );
             let h = read(&kv, &b, &t, utc(2026, 12, 15, 1, 0));
             assert_eq!(find(&h, &t.id, Period::Day).spent_micro_usd, 500_000);
             assert_eq!(find(&h, &t.id, Period::Month).spent_micro_usd, 2_500_000);
+            let g = find(&h, "global", Period::Month);
+            assert_eq!((g.spent_micro_usd, g.limit_micro_usd), (2_500_000, None));
             assert_eq!(
                 find(&h, &t.id, Period::Month).resets_at,
                 "2027-01-01T00:00:00Z"
@@ -1468,9 +1535,11 @@ mod tests {
         let t = Tenant::of(&digest("k"), None, None);
         let now = utc(2026, 11, 25, 12, 0);
         let b = budgets(&[(TENANT_BUDGET_DAILY_USD, "10")]);
+        // The values of state_keys: the gateway's three, then the tenant's.
         let at = |spent: u64, b: &Budgets| {
             let v = MONEY.encode(Period::Day.window(now), spent);
-            let values = vec![Some(v.to_le_bytes().to_vec()), None, None];
+            let day = Some(v.to_le_bytes().to_vec());
+            let values = vec![day.clone(), None, None, day, None, None];
             Health::read(b, &t, &values, now)
         };
         // No rate (no EWMA record): only the fraction left decides.
@@ -1487,9 +1556,16 @@ mod tests {
         let never = budgets(&[(TENANT_BUDGET_DAILY_USD, "10"), (BUDGET_LEAN_FREE_AT, "0")]);
         assert!(!at(9_999_999, &never).lean_free());
         assert!(at(10_000_000, &never).lean_free()); // spent
-                                                     // Without budgets nothing leans and nothing refuses.
-        let none = Health::read(&Budgets::default(), &t, &[], now);
-        assert!(!none.lean_free() && none.refusal(now).is_none() && none.budgets.is_empty());
+                                                     // Without budgets nothing leans and nothing refuses, whatever the gateway spent: its
+                                                     // day and month are still reported, without limits.
+        let none = at(u64::from(u32::MAX), &Budgets::default());
+        assert!(!none.lean_free() && none.refusal(now).is_none());
+        assert_eq!(none.budgets.len(), 2);
+        let day = find(&none, "global", Period::Day);
+        assert_eq!(day.spent_micro_usd, u64::from(u32::MAX));
+        assert!(day.limit_micro_usd.is_none() && day.fraction_left.is_none() && !day.exhausted);
+        let empty = Health::read(&Budgets::default(), &t, &[], now);
+        assert!(!empty.lean_free() && empty.refusal(now).is_none());
     }
 
     /// Spends `micro` every `every_ms` from `from` to `to` (exclusive), the way the gateway
@@ -1509,21 +1585,74 @@ mod tests {
         let b = budgets(&[(TENANT_BUDGET_DAILY_USD, "100")]);
         let t = Tenant::of(&digest("k"), None, None);
         let start = utc(2026, 11, 25, 8, 0);
-        // A request a second for 10 minutes: one start, then a fold each minute.
+        // A request a second for 10 minutes: one start, then a fold each minute, in each of the
+        // two scopes (the gateway's, always counted, and the tenant's).
         burn(&kv, &b, &t, 10, 1000, start, start + 10 * MIN);
-        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), 10);
+        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), 2 * 10);
         // Without the read hint, the record is read and the swap still skipped within the minute.
         let before = kv.ewma_swaps.load(Ordering::SeqCst);
         for i in 0..30 {
             let now = start + 10 * MIN + i * 1000;
             record_spend(&kv, &b, &t, 10, &Health::default(), now).unwrap();
         }
-        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), before + 1);
+        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), before + 2);
         // A free answer writes nothing at all.
         let writes = kv.written.lock().unwrap().len();
         let r = record_spend(&kv, &b, &t, 0, &Health::default(), start + H).unwrap();
         assert!(r.is_empty());
         assert_eq!(kv.written.lock().unwrap().len(), writes);
+    }
+
+    #[test]
+    fn the_gateway_is_always_counted_tenants_and_users_only_with_a_limit() {
+        let t = Tenant::of(&digest("k"), Some("bob"), None);
+        let user = t.user_scope().unwrap();
+        let start = utc(2026, 11, 25, 8, 0);
+        let scopes_written = |kv: &Spy| {
+            let mut scopes: Vec<String> = kv
+                .written
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, _)| k.rsplit_once(':').unwrap().0.to_owned())
+                .collect();
+            scopes.sort();
+            scopes.dedup();
+            scopes
+        };
+        // No budgets at all: the gateway's day, month and EWMA, nothing per tenant or user.
+        let kv = Spy::default();
+        let b = Budgets::default();
+        burn(&kv, &b, &t, 1_000, 1000, start, start + 5 * MIN);
+        assert_eq!(scopes_written(&kv), ["budget:v1:global"]);
+        // One start, then a fold a minute.
+        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), 5);
+        let h = read(&kv, &b, &t, start + 5 * MIN);
+        assert_eq!(h.budgets.len(), 2);
+        let day = find(&h, "global", Period::Day);
+        assert_eq!(day.spent_micro_usd, 300 * 1_000);
+        assert_eq!(
+            find(&h, "global", Period::Month).spent_micro_usd,
+            300 * 1_000
+        );
+        assert!(day.rate_micro_usd_per_s > 0.0 && day.predicted_runout_ms.is_none());
+        assert!(!h.lean_free() && h.refusal(start + 5 * MIN).is_none());
+        // A tenant limit: the tenant too, still not its user.
+        let kv = Spy::default();
+        let b = budgets(&[(TENANT_BUDGET_DAILY_USD, "5")]);
+        burn(&kv, &b, &t, 1_000, 1000, start, start + 2 * MIN);
+        let tenant = format!("budget:v1:{}", t.id);
+        assert_eq!(scopes_written(&kv), ["budget:v1:global", &tenant[..]]);
+        // A user limit alone: the gateway and the user, not the tenant (which has no limit).
+        let kv = Spy::default();
+        let b = budgets(&[(USER_BUDGET_MONTHLY_USD, "5")]);
+        burn(&kv, &b, &t, 1_000, 1000, start, start + 2 * MIN);
+        let user = format!("budget:v1:{user}");
+        assert_eq!(scopes_written(&kv), ["budget:v1:global", &user[..]]);
+        // A free answer writes nothing, not even the gateway's.
+        let kv = Spy::default();
+        let r = record_spend(&kv, &Budgets::default(), &t, 0, &Health::default(), start);
+        assert!(r.unwrap().is_empty() && kv.written.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -1653,12 +1782,41 @@ mod tests {
         let b = budgets(&[(TENANT_BUDGET_DAILY_USD, "5")]);
         let t = Tenant::of(&digest("k"), None, None);
         let now = utc(2026, 11, 25, 12, 0);
-        let v = MONEY.encode(Period::Day.window(now), 4_100_000);
-        let h = Health::read(&b, &t, &[Some(v.to_le_bytes().to_vec()), None, None], now);
+        let day_value = |spent: u64| {
+            let v = MONEY.encode(Period::Day.window(now), spent);
+            Some(v.to_le_bytes().to_vec())
+        };
+        let values = [
+            day_value(12_300_000),
+            None,
+            None,
+            day_value(4_100_000),
+            None,
+            None,
+        ];
+        let h = Health::read(&b, &t, &values, now);
         let j = serde_json::to_value(&h).unwrap();
         assert_eq!(j["lean_free_at"], 0.25);
         assert_eq!(j["lean_free"], true);
-        let day = &j["budgets"][0];
+        assert_eq!(j["budgets"].as_array().unwrap().len(), 4, "{j}");
+        // The gateway first, always, here without a limit: spend only.
+        let global = &j["budgets"][0];
+        assert_eq!(global["scope"], "global");
+        assert_eq!(global["level"], "global");
+        assert_eq!(global["period"], "day");
+        assert_eq!(global["spent_micro_usd"], 12_300_000);
+        for field in [
+            "limit_micro_usd",
+            "remaining_micro_usd",
+            "fraction_left",
+            "predicted_runout_ms",
+        ] {
+            assert!(global[field].is_null(), "{field}: {global}");
+        }
+        assert_eq!(global["exhausted"], false);
+        assert_eq!(global["resets_at"], "2026-11-26T00:00:00Z");
+        assert_eq!(j["budgets"][1]["period"], "month");
+        let day = &j["budgets"][2];
         assert_eq!(day["scope"], t.id.as_str());
         assert_eq!(day["level"], "tenant");
         assert_eq!(day["period"], "day");
@@ -1671,7 +1829,7 @@ mod tests {
         assert_eq!(day["resets_at_ms"], utc(2026, 11, 26, 0, 0));
         assert_eq!(day["rate_micro_usd_per_s"], 0.0);
         assert!(day["predicted_runout_ms"].is_null());
-        let month = &j["budgets"][1];
+        let month = &j["budgets"][3];
         assert_eq!(month["period"], "month");
         assert!(month["limit_micro_usd"].is_null() && month["fraction_left"].is_null());
         assert_eq!(j.as_object().unwrap().len(), 3, "{j}");
