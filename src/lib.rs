@@ -14,6 +14,7 @@ pub mod attempt;
 pub mod auth;
 pub mod budget;
 pub mod breaker;
+pub mod cache;
 pub mod catalog;
 pub mod config;
 pub mod cooldown;
