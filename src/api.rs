@@ -14,6 +14,8 @@ pub enum Endpoint {
     Model(String),
     ChatCompletions,
     Stats,
+    /// Breakers, budgets, AIMD windows, quotas and cache counters: what the dashboard draws.
+    State,
 }
 
 impl Endpoint {
@@ -36,6 +38,7 @@ pub fn endpoint(method: &str, path_and_query: &str) -> Result<Endpoint, ApiError
         "/v1/models" => (Endpoint::Models, "GET"),
         "/v1/chat/completions" => (Endpoint::ChatCompletions, "POST"),
         "/v1/freerelay/stats" => (Endpoint::Stats, "GET"),
+        "/v1/freerelay/state" => (Endpoint::State, "GET"),
         p => match p.strip_prefix("/v1/models/") {
             Some(id) if !id.is_empty() => (Endpoint::Model(id.to_owned()), "GET"),
             _ => return Err(ApiError::not_found(path)),

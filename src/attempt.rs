@@ -94,6 +94,8 @@ pub struct Attempts {
     /// Models a content filter refused: never asked again in this request.
     banned: Vec<(String, String)>,
     failures: Vec<Failed>,
+    /// Why the first candidate passed over ([`Self::pass`]) was.
+    passed: Option<ApiError>,
 }
 
 impl Attempts {
@@ -115,6 +117,7 @@ impl Attempts {
             min_window: 0,
             banned: Vec::new(),
             failures: Vec::new(),
+            passed: None,
         }
     }
 
@@ -151,6 +154,30 @@ impl Attempts {
             candidate,
             key,
         }
+    }
+
+    /// Passes over the candidate just handed out by [`Self::next_step`] without sending anything
+    /// (its breaker's probe is taken, or its provider is over its concurrency window): the
+    /// attempt is not counted, and the walk goes on with the next candidate.
+    /// `why` is what the client gets if nothing after it answers and nothing failed before.
+    pub fn pass(&mut self, why: ApiError) {
+        self.attempt = self.attempt.saturating_sub(1);
+        self.pos = (self.current.0 + 1, 0);
+        self.passed.get_or_insert(why);
+    }
+
+    /// Is there an eligible candidate after the one just handed out?
+    pub fn others_left(&self) -> bool {
+        self.plan
+            .candidates
+            .iter()
+            .skip(self.current.0 + 1)
+            .any(|c| self.eligible(c) && !c.keys.is_empty())
+    }
+
+    /// Never tries this model again in this request (its breaker opened during the request).
+    pub fn avoid(&mut self, provider: &str, model: &str) {
+        self.banned.push((provider.to_owned(), model.to_owned()));
     }
 
     /// May this candidate still be tried (window large enough, model not refused)?
@@ -303,7 +330,10 @@ impl Attempts {
     /// all were rate limited.
     fn all_failed(&self, why: Option<&str>) -> ApiError {
         let Some(last) = self.failures.last() else {
-            return ApiError::internal("no candidate left to try");
+            return self
+                .passed
+                .clone()
+                .unwrap_or_else(|| ApiError::internal("no candidate left to try"));
         };
         if self.failures.len() == 1 && why.is_none() {
             return with_retry_text(last.error.clone());

@@ -9,8 +9,9 @@ pub fn digest_hex(key: &str) -> String {
     format!("{:x}", Sha256::digest(key.as_bytes()))
 }
 
-/// Checks an `Authorization` header value against the accepted digests.
-pub fn check(digests: &[String], authorization: Option<&str>) -> Result<(), ApiError> {
+/// Checks an `Authorization` header value against the accepted digests; on success, the key's
+/// digest (which names the tenant: budgets and caches are kept per client key).
+pub fn check(digests: &[String], authorization: Option<&str>) -> Result<String, ApiError> {
     let token = authorization
         .map(str::trim)
         .and_then(|h| {
@@ -34,7 +35,7 @@ pub fn check(digests: &[String], authorization: Option<&str>) -> Result<(), ApiE
         acc | same
     });
     if ok {
-        Ok(())
+        Ok(got)
     } else {
         Err(ApiError::invalid_key())
     }
@@ -55,7 +56,10 @@ mod tests {
     #[test]
     fn bearer_checks() {
         let digests = vec![digest_hex("fr-good")];
-        assert!(check(&digests, Some("Bearer fr-good")).is_ok());
+        assert_eq!(
+            check(&digests, Some("Bearer fr-good")).unwrap(),
+            digest_hex("fr-good")
+        );
         assert!(check(&digests, Some("bearer  fr-good ")).is_ok());
         assert_eq!(
             check(&digests, None).unwrap_err().code,

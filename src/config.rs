@@ -259,6 +259,8 @@ pub struct Config {
     /// A 429 asking for at most this wait, with nothing else left to try, is waited out and
     /// retried (`short_retry_after_ms`).
     pub short_retry_after_ms: u64,
+    /// Breakers, AIMD, budgets and the cache ([`crate::edge::Settings`]).
+    pub edge: crate::edge::Settings,
 }
 
 /// Most members a model group may have.
@@ -360,6 +362,7 @@ impl Config {
                     ))
                 })?,
             },
+            edge: crate::edge::Settings::from_vars(&get).map_err(ConfigError::new)?,
         })
     }
 

@@ -168,6 +168,19 @@ impl ApiError {
         e
     }
 
+    /// 503: nothing may be asked now (every candidate's circuit breaker is open, or its probe is
+    /// another instance's); `Retry-After` says when one may be.
+    pub fn unavailable(message: impl Into<String>, retry_after: Option<u64>) -> Self {
+        let mut e = Self::new(
+            503,
+            "server_error",
+            Some("providers_unavailable"),
+            message.into(),
+        );
+        e.retry_after = retry_after;
+        e
+    }
+
     /// 500: a fault of the gateway itself (a store or host call failed), never of the input.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "server_error", Some("internal_error"), message.into())

@@ -96,6 +96,41 @@ pub enum Event {
         completion_tokens: Option<u64>,
         ms: u64,
     },
+    /// A provider-model's circuit breaker changed state (`opened`, `closed`, `reopened`), or
+    /// this request took its half-open probe (`probe`).
+    Breaker {
+        provider: String,
+        model: String,
+        transition: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        until_ms: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        level: Option<u32>,
+    },
+    /// A candidate was passed over before any request: its breaker is open (`breaker_open`), it
+    /// is over its provider's AIMD concurrency (`aimd_full`), another instance holds its probe
+    /// (`probe_taken`), or a budget forbids paid routes (`budget_spent`, `budget_thin`).
+    Skipped {
+        provider: String,
+        model: String,
+        reason: &'static str,
+    },
+    /// A provider's AIMD concurrency window moved (`cut` on a 429 or a timeout, `grow`).
+    Aimd {
+        provider: String,
+        change: &'static str,
+        limit: f64,
+    },
+    /// A budget refused the request's paid routes and nothing free was left.
+    BudgetExhausted { scope: String, period: String },
+    /// The cache answered (`exact` or `semantic`, with the similarity), or stored an answer.
+    Cache {
+        outcome: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        similarity: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
     /// The client stopped reading (closed the connection) before the answer was complete.
     ClientGone { provider: String, ms: u64 },
     /// A key-value operation failed; serving went on without it.
@@ -121,12 +156,17 @@ impl Event {
             | Event::StateWriteFailed { .. }
             | Event::StateUnavailable { .. }
             | Event::ConfigError { .. }
-            | Event::Internal { .. } => true,
+            | Event::Internal { .. }
+            | Event::BudgetExhausted { .. } => true,
             Event::RequestStart { .. }
             | Event::AttemptStart { .. }
             | Event::Fallback { .. }
             | Event::AttemptAnswered { .. }
-            | Event::Answer { .. } => false,
+            | Event::Answer { .. }
+            | Event::Breaker { .. }
+            | Event::Skipped { .. }
+            | Event::Aimd { .. }
+            | Event::Cache { .. } => false,
         }
     }
 }

@@ -248,7 +248,8 @@ fn resolve_one(config: &Config, model: &str, rotation: u64) -> Result<Plan, ApiE
     )))
 }
 
-fn candidate(c: &Configured, model: &str, reason: String, rotation: u64) -> Candidate {
+/// The candidate `model` of a configured provider, its keys rotated to start at `rotation`.
+pub fn candidate(c: &Configured, model: &str, reason: String, rotation: u64) -> Candidate {
     let n = c.keys.len().max(1);
     let start = (rotation % n as u64) as usize;
     let keys = (0..c.keys.len())

@@ -98,6 +98,34 @@ pub fn report(values: &[Option<Vec<u8>>]) -> Value {
     json!({ "object": "freerelay.stats", "providers": providers, "gateway": gateway })
 }
 
+/// The cache's counters (`stats:v1:cache:<field>`, incremented by the ops `cache` returns).
+pub const CACHE: &str = "cache";
+pub const CACHE_FIELDS: [&str; 5] = [
+    "hits_exact",
+    "hits_semantic",
+    "misses",
+    "stores",
+    "too_large",
+];
+
+pub fn cache_keys() -> Vec<String> {
+    CACHE_FIELDS.iter().map(|f| keys::stat(CACHE, f)).collect()
+}
+
+/// `{hits_exact, hits_semantic, misses, stores, too_large}` from the values of [`cache_keys`].
+pub fn cache_report(values: &[Option<Vec<u8>>]) -> Value {
+    let mut o = Map::new();
+    for (i, f) in CACHE_FIELDS.iter().enumerate() {
+        let n = values
+            .get(i)
+            .and_then(|v| v.as_deref())
+            .and_then(decode_counter)
+            .unwrap_or(0);
+        o.insert((*f).into(), json!(n));
+    }
+    Value::Object(o)
+}
+
 /// Each configured key's own cool-down key, provider by provider, for [`keys_report`].
 pub fn key_state_keys(config: &Config) -> Vec<String> {
     config

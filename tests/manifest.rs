@@ -30,6 +30,7 @@ fn every_variable() -> Vec<String> {
                 .map(move |s| format!("{}_{s}", p.id))
         }))
         .chain(CUSTOM_VARIABLES.iter().map(|s| format!("{CUSTOM}_{s}")))
+        .chain(freerelay::edge::Settings::variables().map(str::to_owned))
         .collect()
 }
 

@@ -95,11 +95,11 @@ impl ReplyCtx {
     }
 }
 
-/// USD for `usage` at `price` (per million tokens).
+/// USD for `usage` at `price` (per million tokens): the whole micro-dollars the budgets count
+/// ([`crate::budget::micro_usd`]), so `usage.cost` and `x-freerelay-cost-usd` agree with them.
 pub fn cost_usd(price: Option<Price>, usage: Usage) -> Option<f64> {
-    price.map(|p| {
-        (usage.prompt_tokens as f64 * p.input + usage.completion_tokens as f64 * p.output) / 1e6
-    })
+    crate::budget::micro_usd(price, usage.prompt_tokens, usage.completion_tokens)
+        .map(|m| m as f64 / 1e6)
 }
 
 /// A complete, valid JSON answer in OpenAI's shape.

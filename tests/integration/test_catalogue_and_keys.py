@@ -5,6 +5,8 @@ import json
 
 import httpx
 import openai
+from decimal import ROUND_CEILING, Decimal
+
 import pytest
 
 from helpers import assert_openai_error
@@ -18,7 +20,10 @@ def _raw(client, **kw):
 
 
 def _usage_cost(usage, price) -> float:
-    return (usage.prompt_tokens * price[0] + usage.completion_tokens * price[1]) / 1e6
+    """USD in whole micro-dollars, the request's fraction rounded up once (what budgets count)."""
+    micro = Decimal(usage.prompt_tokens) * Decimal(str(price[0])) + \
+        Decimal(usage.completion_tokens) * Decimal(str(price[1]))
+    return float(micro.to_integral_value(rounding=ROUND_CEILING) / Decimal(1_000_000))
 
 
 def test_free_answers_cost_zero_and_paid_answers_their_price(make_mock, make_gateway):
@@ -28,7 +33,7 @@ def test_free_answers_cost_zero_and_paid_answers_their_price(make_mock, make_gat
 
     raw = _raw(client, model="auto", messages=[{"role": "user", "content": "free please"}])
     assert raw.headers["x-freerelay-provider"] == "groq"
-    assert raw.headers["x-freerelay-cost-usd"] == "0"
+    assert raw.headers["x-freerelay-cost-usd"] == "0.000000"
     assert raw.headers["x-freerelay-attempts"] == "1"
 
     raw = _raw(client, model="paid", messages=[{"role": "user", "content": "one two three four five"}])

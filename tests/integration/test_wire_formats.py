@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 
 import openai
 import pytest
@@ -409,6 +410,7 @@ def test_anthropic_answers_are_priced(mocks, client):
     raw = client.chat.completions.with_raw_response.create(
         model="anthropic/claude-haiku-4-5", messages=[{"role": "user", "content": "price me"}])
     u = raw.parse().usage
-    expected = (u.prompt_tokens * 1.0 + u.completion_tokens * 5.0) / 1e6
+    # Whole micro-dollars (a fraction rounds up once): exactly what the budgets count.
+    expected = math.ceil(u.prompt_tokens * 1.0 + u.completion_tokens * 5.0) / 1e6
     assert float(raw.headers["x-freerelay-cost-usd"]) == pytest.approx(expected, rel=1e-6)
     assert raw.headers["x-freerelay-attempts"] == "1"

@@ -9,7 +9,9 @@ mod respond;
 use freerelay::adapter::{self, Adapter, ReplyCtx, StreamEnd, Target};
 use freerelay::api::{self, Endpoint};
 use freerelay::attempt::{Attempts, Next, Policy};
+use freerelay::budget::{self, Tenant};
 use freerelay::config::{self, ApiKey, Config, LogEvents};
+use freerelay::edge::{self, Snapshot};
 use freerelay::error::ApiError;
 use freerelay::event::{self, Event};
 use freerelay::kv::{apply, Kv, KvOp};
@@ -19,6 +21,7 @@ use freerelay::stats;
 use freerelay::upstream::{self, Failure, Hints};
 use freerelay::wire::openai::ChatRequest;
 use freerelay::wire::openai::Usage;
+use freerelay::{aimd, breaker};
 use futures::{SinkExt, StreamExt};
 use respond::Reply;
 use spin_sdk::http::{Fields, IncomingRequest, IncomingResponse, ResponseOutparam};
@@ -166,9 +169,17 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         Ok(d) => d,
         Err(e) => return misconfigured(&ctx, out, e).await,
     };
-    if let Err(e) = freerelay::auth::check(&digests, header(&headers, "authorization").as_deref()) {
-        return ctx.error(out, &e).await;
-    }
+    let digest =
+        match freerelay::auth::check(&digests, header(&headers, "authorization").as_deref()) {
+            Ok(d) => d,
+            Err(e) => return ctx.error(out, &e).await,
+        };
+    // Spend is counted per client key, and per end user where OpenWebUI names one.
+    let tenant = Tenant::of(
+        &digest,
+        header(&headers, "x-openwebui-user-id").as_deref(),
+        header(&headers, "x-openwebui-user-email").as_deref(),
+    );
     let config = match Config::from_vars(|n| vars.get(n).cloned()) {
         Ok(c) => c,
         Err(e) => return misconfigured(&ctx, out, e).await,
@@ -211,7 +222,27 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
                 }
             }
         }
-        Endpoint::ChatCompletions => chat(&ctx, req, &headers, out, &config).await,
+        Endpoint::State => {
+            let now = now_ms();
+            let wanted = edge::state_keys(&config, &tenant, now);
+            let report = kv::SpinKv::open_default()
+                .and_then(|kv| kv.get_many(&wanted))
+                .map(|values| edge::state_report(&config, &tenant, &values, now));
+            match report {
+                Ok(r) => {
+                    let body = serde_json::to_vec(&r).unwrap_or_default();
+                    ctx.reply(out, Reply::json(200, body)).await
+                }
+                Err(e) => {
+                    ctx.log(&Event::StateUnavailable {
+                        error: e.to_string(),
+                    });
+                    ctx.error(out, &ApiError::internal("The state store is unavailable."))
+                        .await
+                }
+            }
+        }
+        Endpoint::ChatCompletions => chat(&ctx, req, &headers, out, &config, &tenant).await,
         Endpoint::Health => {}
     }
 }
@@ -239,6 +270,7 @@ fn variables() -> HashMap<String, String> {
                     .iter()
                     .map(|s| format!("{}_{s}", freerelay::catalog::CUSTOM)),
             )
+            .chain(edge::Settings::variables().map(str::to_owned))
             .filter_map(|n| spin_sdk::variables::get(&n).ok().map(|v| (n, v)))
             .collect(),
     }
@@ -250,6 +282,7 @@ async fn chat(
     headers: &Fields,
     out: ResponseOutparam,
     config: &Config,
+    tenant: &Tenant,
 ) {
     let body = match read_body(req, headers, config.max_body_bytes).await {
         Ok(b) => b,
@@ -283,8 +316,10 @@ async fn chat(
             None
         }
     };
-    // Cool-downs and quota counters of every candidate's keys, in one read.
-    let state = match store.as_ref().map(|s| s.get_many(&plan.state_keys(config))) {
+    // Cool-downs, quota counters, breakers, AIMD windows and budgets: one read.
+    let now = now_ms();
+    let reads = edge::Reads::of(config, &plan, tenant, &[], now);
+    let values = match store.as_ref().map(|s| s.get_many(&reads.keys)) {
         Some(Ok(values)) => values,
         Some(Err(e)) => {
             ctx.log(&Event::StateUnavailable {
@@ -294,8 +329,23 @@ async fn chat(
         }
         None => Vec::new(),
     };
+    let snap = reads.split(config, tenant, values, now);
+    let plan = match edge::shape(plan, config, &snap, mode, now) {
+        Ok((p, events)) => {
+            events.iter().for_each(|e| ctx.log(e));
+            p
+        }
+        Err(e) => {
+            ctx.log(&Event::Refused {
+                model: request.model.clone(),
+                retry_after_s: e.retry_after,
+            });
+            ctx.apply(store.as_ref(), &[stats::refused()]);
+            return ctx.error(out, &e).await;
+        }
+    };
     let estimated_tokens = quota::estimate_prompt_tokens(body.len());
-    let plan = match plan.usable(config, &state, estimated_tokens, now_ms()) {
+    let plan = match plan.usable(config, &snap.plan, estimated_tokens, now) {
         Ok((p, ops)) => {
             ctx.apply(store.as_ref(), &ops);
             p
@@ -408,6 +458,26 @@ async fn chat(
                 }),
             }
         }
+        // The breaker's probe and the provider's AIMD admission, right before sending.
+        let held = match store.as_ref() {
+            Some(s) => match edge::gate(s, &snap, &candidate, attempts.others_left(), now_ms()) {
+                Ok(edge::Gate::Go { probe, lease }) => Held { probe, lease },
+                Ok(edge::Gate::Pass(passed)) => {
+                    let (event, why) = *passed;
+                    ctx.log(&event);
+                    attempts.pass(why);
+                    continue;
+                }
+                Err(e) => {
+                    ctx.log(&Event::StateWriteFailed {
+                        key: freerelay::kv::keys::aimd_window(&candidate.provider),
+                        error: e.to_string(),
+                    });
+                    Held::default()
+                }
+            },
+            None => Held::default(),
+        };
         // What happened so far is on stderr before the upstream is waited for.
         ctx.flush();
         // Bookkeeping that need not precede the request runs while it is in flight: the
@@ -424,17 +494,21 @@ async fn chat(
             }
         };
         let sent = Instant::now();
+        let mut not_sent = false;
         let outcome = match adapter.request(&target, &request) {
             // This wire format cannot carry what the client asked; another candidate may.
-            Err(error) => Err((
-                Failure {
-                    error,
-                    retryable: true,
-                    cooldown: None,
-                    cause: upstream::Cause::Unsupported,
-                },
-                None,
-            )),
+            Err(error) => {
+                not_sent = true;
+                Err((
+                    Failure {
+                        error,
+                        retryable: true,
+                        cooldown: None,
+                        cause: upstream::Cause::Unsupported,
+                    },
+                    None,
+                ))
+            }
             // The first-token deadline covers the head too.
             Ok(up) if request.stream => {
                 let head_ms = config
@@ -484,6 +558,9 @@ async fn chat(
                     .max(1);
                 match prime(response, translator, left, &candidate).await {
                     Ok(primed) => {
+                        // A first token is the provider's health; the lease lasts the stream.
+                        let lease =
+                            answered(ctx, store.as_ref(), config, &snap, &candidate, held, true);
                         // Rescue candidates: the models that accept a prefill, this one first.
                         let mut candidates: Vec<Candidate> = rescue_candidates
                             .iter()
@@ -514,6 +591,12 @@ async fn chat(
                             candidate: candidate.clone(),
                             key: key_id.clone(),
                             reply: reply_ctx.clone(),
+                            lease,
+                        };
+                        let edge = Edge {
+                            config,
+                            snap: &snap,
+                            tenant,
                         };
                         return relay_stream(
                             ctx,
@@ -522,10 +605,23 @@ async fn chat(
                             attempts.count(),
                             store.as_ref(),
                             rescue,
+                            edge,
                         )
                         .await;
                     }
                     Err(failure) => {
+                        if failed(
+                            ctx,
+                            store.as_ref(),
+                            config,
+                            &snap,
+                            &candidate,
+                            held,
+                            &failure,
+                            true,
+                        ) {
+                            attempts.avoid(&candidate.provider, &candidate.model);
+                        }
                         let ms = sent.elapsed().as_millis() as u64;
                         let decided =
                             attempts.failed(&candidate, &key_id, failure, Some(status), ms);
@@ -543,7 +639,11 @@ async fn chat(
                     ttfb_ms,
                     stream: false,
                 });
-                let cost = answer.usage.and_then(|u| reply_ctx.cost(u));
+                answered(ctx, store.as_ref(), config, &snap, &candidate, held, false);
+                let micro = answer.usage.and_then(|u| {
+                    budget::micro_usd(reply_ctx.price, u.prompt_tokens, u.completion_tokens)
+                });
+                let cost = micro.map(|m| m as f64 / 1e6);
                 ctx.log(&Event::Answer {
                     provider: candidate.provider.clone(),
                     model: candidate.model.clone(),
@@ -554,7 +654,7 @@ async fn chat(
                 });
                 let usage = answer.usage;
                 let reply =
-                    Reply::json(200, answer.body).answered_by(&candidate, attempts.count(), cost);
+                    Reply::json(200, answer.body).answered_by(&candidate, attempts.count(), micro);
                 ctx.reply(out, reply).await;
                 // Counted right after the answer left: the component runs on after its response
                 // is finished (under Spin as under the runner), so the client does not wait for
@@ -563,9 +663,23 @@ async fn chat(
                     ctx.apply(store.as_ref(), &Attempts::usage(&candidate, u));
                     count_tokens(ctx, store.as_ref(), quota.as_ref(), u);
                 }
+                record_spend(ctx, store.as_ref(), config, &snap, tenant, micro);
                 return;
             }
             Err((failure, upstream_status)) => {
+                let sent = !not_sent;
+                if failed(
+                    ctx,
+                    store.as_ref(),
+                    config,
+                    &snap,
+                    &candidate,
+                    held,
+                    &failure,
+                    sent,
+                ) {
+                    attempts.avoid(&candidate.provider, &candidate.model);
+                }
                 let decided =
                     attempts.failed(&candidate, &key_id, failure, upstream_status, ttfb_ms);
                 ctx.apply(store.as_ref(), &decided.ops);
@@ -754,6 +868,8 @@ struct Segment {
     candidate: Candidate,
     key: String,
     reply: ReplyCtx,
+    /// The attempt's AIMD lease, ended with the stream.
+    lease: Option<aimd::Admitted>,
 }
 
 /// What rescuing a broken stream may use: the request, the candidates whose models accept a
@@ -782,6 +898,7 @@ async fn relay_stream(
     attempts: u32,
     store: Option<&kv::SpinKv>,
     mut rescue: Rescue<'_>,
+    edge: Edge<'_>,
 ) {
     let client = match respond::stream_head(&ctx.id, &first.candidate, attempts) {
         Ok(r) => r,
@@ -805,6 +922,7 @@ async fn relay_stream(
             candidate,
             key,
             reply,
+            mut lease,
         } = segment;
         let quota = route::quota_ref(rescue.config, &candidate, &key);
         let quota = quota.as_ref();
@@ -844,6 +962,10 @@ async fn relay_stream(
             if let Some(u) = translator.take_new_usage() {
                 ctx.apply(store, &Attempts::usage(&candidate, u));
                 count_tokens(ctx, store, quota, u);
+            }
+            // A long stream keeps its AIMD lease (a write only once per lease period).
+            if let (Some(s), Some(l)) = (store, lease.as_mut()) {
+                let _ = aimd::renew(s, &mut l.lease, now_ms(), &edge.config.edge.aimd);
             }
             let done = translator.state().done || translator.state().broken.is_some();
             if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
@@ -885,6 +1007,22 @@ async fn relay_stream(
             Some(_) => Attempts::broke_after_commit(&candidate),
         };
         ctx.apply(store, &ops);
+        let complete = matches!(end, Some(StreamEnd::Complete));
+        end_lease(ctx, store, edge.config, lease.take(), complete, false);
+        // A stream the provider broke after its 200 counts against its breaker.
+        if let (Some(StreamEnd::Interrupted(_)), Some(s)) = (&end, store) {
+            match edge::breaker_outcome(s, edge.snap, &candidate, true, false, now_ms()) {
+                Ok(e) => e.iter().for_each(|e| ctx.log(e)),
+                Err(e) => state_failed(
+                    ctx,
+                    freerelay::kv::keys::breaker_state(&candidate.provider, &candidate.model),
+                    e,
+                ),
+            }
+        }
+        let micro = usage
+            .and_then(|u| budget::micro_usd(reply.price, u.prompt_tokens, u.completion_tokens));
+        record_spend(ctx, store, edge.config, edge.snap, edge.tenant, micro);
         if client_gone {
             ctx.log(&Event::ClientGone {
                 provider: provider.to_owned(),
@@ -897,7 +1035,7 @@ async fn relay_stream(
             ok,
             why,
             finish_reason: state.finish_reason.clone(),
-            cost_usd: usage.and_then(|u| reply.cost(u)),
+            cost_usd: micro.map(|m| m as f64 / 1e6),
             events: state.events,
             prompt_tokens: usage.map(|u| u.prompt_tokens),
             completion_tokens: usage.map(|u| u.completion_tokens),
@@ -1013,6 +1151,7 @@ async fn rescue_stream(
                                 candidate: candidate.clone(),
                                 key: key_id.clone(),
                                 reply,
+                                lease: None,
                             });
                         }
                         Err(f) => (f, Some(status)),
@@ -1038,6 +1177,145 @@ async fn rescue_stream(
         }
     }
     None
+}
+
+/// What an attempt holds until it ends: its breaker's probe and its provider's AIMD lease.
+#[derive(Default)]
+struct Held {
+    probe: bool,
+    lease: Option<aimd::Admitted>,
+}
+
+/// The edge state a stream's relay settles at its end.
+struct Edge<'a> {
+    config: &'a Config,
+    snap: &'a Snapshot,
+    tenant: &'a Tenant,
+}
+
+/// Logs a state failure (state is best effort: serving goes on).
+fn state_failed(ctx: &Ctx, key: String, e: freerelay::kv::KvError) {
+    ctx.log(&Event::StateWriteFailed {
+        key,
+        error: e.to_string(),
+    });
+}
+
+/// An attempt answered (a whole JSON answer, or a stream's first token): a success for its
+/// breaker. Its AIMD lease is ended now, or returned (`keep`: a stream) to be ended with it.
+fn answered(
+    ctx: &Ctx,
+    store: Option<&kv::SpinKv>,
+    config: &Config,
+    snap: &Snapshot,
+    c: &Candidate,
+    held: Held,
+    keep: bool,
+) -> Option<aimd::Admitted> {
+    let store = store?;
+    match edge::breaker_outcome(store, snap, c, false, held.probe, now_ms()) {
+        Ok(e) => e.iter().for_each(|e| ctx.log(e)),
+        Err(e) => state_failed(
+            ctx,
+            freerelay::kv::keys::breaker_state(&c.provider, &c.model),
+            e,
+        ),
+    }
+    if keep {
+        return held.lease;
+    }
+    end_lease(ctx, Some(store), config, held.lease, true, false);
+    None
+}
+
+/// An attempt failed: its breaker counts it when it was sent and the failure is the provider's
+/// ([`breaker::is_failure`]); a 429 or a timeout halves the provider's AIMD window. True when
+/// the breaker opened (the request then stops asking that model).
+#[allow(clippy::too_many_arguments)]
+fn failed(
+    ctx: &Ctx,
+    store: Option<&kv::SpinKv>,
+    config: &Config,
+    snap: &Snapshot,
+    c: &Candidate,
+    held: Held,
+    failure: &Failure,
+    sent: bool,
+) -> bool {
+    let Some(store) = store else { return false };
+    let mut opened = false;
+    if sent {
+        let bad = breaker::is_failure(&failure.cause);
+        match edge::breaker_outcome(store, snap, c, bad, held.probe, now_ms()) {
+            Ok(Some(e)) => {
+                opened = matches!(
+                    e,
+                    Event::Breaker {
+                        transition: "opened" | "reopened",
+                        ..
+                    }
+                );
+                ctx.log(&e);
+            }
+            Ok(None) => {}
+            Err(e) => state_failed(
+                ctx,
+                freerelay::kv::keys::breaker_state(&c.provider, &c.model),
+                e,
+            ),
+        }
+    }
+    let timed_out = failure.error.status == 504;
+    let congestion = sent && aimd::is_congestion(&failure.cause, timed_out);
+    end_lease(ctx, Some(store), config, held.lease, false, congestion);
+    opened
+}
+
+/// Ends an AIMD lease (see [`edge::aimd_outcome`]).
+fn end_lease(
+    ctx: &Ctx,
+    store: Option<&kv::SpinKv>,
+    config: &Config,
+    lease: Option<aimd::Admitted>,
+    success: bool,
+    congestion: bool,
+) {
+    let (Some(store), Some(lease)) = (store, lease) else {
+        return;
+    };
+    match edge::aimd_outcome(
+        store,
+        &config.edge.aimd,
+        &lease,
+        success,
+        congestion,
+        now_ms(),
+    ) {
+        Ok(e) => e.iter().for_each(|e| ctx.log(e)),
+        Err(e) => state_failed(
+            ctx,
+            freerelay::kv::keys::aimd_window(&lease.lease.provider),
+            e,
+        ),
+    }
+}
+
+/// Adds a priced answer's cost to the budgets (global, tenant, user), exactly.
+fn record_spend(
+    ctx: &Ctx,
+    store: Option<&kv::SpinKv>,
+    config: &Config,
+    snap: &Snapshot,
+    tenant: &Tenant,
+    micro: Option<u64>,
+) {
+    let (Some(store), Some(micro)) = (store, micro.filter(|m| *m > 0)) else {
+        return;
+    };
+    let budgets = &config.edge.budgets;
+    if let Err(e) = budget::record_spend(store, budgets, tenant, micro, &snap.health, now_ms()) {
+        state_failed(ctx, freerelay::kv::keys::budget("global", "day"), e);
+    }
 }
 
 /// Counts an answer's tokens against its key's token quotas (best effort, like all state).

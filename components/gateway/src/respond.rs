@@ -43,11 +43,12 @@ impl Reply {
 
     /// Adds who answered, after how many attempts, and what it cost (USD; absent when the
     /// price is unknown).
-    pub fn answered_by(mut self, c: &Candidate, attempts: u32, cost_usd: Option<f64>) -> Self {
+    pub fn answered_by(mut self, c: &Candidate, attempts: u32, micro_usd: Option<u64>) -> Self {
         self.headers.extend(provenance(c, attempts));
-        if let Some(cost) = cost_usd {
+        if let Some(micro) = micro_usd {
+            // Exactly the micro-dollars added to the budgets: headers sum to recorded spend.
             self.headers
-                .push(("x-freerelay-cost-usd", format_usd(cost)));
+                .push(("x-freerelay-cost-usd", freerelay::budget::format_usd(micro)));
         }
         self
     }
@@ -107,17 +108,6 @@ fn provenance(c: &Candidate, attempts: u32) -> impl Iterator<Item = (&'static st
         ("x-freerelay-attempts", attempts.to_string()),
     ]
     .into_iter()
-}
-
-/// USD with enough decimals for a few tokens at free-tier-cheap prices, without trailing zeros.
-pub fn format_usd(cost: f64) -> String {
-    let s = format!("{cost:.10}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s.is_empty() || s == "-" {
-        "0".into()
-    } else {
-        s.to_owned()
-    }
 }
 
 fn build<'k, 'v>(
