@@ -1782,11 +1782,14 @@ impl Counter {
 // ---------------------------------------------------------------------------------------------
 // Replay
 
+/// The answer's usage as it was counted when it was made, and `cost` 0: a replay costs nothing
+/// (the same field priced answers carry, so clients summing it stay right).
 fn usage_json(a: &Answer) -> Value {
     json!({
         "prompt_tokens": a.prompt_tokens,
         "completion_tokens": a.completion_tokens,
         "total_tokens": a.prompt_tokens.saturating_add(a.completion_tokens),
+        "cost": 0,
     })
 }
 
@@ -2749,7 +2752,7 @@ mod tests {
         );
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46})
+            json!({"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46, "cost": 0})
         );
         assert_eq!(
             Usage::from_object(&v),

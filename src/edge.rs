@@ -12,6 +12,7 @@
 use crate::aimd;
 use crate::breaker::{self, Admission};
 use crate::budget::{self, Health, Tenant};
+use crate::cache;
 use crate::catalog::Tier;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -26,7 +27,17 @@ pub struct Settings {
     pub breaker: breaker::Settings,
     pub aimd: aimd::Settings,
     pub budgets: budget::Budgets,
+    pub cache: cache::Policy,
 }
+
+/// The cache's variables: `cache` (`off`, `exact` or `semantic`), `cache_ttl_s`,
+/// `cache_similarity` (the semantic threshold, above 0 and at most 1), `cache_max_entries`.
+pub const CACHE_VARIABLES: &[&str] = &[
+    "cache",
+    "cache_ttl_s",
+    "cache_similarity",
+    "cache_max_entries",
+];
 
 impl Settings {
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
@@ -34,6 +45,7 @@ impl Settings {
             breaker: breaker::Settings::from_vars(&get)?,
             aimd: aimd::Settings::from_vars(&get)?,
             budgets: budget::Budgets::from_vars(&get)?,
+            cache: cache_policy(&get)?,
         })
     }
 
@@ -43,8 +55,54 @@ impl Settings {
             .iter()
             .chain(aimd::VARIABLES)
             .chain(budget::VARIABLES)
+            .chain(CACHE_VARIABLES)
             .copied()
     }
+}
+
+fn cache_policy(get: impl Fn(&str) -> Option<String>) -> Result<cache::Policy, String> {
+    let var = |n: &str| get(n).map(|v| v.trim().to_owned()).unwrap_or_default();
+    let mut p = cache::Policy::default();
+    p.mode = match var("cache").to_ascii_lowercase().as_str() {
+        "" | "semantic" => cache::Mode::Semantic,
+        "exact" => cache::Mode::Exact,
+        "off" => cache::Mode::Off,
+        other => {
+            return Err(format!(
+                "variable `cache` must be `off`, `exact` or `semantic`, got {other:?}"
+            ))
+        }
+    };
+    let whole = |n: &str, max: u64| -> Result<Option<u64>, String> {
+        match var(n).as_str() {
+            "" => Ok(None),
+            raw => match raw.parse::<u64>() {
+                Ok(v) if (1..=max).contains(&v) => Ok(Some(v)),
+                _ => Err(format!(
+                    "variable `{n}` must be a whole number from 1 to {max}, got {raw:?}"
+                )),
+            },
+        }
+    };
+    if let Some(s) = whole("cache_ttl_s", 30 * 86_400)? {
+        p.ttl_ms = s * 1000;
+    }
+    if let Some(n) = whole("cache_max_entries", 1_000_000)? {
+        p.max_entries = n as u32;
+    }
+    match var("cache_similarity").as_str() {
+        "" => {}
+        raw => match raw.parse::<f64>() {
+            Ok(t) if t > 0.0 && t <= 1.0 => p.threshold = t,
+            _ => {
+                return Err(format!(
+                    "variable `cache_similarity` must be a number above 0 and at most 1, got \
+                     {raw:?}"
+                ))
+            }
+        },
+    }
+    Ok(p)
 }
 
 /// The keys of a request's one batched read, and where each part's values are.

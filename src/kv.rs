@@ -117,6 +117,7 @@ pub mod keys {
         "budget:v1:",
         "breaker:v1:",
         "aimd:v1:",
+        "cache:v1:",
     ];
 
     /// `stats:v1:<scope>:<field>` — i64 counter (increment). `<scope>` is a provider id or

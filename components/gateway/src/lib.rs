@@ -21,7 +21,7 @@ use freerelay::stats;
 use freerelay::upstream::{self, Failure, Hints};
 use freerelay::wire::openai::ChatRequest;
 use freerelay::wire::openai::Usage;
-use freerelay::{aimd, breaker};
+use freerelay::{aimd, breaker, cache};
 use futures::{SinkExt, StreamExt};
 use respond::Reply;
 use spin_sdk::http::{Fields, IncomingRequest, IncomingResponse, ResponseOutparam};
@@ -316,9 +316,23 @@ async fn chat(
             None
         }
     };
-    // Cool-downs, quota counters, breakers, AIMD windows and budgets: one read.
+    // The cache: for deterministic requests (and not when the client says
+    // `x-freerelay-cache: off`), scoped by tenant and by the model the client chose.
+    let cache_policy = config.edge.cache;
+    let cache_key = (cache_policy.applies(&request)
+        && header(headers, "x-freerelay-cache")
+            .is_none_or(|v| !v.trim().eq_ignore_ascii_case("off")))
+    .then(|| {
+        cache::Key::of(
+            &request,
+            cache::Scope::new(tenant.id.clone(), request.model.clone()),
+        )
+    });
+    let extra: Vec<String> = cache_key.iter().map(cache::index_key).collect();
+    // Cool-downs, quota counters, breakers, AIMD windows, budgets and the cache's index: one
+    // read.
     let now = now_ms();
-    let reads = edge::Reads::of(config, &plan, tenant, &[], now);
+    let reads = edge::Reads::of(config, &plan, tenant, &extra, now);
     let values = match store.as_ref().map(|s| s.get_many(&reads.keys)) {
         Some(Ok(values)) => values,
         Some(Err(e)) => {
@@ -330,6 +344,26 @@ async fn chat(
         None => Vec::new(),
     };
     let snap = reads.split(config, tenant, values, now);
+    // A cached answer costs nothing: served before budgets and breakers are consulted.
+    if let (Some(key), Some(s)) = (&cache_key, store.as_ref()) {
+        let index = snap.extra.first().cloned().flatten();
+        let found = cache::exact_from(index.as_deref(), s, key, now).and_then(|hit| match hit {
+            Some(h) => Ok(Some(h)),
+            None if cache_policy.mode == cache::Mode::Semantic => {
+                cache::lookup_semantic(s, key, &cache_policy, now)
+            }
+            None => Ok(None),
+        });
+        match found {
+            Ok(Some(hit)) => return serve_cached(ctx, out, s, hit, &request).await,
+            Ok(None) => ctx.apply(Some(s), &[cache::Counter::Misses.op()]),
+            Err(e) => state_failed(ctx, cache::index_key(key), e),
+        }
+    }
+    let cache_header: Vec<(&'static str, String)> = cache_key
+        .iter()
+        .map(|_| ("x-freerelay-cache", "miss".to_owned()))
+        .collect();
     let plan = match edge::shape(plan, config, &snap, mode, now) {
         Ok((p, events)) => {
             events.iter().for_each(|e| ctx.log(e));
@@ -422,8 +456,9 @@ async fn chat(
             client_usage: request.include_usage,
             price: configured.price(&candidate.model),
             continuation: false,
-            // Kept only when a broken stream could be continued with it.
-            collect_text: request.stream && rescue_on && !rescue_candidates.is_empty(),
+            // Kept when a broken stream could be continued with it, or cached.
+            collect_text: request.stream
+                && ((rescue_on && !rescue_candidates.is_empty()) || cache_key.is_some()),
         };
         // The quota is reserved right before sending: never more than a key's limit reaches
         // the provider in a window, however many instances race for it.
@@ -597,6 +632,8 @@ async fn chat(
                             config,
                             snap: &snap,
                             tenant,
+                            cache: cache_key.as_ref(),
+                            head: &cache_header,
                         };
                         return relay_stream(
                             ctx,
@@ -653,9 +690,18 @@ async fn chat(
                     cost_usd: cost,
                 });
                 let usage = answer.usage;
-                let reply =
+                let cached = cache_key.as_ref().and_then(|_| {
+                    cache::Answer::from_completion(&answer.body, &candidate.provider)
+                });
+                let mut reply =
                     Reply::json(200, answer.body).answered_by(&candidate, attempts.count(), micro);
+                for (k, v) in &cache_header {
+                    reply = reply.with_header(k, v.clone());
+                }
                 ctx.reply(out, reply).await;
+                if let (Some(key), Some(a)) = (&cache_key, cached) {
+                    cache_store(ctx, store.as_ref(), key, &a, &cache_policy);
+                }
                 // Counted right after the answer left: the component runs on after its response
                 // is finished (under Spin as under the runner), so the client does not wait for
                 // these writes and leaving cannot cancel them.
@@ -900,7 +946,7 @@ async fn relay_stream(
     mut rescue: Rescue<'_>,
     edge: Edge<'_>,
 ) {
-    let client = match respond::stream_head(&ctx.id, &first.candidate, attempts) {
+    let client = match respond::stream_head(&ctx.id, &first.candidate, attempts, edge.head) {
         Ok(r) => r,
         Err(detail) => {
             ctx.log(&Event::Internal { detail });
@@ -1041,6 +1087,19 @@ async fn relay_stream(
             completion_tokens: usage.map(|u| u.completion_tokens),
             ms: ctx.ms(),
         });
+        // A complete answer, from its first segment to this one, is cached.
+        if let (true, Some(key), Some(text)) = (complete, edge.cache, state.text.as_deref()) {
+            let finish = state.finish_reason.as_deref().unwrap_or("stop");
+            let a = cache::Answer::text(
+                &candidate.provider,
+                &reply.model,
+                &format!("{answered}{text}"),
+                finish,
+                usage.unwrap_or_default(),
+                reply.created,
+            );
+            cache_store(ctx, store, key, &a, &edge.config.edge.cache);
+        }
         if let Some(StreamEnd::Interrupted(why)) = &end {
             let text = state.text.clone();
             if let (true, Some(text)) = (rescue.enabled, text) {
@@ -1191,6 +1250,82 @@ struct Edge<'a> {
     config: &'a Config,
     snap: &'a Snapshot,
     tenant: &'a Tenant,
+    /// Set when the answer is to be cached.
+    cache: Option<&'a cache::Key<'a>>,
+    /// Headers the stream's head adds (`x-freerelay-cache: miss`).
+    head: &'a [(&'static str, String)],
+}
+
+/// Answers from the cache: the stored answer as JSON or replayed as SSE, at no cost.
+async fn serve_cached(
+    ctx: &Ctx,
+    out: ResponseOutparam,
+    store: &kv::SpinKv,
+    hit: cache::Hit,
+    request: &ChatRequest,
+) {
+    let id = format!("chatcmpl-{}", ctx.id.trim_start_matches("fr-"));
+    let created = now_ms() / 1000;
+    let kind = match hit.kind {
+        cache::HitKind::Exact => "exact",
+        cache::HitKind::Semantic => "semantic",
+    };
+    ctx.log(&Event::Cache {
+        outcome: kind,
+        similarity: Some(hit.similarity),
+        detail: None,
+    });
+    let a = &hit.entry.answer;
+    let reply = if request.stream {
+        Reply::sse(cache::render_sse(
+            &hit.entry,
+            &id,
+            created,
+            request.include_usage,
+        ))
+    } else {
+        Reply::json(200, cache::render_json(&hit.entry, &id, created))
+    };
+    let reply = reply
+        .with_header("x-freerelay-cache", kind.to_owned())
+        .with_header("x-freerelay-provider", a.provider.clone())
+        .with_header("x-freerelay-model", a.model.clone())
+        .with_header("x-freerelay-attempts", "0".to_owned())
+        .with_header("x-freerelay-cost-usd", budget::format_usd(0));
+    ctx.reply(out, reply).await;
+    ctx.apply(Some(store), &[hit.counter().op()]);
+}
+
+/// Stores a complete answer (`stop` or `length`; never a filtered or failed one) in the cache.
+fn cache_store(
+    ctx: &Ctx,
+    store: Option<&kv::SpinKv>,
+    key: &cache::Key,
+    answer: &cache::Answer,
+    policy: &cache::Policy,
+) {
+    let Some(store) = store else { return };
+    if !matches!(answer.finish_reason.as_str(), "stop" | "length") {
+        return;
+    }
+    match cache::store(store, key, answer, policy, now_ms()) {
+        Ok(Some(_)) => ctx.apply(Some(store), &[cache::Counter::Stores.op()]),
+        Ok(None) => {}
+        Err(cache::CacheError::TooLarge { bytes, max }) => {
+            ctx.log(&Event::Cache {
+                outcome: "too_large",
+                similarity: None,
+                detail: Some(format!(
+                    "{bytes} bytes encoded, the cache keeps at most {max}"
+                )),
+            });
+            ctx.apply(Some(store), &[cache::Counter::TooLarge.op()]);
+        }
+        Err(e) => ctx.log(&Event::StateWriteFailed {
+            key: cache::NEXT_KEY.to_owned(),
+            error: e.to_string(),
+        }),
+    }
 }
 
 /// Logs a state failure (state is best effort: serving goes on).

@@ -26,6 +26,19 @@ impl Reply {
         }
     }
 
+    /// A whole SSE stream (a cached answer replayed), sent as one body.
+    pub fn sse(body: Vec<u8>) -> Self {
+        Self {
+            status: 200,
+            code: None,
+            body,
+            headers: vec![
+                ("content-type", "text/event-stream".into()),
+                ("cache-control", "no-cache".into()),
+            ],
+        }
+    }
+
     pub fn error(e: &ApiError) -> Self {
         let mut r = Self::json(e.status, e.body());
         r.code = e.code;
@@ -85,6 +98,7 @@ pub fn stream_head(
     request_id: &str,
     c: &Candidate,
     attempts: u32,
+    extra: &[(&'static str, String)],
 ) -> Result<OutgoingResponse, String> {
     let headers = [
         ("content-type", "text/event-stream"),
@@ -92,7 +106,9 @@ pub fn stream_head(
         ("x-accel-buffering", "no"),
         ("x-request-id", request_id),
     ];
-    let owned: Vec<(&str, String)> = provenance(c, attempts).collect();
+    let owned: Vec<(&str, String)> = provenance(c, attempts)
+        .chain(extra.iter().cloned())
+        .collect();
     build(
         200,
         headers
