@@ -62,8 +62,7 @@ impl Settings {
 
 fn cache_policy(get: impl Fn(&str) -> Option<String>) -> Result<cache::Policy, String> {
     let var = |n: &str| get(n).map(|v| v.trim().to_owned()).unwrap_or_default();
-    let mut p = cache::Policy::default();
-    p.mode = match var("cache").to_ascii_lowercase().as_str() {
+    let mode = match var("cache").to_ascii_lowercase().as_str() {
         "" | "semantic" => cache::Mode::Semantic,
         "exact" => cache::Mode::Exact,
         "off" => cache::Mode::Off,
@@ -72,6 +71,10 @@ fn cache_policy(get: impl Fn(&str) -> Option<String>) -> Result<cache::Policy, S
                 "variable `cache` must be `off`, `exact` or `semantic`, got {other:?}"
             ))
         }
+    };
+    let mut p = cache::Policy {
+        mode,
+        ..cache::Policy::default()
     };
     let whole = |n: &str, max: u64| -> Result<Option<u64>, String> {
         match var(n).as_str() {
