@@ -271,3 +271,7 @@ def test_500_concurrent_requests_lose_nothing_and_account_for_everything(
             assert 1 <= entry_limit(a) <= MAX_LIMIT, a
 
     assert elapsed < 60, f"{N_REQUESTS} requests took {elapsed:.1f}s"
+    hits = sum(1 for o in results if o.cache in ("exact", "semantic"))
+    print(f"\n{N_REQUESTS} requests through {runners} runner(s) in {elapsed:.2f}s: "
+          f"{Counter(o.provider for o in results)}; cache hits {hits}; spend {total} micro-USD; "
+          f"the failing model saw {len(failing_markers)} requests ({len(failing_reqs)} attempts)")

@@ -386,6 +386,23 @@ def test_a_burst_of_429s_halves_the_limit_once(make_mock, make_gateway):
     assert limit == 2, f"a second, separate 429: limit {limit}, expected 2"
 
 
+def test_a_timeout_halves_the_limit_and_a_5xx_does_not(make_mock, make_gateway):
+    gw, groq, cerebras = breaker_setup(make_mock, make_gateway,
+                                       env(aimd_initial_limit=8, first_token_timeout_ms=500))
+    client = gw.client()
+    # A 5xx is the breaker's business, not congestion.
+    groq.rules({"model": GROQ_8B_ID, "times": 1, "behaviour": {"kind": "status", "status": 500}})
+    complete(client, stream=True, messages=user("server error"), **WITH_FALLBACK)
+    assert len(groq.requests()) >= 1
+    assert aimd_limit(gw.state(), "groq") == 8, gw.state()["aimd"]
+    # A stream silent past its first-token deadline is.
+    groq.rules({"model": GROQ_8B_ID, "times": 1, "behaviour": {"kind": "stall", "after_chunks": 0}})
+    before = len(groq.requests())
+    complete(client, stream=True, messages=user("silent"), **WITH_FALLBACK)
+    assert len(groq.requests()) > before
+    assert aimd_limit(gw.state(), "groq") == 4, gw.state()["aimd"]
+
+
 def test_the_aimd_limit_stays_within_its_bounds(make_mock, make_gateway):
     gw, groq, _ = breaker_setup(make_mock, make_gateway,
                                 env(aimd_initial_limit=2, aimd_max_limit=3))
@@ -592,15 +609,19 @@ def test_a_thin_budget_leans_on_free_models_under_auto(make_mock, make_gateway):
                         code="insufficient_quota")
 
 
-def test_budget_lean_free_at_is_honoured(make_mock, make_gateway):
-    """budget_lean_free_at = 0: never lean; the paid first choice serves until spent."""
+@pytest.mark.parametrize("lean_free_at, second", [("0", "openai"), ("0.99", "groq")])
+def test_budget_lean_free_at_is_honoured(make_mock, make_gateway, lean_free_at, second):
+    """A $0.005 budget after one 85 µ$ answer: 98.3 % left, and at that pace (85 µ$ an hour) no
+    run-out before midnight. Not thin at the default (0.25) nor at 0; thin at 0.99."""
     gw, groq, paid = budget_setup(make_mock, make_gateway, {
-        "tenant_budget_daily_usd": "0.0001", "budget_lean_free_at": "0"})
+        "tenant_budget_daily_usd": "0.005", "budget_lean_free_at": lean_free_at})
     plan = {"model": GPT_4O, "models": [GROQ_8B]}
-    for _ in range(2):
-        r = post(gw, {**plan, "messages": user()})
-        assert r.headers.get("x-freerelay-provider") == "openai", r.text
-    assert len(paid.requests()) == 2
+    r = post(gw, {**plan, "messages": user()})
+    assert r.headers.get("x-freerelay-provider") == "openai", r.text
+    r = post(gw, {**plan, "messages": user()})
+    assert r.headers.get("x-freerelay-provider") == second, (
+        f"budget_lean_free_at = {lean_free_at}, 98.3 % left: {r.headers.get('x-freerelay-provider')}; "
+        f"budgets: {gw.state()['budgets']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,13 +850,13 @@ def test_a_different_model_never_hits(make_mock, make_gateway):
 def test_another_tenant_never_hits_an_entry(make_mock, make_gateway):
     from conftest import new_client_key
 
-    mine, theirs = new_client_key(), new_client_key()
-    gw, groq = cache_setup(make_mock, make_gateway, client_keys=[mine, theirs])
+    mine, theirs, third = new_client_key(), new_client_key(), new_client_key()
+    gw, groq = cache_setup(make_mock, make_gateway, client_keys=[mine, theirs, third])
     ask(gw.client(key=mine), LONG, temperature=0)
     wait_stored(gw, 1, key=mine)
-    other = gw.client(key=theirs)
-    for content in (LONG, LONG_ONE_WORD):
-        headers, _, _ = ask(other, content, temperature=0)
+    # Each other tenant asks once (its own answer is stored, and would be its own hit next).
+    for key, content in ((theirs, LONG), (third, LONG_ONE_WORD)):
+        headers, _, _ = ask(gw.client(key=key), content, temperature=0)
         assert cache_status(headers) == "miss", dict(headers)
     assert len(groq.requests()) == 3
     # The owner still hits.

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from helpers import (assert_openai_error, breaker_state, cache_status, cost_header_micro,
-                     spent_micro, upstream_model, usage_cost, micro, wait_until)
+from helpers import (assert_openai_error, breaker_state, cache_status, cost_header_micro, micro,
+                     quota_entries, spent_micro, upstream_model, usage_cost, wait_until)
 
 GROQ_8B = "groq/llama-3.1-8b-instant"
 GROQ_8B_ID = "llama-3.1-8b-instant"
@@ -118,6 +118,11 @@ def test_rpm_is_shared_between_runners(make_mock, two_runners):
             break
     assert len(groq.requests()) == 3, f"groq_rpm = 3 shared, groq saw {len(groq.requests())}: {served}"
     assert served[:3] == ["groq"] * 3 and served[3:] == ["gemini"] * 3, served
+    # Either runner's state shows the one shared count.
+    for gw in (a, b):
+        [rpm] = [q for q in quota_entries(gw.state(), "groq", "rpm")
+                 if q["ledger"] == GROQ_8B_ID]
+        assert (rpm["count"], rpm["limit"]) == (3, 3), rpm
 
 
 # ---------------------------------------------------------------------------------------------
