@@ -201,6 +201,28 @@ def test_a_broken_stream_counts_as_a_failure(make_mock, make_gateway):
     assert breaker_state(gw.state(), "groq", GROQ_8B_ID) == "open"
 
 
+def test_a_stream_broken_after_its_200_counts_as_a_failure(make_mock, make_gateway):
+    """The 8B model (no prefill: nothing to rescue with) breaks each stream after two words;
+    clients get an error event, and within min_samples requests the breaker opens and the
+    plan's next candidate serves."""
+    gw, groq, _ = breaker_setup(make_mock, make_gateway, LONG_COOLDOWN)
+    groq.rules({"model": GROQ_8B_ID, "behaviour": {"kind": "drop", "after_chunks": 3}})
+    client = gw.client()
+    outcomes = []
+    for i in range(2 * MIN_SAMPLES):
+        try:
+            headers, text, _ = complete(client, stream=True, messages=user(f"broken-{i}- {PROMPT}"),
+                                        **WITH_FALLBACK)
+            outcomes.append(headers["x-freerelay-provider"])
+        except openai.APIError as e:
+            assert not isinstance(e, (openai.APITimeoutError, openai.APIConnectionError)), repr(e)
+            outcomes.append("error")
+    reached = [i for i in range(2 * MIN_SAMPLES) if markers_seen(groq, f"broken-{i}-")]
+    assert len(reached) <= MIN_SAMPLES and reached == list(range(len(reached))), (reached, outcomes)
+    assert outcomes[-MIN_SAMPLES:] == ["cerebras"] * MIN_SAMPLES, outcomes
+    assert breaker_state(gw.state(), "groq", GROQ_8B_ID) == "open"
+
+
 def test_when_every_candidate_is_open_the_answer_is_a_503_with_retry_after(make_mock, make_gateway):
     gw, groq, _ = breaker_setup(make_mock, make_gateway, LONG_COOLDOWN)
     groq.fail_model(GROQ_8B_ID, 500)
@@ -498,6 +520,10 @@ def test_user_budgets_are_per_user(make_mock, make_gateway, header):
     bob = {header: "bob@example.com" if header.endswith("Email") else "u-bob"}
     costs, r = spend_until_refused(gw, headers=alice)
     assert_budget_refusal(r, costs, 100, ("daily", "day"), 86_400)
+    if header.endswith("Email"):
+        # The same user, however the address is cased.
+        r = post(gw, {"model": GPT_4O, "messages": user()}, headers={header: "Alice@Example.COM"})
+        assert_openai_error(r, 429, code="insufficient_quota")
     # Another user of the same client key still has hers.
     r = post(gw, {"model": GPT_4O, "messages": user()}, headers=bob)
     assert r.status_code == 200 and r.headers["x-freerelay-provider"] == "openai", r.text
@@ -555,6 +581,27 @@ def test_a_bad_tenant_budgets_value_is_a_misconfiguration(make_mock, make_gatewa
     assert paid.requests() == [] and groq.requests() == []
 
 
+@pytest.mark.parametrize("variable, value", [
+    ("budget_daily_usd", "five"),
+    ("tenant_budget_monthly_usd", "0.0000001"),
+    ("user_budget_daily_usd", "-1"),
+    ("budget_lean_free_at", "lots"),
+    ("breaker_failure_rate", "2"),
+    ("breaker_min_samples", "many"),
+    ("breaker_cooldown_ms", "soon"),
+    ("aimd_initial_limit", "x"),
+    ("cache", "sometimes"),
+    ("cache_ttl_s", "forever"),
+    ("cache_similarity", "1.5"),
+])
+def test_an_unusable_edge_variable_is_a_misconfiguration(make_mock, make_gateway, variable, value):
+    gw, groq, paid = budget_setup(make_mock, make_gateway, {variable: value})
+    r = post(gw, {"model": GROQ_8B, "messages": user()})
+    err = assert_openai_error(r, 500, code="gateway_misconfigured")
+    assert value not in err["message"], "the message quotes the value"
+    assert groq.requests() == [] and paid.requests() == []
+
+
 def test_recorded_spend_equals_the_sum_of_cost_headers(make_mock, make_gateway):
     mocks = {name: make_mock(name) for name in ("groq", "openai", "anthropic", "together")}
     gw = make_gateway(mocks, extra_env=env(budget_daily_usd=100, tenant_budget_daily_usd=100,
@@ -588,6 +635,13 @@ def test_recorded_spend_equals_the_sum_of_cost_headers(make_mock, make_gateway):
     headers, _, cost = complete(client, model=GPT_4O, messages=user())
     assert cost == GPT_4O_PROMPT_COST, f"gpt-4o on {PROMPT!r}: {cost} micro-USD"
     assert headers["x-freerelay-cost-usd"] == "0.000085", headers["x-freerelay-cost-usd"]
+    # A stream that did not ask for the usage chunk is charged all the same.
+    total += cost
+    for _ in client.chat.completions.create(model=GPT_4O, messages=user(), stream=True):
+        pass
+    total += GPT_4O_PROMPT_COST
+    assert wait_until(lambda: spent_micro(gw.state(), "tenant", "day") == total, timeout=5), (
+        spent_micro(gw.state(), "tenant", "day"), total)
 
 
 def test_a_thin_budget_leans_on_free_models_under_auto(make_mock, make_gateway):
@@ -683,6 +737,45 @@ def test_an_identical_request_is_an_exact_hit_that_costs_nothing(make_mock, make
     assert spent_micro(gw.state(), "tenant", "day") == spent, "a hit was charged"
     counters = cache_counters(gw.state())
     assert (counters["hits_exact"], counters["misses"], counters["stores"]) == (1, 1, 1), counters
+
+
+def test_a_cached_answer_is_served_after_the_budget_is_spent(make_mock, make_gateway):
+    """A hit costs nothing, so a spent budget does not refuse it; an uncached paid request is
+    refused."""
+    gw, paid = cache_setup(make_mock, make_gateway, {"tenant_budget_daily_usd": "0.0001"},
+                           provider="openai")
+    client = gw.client()
+    headers, text, cost = ask(client, PROMPT, model=GPT_4O, temperature=0)
+    assert cache_status(headers) == "miss" and cost == GPT_4O_PROMPT_COST
+    wait_stored(gw, 1)
+    headers, _, _ = ask(client, "something else", model=GPT_4O, temperature=0)  # 170 of 100
+    r = post(gw, {"model": GPT_4O, "temperature": 0, "messages": user("a third question")})
+    assert_openai_error(r, 429, code="insufficient_quota")
+    headers, again, cost = ask(client, PROMPT, model=GPT_4O, temperature=0)
+    assert cache_status(headers) == "exact" and again == text and cost == 0
+    assert len(paid.requests()) == 2
+
+
+def test_cache_similarity_and_max_entries_are_honoured(make_mock, make_gateway):
+    # One changed word in LONG is a Jaccard of about 0.96: under 0.99 it is a miss.
+    gw, groq = cache_setup(make_mock, make_gateway, {"cache_similarity": "0.99"})
+    client = gw.client()
+    ask(client, LONG, temperature=0)
+    wait_stored(gw, 1)
+    headers, _, _ = ask(client, LONG_ONE_WORD, temperature=0)
+    assert cache_status(headers) == "miss", dict(headers)
+
+    # A ring of one entry: the second store evicts the first.
+    gw, groq = cache_setup(make_mock, make_gateway, {"cache_max_entries": "1"})
+    client = gw.client()
+    ask(client, "first entry", temperature=0)
+    wait_stored(gw, 1)
+    ask(client, "second entry", temperature=0)
+    wait_stored(gw, 2)
+    headers, _, _ = ask(client, "second entry", temperature=0)
+    assert cache_status(headers) == "exact"
+    headers, _, _ = ask(client, "first entry", temperature=0)
+    assert cache_status(headers) == "miss", "cache_max_entries = 1 kept two entries"
 
 
 def sse_chunks(r: httpx.Response) -> tuple[list[dict], list[str]]:
