@@ -16,11 +16,15 @@
 //!   429s is one congestion event, one halving (TCP's "once per window of data"). Requests
 //!   admitted under the reduced window that still meet 429s cut again. This needs no tuned
 //!   interval: it adapts to however long the provider takes to answer.
-//! - **Additive increase**: a success adds `1 / limit` (so a whole window of successes adds 1),
-//!   only when the provider was near its window at admission (`in_flight ≥ floor(limit) − 1`,
-//!   counted with the request itself) and the request was admitted after the last cut. An
-//!   idle provider's window thus never grows on no information — ten sequential successes say
-//!   nothing about 17 concurrent ones — and the common success path writes nothing.
+//! - **Additive increase**: a whole window of successes adds 1 — sampled: each success adds 1
+//!   with probability `1 / floor(limit)` (the caller's random draw), the expected growth of
+//!   TCP's `1 / limit` per ack with one compare-and-swap per window of successes instead of one
+//!   per success (at a full window every request succeeds near it, and a swap per success on
+//!   one key is a contention storm). Only when the provider was near its window at admission
+//!   (`in_flight ≥ floor(limit) − 1`, counted with the request itself) and the request was
+//!   admitted after the last cut. An idle provider's window thus never grows on no information
+//!   — ten sequential successes say nothing about 17 concurrent ones — and the common success
+//!   path writes nothing.
 //!
 //! Both are compare-and-swap loops on the window key ([`kv::cas_update`]).
 //!
@@ -457,15 +461,16 @@ pub fn renew(
     Ok(true)
 }
 
-/// A success: raises the window by `1 / limit` if the request was admitted near the window and
-/// after the last cut (capped at `max`). Nothing is read or written otherwise. Returns the new
-/// limit if it rose.
+/// A success: raises the window by 1 if the request was admitted near the window and after the
+/// last cut, and its `draw` (a random number) falls on the one chance in `floor(limit)` (capped
+/// at `max`). Nothing is read or written otherwise. Returns the new limit if it rose.
 pub fn on_success(
     kv: &(impl Kv + ?Sized),
     admitted: &Admitted,
     s: &Settings,
+    draw: u64,
 ) -> KvResult<Option<f64>> {
-    if !admitted.near_window() {
+    if !admitted.near_window() || draw % admitted.allowed.max(1) != 0 {
         return Ok(None);
     }
     let mut raised = None;
@@ -478,7 +483,7 @@ pub fn on_success(
             if admitted.lease.admitted_ms <= w.last_cut_ms || w.limit >= s.max {
                 return None;
             }
-            let limit = (w.limit + 1.0 / w.limit).min(s.max);
+            let limit = (w.limit + 1.0).min(s.max);
             raised = Some(limit);
             Some(
                 Window {
@@ -674,7 +679,7 @@ mod tests {
                 in_flight_after: 8,
                 allowed: 8,
             };
-            assert_eq!(on_success(&*kv, &old, &s).unwrap(), None);
+            assert_eq!(on_success(&*kv, &old, &s, 0).unwrap(), None);
             assert_eq!(limit(&kv, &s), 4.0);
         }
     }
@@ -690,22 +695,40 @@ mod tests {
             for i in 0..20 {
                 let a = admit_one(&kv, T0 + i, &s).unwrap();
                 assert!(!a.near_window());
-                assert_eq!(on_success(&kv, &a, &s).unwrap(), None);
+                assert_eq!(on_success(&kv, &a, &s, 0).unwrap(), None);
                 release(&kv, &a.lease, T0 + i, &s).unwrap();
             }
             assert_eq!(kv.get(&keys::aimd_window(P)).unwrap(), None);
-            // Three then four at once: each success adds 1/limit; a window's worth adds ~1.
+            // Three then four at once: a success whose draw falls on the one chance in
+            // floor(limit) adds 1; the others write nothing.
             let held: Vec<Admitted> = (0..3).map(|_| admit_one(&kv, T0, &s).unwrap()).collect();
             assert!(held[2].near_window());
-            assert_eq!(on_success(&kv, &held[2], &s).unwrap(), Some(4.25));
+            assert_eq!(on_success(&kv, &held[2], &s, 1).unwrap(), None);
+            assert_eq!(kv.get(&keys::aimd_window(P)).unwrap(), None);
+            assert_eq!(on_success(&kv, &held[2], &s, 8).unwrap(), Some(5.0));
             let fourth = admit_one(&kv, T0, &s).unwrap();
             assert_eq!(fourth.in_flight_after, 4);
-            for _ in 0..3 {
-                on_success(&kv, &fourth, &s).unwrap();
+            for draw in 1..4 {
+                assert_eq!(on_success(&kv, &fourth, &s, draw).unwrap(), None);
             }
-            let l = limit(&kv, &s);
-            assert!((4.9..5.0).contains(&l), "{l}");
+            assert_eq!(limit(&kv, &s), 5.0);
             assert!(!held[0].near_window());
+            // Over many draws, a window of successes adds 1 on average.
+            let mut grew = 0;
+            for draw in 0..400u64 {
+                if on_success(
+                    &kv,
+                    &fourth,
+                    &s,
+                    draw.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7,
+                )
+                .unwrap()
+                .is_some()
+                {
+                    grew += 1;
+                }
+            }
+            assert!((60..140).contains(&grew), "{grew}");
         }
     }
 
@@ -740,10 +763,10 @@ mod tests {
                 allowed: 10,
             };
             for _ in 0..200 {
-                on_success(&kv, &a, &s).unwrap();
+                on_success(&kv, &a, &s, 0).unwrap();
             }
             assert_eq!(limit(&kv, &s), 10.0);
-            assert_eq!(on_success(&kv, &a, &s).unwrap(), None);
+            assert_eq!(on_success(&kv, &a, &s, 0).unwrap(), None);
             // Stored values outside the bounds (the settings changed) are brought within them.
             let w = |limit: f64| {
                 Window {

@@ -219,6 +219,11 @@ pub enum State {
         since_ms: u64,
         #[serde(default)]
         base: Baseline,
+        /// The last failure counted while closed. Successes are counted only within a window of
+        /// it: with no failure in the window there is no rate to dilute, and a success then
+        /// costs no write (see [`record`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failed_ms: Option<u64>,
     },
     Open {
         since_ms: u64,
@@ -240,6 +245,7 @@ impl Default for State {
         State::Closed {
             since_ms: 0,
             base: Baseline::default(),
+            failed_ms: None,
         }
     }
 }
@@ -545,6 +551,13 @@ pub fn record(
             close(kv, view, now_ms)
         };
     }
+    // A success with no failure in the window changes nothing a trip could be judged on.
+    if let State::Closed { failed_ms, .. } = &view.state {
+        let recent = failed_ms.is_some_and(|f| now_ms.saturating_sub(f) < s.window_ms);
+        if !outcome.failed && !recent {
+            return Ok(Transition::None);
+        }
+    }
     let bucket = s.bucket(now_ms);
     counter::perform(
         kv,
@@ -566,6 +579,23 @@ pub fn record(
     for _ in 0..kv::CAS_ATTEMPTS {
         let fresh = view.reread(kv)?;
         if !fresh.trips(now_ms) {
+            // Successes count from now on (one try: a writer in between wrote a state as
+            // recent, or an open one).
+            if let State::Closed {
+                since_ms,
+                base,
+                failed_ms,
+            } = &fresh.state
+            {
+                if failed_ms.is_none_or(|f| f < now_ms) {
+                    let marked = State::Closed {
+                        since_ms: *since_ms,
+                        base: *base,
+                        failed_ms: Some(now_ms),
+                    };
+                    kv.compare_and_swap(&view.key(), fresh.raw.as_deref(), &marked.encode())?;
+                }
+            }
             return Ok(Transition::None);
         }
         let (level, until_ms) = (0, now_ms.saturating_add(s.cooldown_for(0)));
@@ -609,6 +639,7 @@ fn close(kv: &(impl Kv + ?Sized), view: &View, now_ms: u64) -> KvResult<Transiti
                 ok: count(&values[1]),
                 failed: count(&values[2]),
             },
+            failed_ms: None,
         };
         if kv.compare_and_swap(&names[0], values[0].as_deref(), &closed.encode())? {
             return Ok(Transition::Closed);
@@ -1082,12 +1113,48 @@ mod tests {
         );
     }
 
+    /// A closed breaker with no failure in its window writes nothing for a success; the first
+    /// failure marks the state, and the successes after it dilute the rate as usual.
+    #[test]
+    fn quiet_successes_write_nothing_and_count_after_a_failure() {
+        let s = Settings::default();
+        for kv in stores() {
+            for i in 0..5 {
+                assert_eq!(outcome(&kv, &s, false, T0 + i), Transition::None);
+            }
+            let counters = kv.get_many(&window_keys(P, M)).unwrap();
+            assert!(counters.iter().all(Option::is_none), "{counters:?}");
+            assert_eq!(outcome(&kv, &s, true, T0 + 10), Transition::None);
+            assert!(matches!(
+                view(&kv, &s).state,
+                State::Closed {
+                    failed_ms: Some(t),
+                    ..
+                } if t == T0 + 10
+            ));
+            for i in 0..6 {
+                assert_eq!(outcome(&kv, &s, false, T0 + 20 + i), Transition::None);
+            }
+            // 1 failure in 7 samples; three more failures make 4 in 10: under the rate.
+            for i in 0..3 {
+                assert_eq!(outcome(&kv, &s, true, T0 + 30 + i), Transition::None);
+            }
+            assert_eq!(full_view(&kv, &s).samples(T0 + 40), 10);
+            // A window later, with no failure since, successes write nothing again.
+            let later = T0 + 2 * s.window_ms;
+            let before = kv.get_many(&window_keys(P, M)).unwrap();
+            assert_eq!(outcome(&kv, &s, false, later), Transition::None);
+            assert_eq!(kv.get_many(&window_keys(P, M)).unwrap(), before);
+        }
+    }
+
     #[test]
     fn the_state_survives_a_round_trip_through_bytes() {
         for state in [
             State::default(),
             State::Closed {
                 since_ms: 5,
+                failed_ms: Some(7),
                 base: Baseline {
                     bucket: 9,
                     ok: 3,
@@ -1129,7 +1196,8 @@ mod tests {
             State::decode(br#"{"state":"closed","since_ms":3}"#),
             Some(State::Closed {
                 since_ms: 3,
-                base: Baseline::default()
+                base: Baseline::default(),
+                failed_ms: None,
             })
         );
     }

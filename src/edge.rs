@@ -446,19 +446,46 @@ pub fn breaker_outcome(
     })
 }
 
+/// A 429 or a timeout met by a request sent without a lease (over the window, as the last
+/// candidate): the window is halved all the same, once per congestion event as for leased ones
+/// (`admitted_ms`: when the request was sent).
+pub fn aimd_congestion_unleased(
+    kv: &(impl Kv + ?Sized),
+    settings: &aimd::Settings,
+    provider: &str,
+    admitted_ms: u64,
+    now_ms: u64,
+) -> KvResult<Option<Event>> {
+    let lease = aimd::Lease {
+        provider: provider.to_owned(),
+        slot: 0,
+        period: 0,
+        admitted_ms,
+    };
+    Ok(
+        aimd::on_congestion(kv, &lease, now_ms, settings)?.map(|limit| Event::Aimd {
+            provider: provider.to_owned(),
+            change: "cut",
+            limit,
+        }),
+    )
+}
+
 /// Ends an attempt's AIMD lease: widens the window after a success near it, halves it on
 /// congestion (a 429 or a timeout), and releases the lease. The event says when the window
 /// moved.
+#[allow(clippy::too_many_arguments)]
 pub fn aimd_outcome(
     kv: &(impl Kv + ?Sized),
     settings: &aimd::Settings,
     held: &aimd::Admitted,
     success: bool,
     congestion: bool,
+    draw: u64,
     now_ms: u64,
 ) -> KvResult<Option<Event>> {
     let moved = if success {
-        aimd::on_success(kv, held, settings)?.map(|l| ("grow", l))
+        aimd::on_success(kv, held, settings, draw)?.map(|l| ("grow", l))
     } else if congestion {
         aimd::on_congestion(kv, &held.lease, now_ms, settings)?.map(|l| ("cut", l))
     } else {

@@ -593,7 +593,8 @@ async fn chat(
                     .max(1);
                 match prime(response, translator, left, &candidate).await {
                     Ok(primed) => {
-                        // A first token is the provider's health; the lease lasts the stream.
+                        // The lease lasts the stream; its end tells the breaker.
+                        let probe = held.probe;
                         let lease =
                             answered(ctx, store.as_ref(), config, &snap, &candidate, held, true);
                         // Rescue candidates: the models that accept a prefill, this one first.
@@ -627,6 +628,7 @@ async fn chat(
                             key: key_id.clone(),
                             reply: reply_ctx.clone(),
                             lease,
+                            probe,
                         };
                         let edge = Edge {
                             config,
@@ -676,7 +678,6 @@ async fn chat(
                     ttfb_ms,
                     stream: false,
                 });
-                answered(ctx, store.as_ref(), config, &snap, &candidate, held, false);
                 let micro = answer.usage.and_then(|u| {
                     budget::micro_usd(reply_ctx.price, u.prompt_tokens, u.completion_tokens)
                 });
@@ -699,6 +700,8 @@ async fn chat(
                     reply = reply.with_header(k, v.clone());
                 }
                 ctx.reply(out, reply).await;
+                // The answer has left: its bookkeeping no longer delays it.
+                answered(ctx, store.as_ref(), config, &snap, &candidate, held, false);
                 if let (Some(key), Some(a)) = (&cache_key, cached) {
                     cache_store(ctx, store.as_ref(), key, &a, &cache_policy);
                 }
@@ -916,6 +919,8 @@ struct Segment {
     reply: ReplyCtx,
     /// The attempt's AIMD lease, ended with the stream.
     lease: Option<aimd::Admitted>,
+    /// The attempt was its breaker's probe (already settled).
+    probe: bool,
 }
 
 /// What rescuing a broken stream may use: the request, the candidates whose models accept a
@@ -969,6 +974,7 @@ async fn relay_stream(
             key,
             reply,
             mut lease,
+            probe,
         } = segment;
         let quota = route::quota_ref(rescue.config, &candidate, &key);
         let quota = quota.as_ref();
@@ -1055,9 +1061,15 @@ async fn relay_stream(
         ctx.apply(store, &ops);
         let complete = matches!(end, Some(StreamEnd::Complete));
         end_lease(ctx, store, edge.config, lease.take(), complete, false);
-        // A stream the provider broke after its 200 counts against its breaker.
-        if let (Some(StreamEnd::Interrupted(_)), Some(s)) = (&end, store) {
-            match edge::breaker_outcome(s, edge.snap, &candidate, true, false, now_ms()) {
+        // How the stream ended tells its breaker (a probe's success was recorded at its first
+        // token; a client gone says nothing of the provider).
+        let verdict = match &end {
+            Some(StreamEnd::Interrupted(_)) => Some(true),
+            Some(StreamEnd::Complete) if !probe => Some(false),
+            _ => None,
+        };
+        if let (Some(failed), Some(s)) = (verdict, store) {
+            match edge::breaker_outcome(s, edge.snap, &candidate, failed, false, now_ms()) {
                 Ok(e) => e.iter().for_each(|e| ctx.log(e)),
                 Err(e) => state_failed(
                     ctx,
@@ -1211,6 +1223,7 @@ async fn rescue_stream(
                                 key: key_id.clone(),
                                 reply,
                                 lease: None,
+                                probe: false,
                             });
                         }
                         Err(f) => (f, Some(status)),
@@ -1336,8 +1349,9 @@ fn state_failed(ctx: &Ctx, key: String, e: freerelay::kv::KvError) {
     });
 }
 
-/// An attempt answered (a whole JSON answer, or a stream's first token): a success for its
-/// breaker. Its AIMD lease is ended now, or returned (`keep`: a stream) to be ended with it.
+/// An attempt answered: a whole JSON answer (a success for its breaker; its AIMD lease ends), or
+/// a stream's first token (`keep`: the lease is returned, to end with the stream, whose end
+/// tells its breaker how it went — except a probe's, settled now, within its lease).
 fn answered(
     ctx: &Ctx,
     store: Option<&kv::SpinKv>,
@@ -1348,13 +1362,15 @@ fn answered(
     keep: bool,
 ) -> Option<aimd::Admitted> {
     let store = store?;
-    match edge::breaker_outcome(store, snap, c, false, held.probe, now_ms()) {
-        Ok(e) => e.iter().for_each(|e| ctx.log(e)),
-        Err(e) => state_failed(
-            ctx,
-            freerelay::kv::keys::breaker_state(&c.provider, &c.model),
-            e,
-        ),
+    if held.probe || !keep {
+        match edge::breaker_outcome(store, snap, c, false, held.probe, now_ms()) {
+            Ok(e) => e.iter().for_each(|e| ctx.log(e)),
+            Err(e) => state_failed(
+                ctx,
+                freerelay::kv::keys::breaker_state(&c.provider, &c.model),
+                e,
+            ),
+        }
     }
     if keep {
         return held.lease;
@@ -1402,6 +1418,14 @@ fn failed(
     }
     let timed_out = failure.error.status == 504;
     let congestion = sent && aimd::is_congestion(&failure.cause, timed_out);
+    if congestion && held.lease.is_none() {
+        let now = now_ms();
+        let sent_at = now.saturating_sub(ctx.ms());
+        match edge::aimd_congestion_unleased(store, &config.edge.aimd, &c.provider, sent_at, now) {
+            Ok(e) => e.iter().for_each(|e| ctx.log(e)),
+            Err(e) => state_failed(ctx, freerelay::kv::keys::aimd_window(&c.provider), e),
+        }
+    }
     end_lease(ctx, Some(store), config, held.lease, false, congestion);
     opened
 }
@@ -1424,6 +1448,7 @@ fn end_lease(
         &lease,
         success,
         congestion,
+        random_u64(),
         now_ms(),
     ) {
         Ok(e) => e.iter().for_each(|e| ctx.log(e)),
