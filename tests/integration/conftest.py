@@ -388,8 +388,30 @@ class Gateway:
         self.stop()
 
 
-def gateway_env(providers: dict[str, Mock], client_keys: list[str], extra: dict[str, str] | None = None) -> dict[str, str]:
+# Edge state a long-lived gateway (the session's shared one, a module's) must not carry from one
+# test into the next: a breaker opened by one test's scripted 5xx would answer another's
+# request with a 503, a cache entry would answer it without reaching the mock, an AIMD cut would
+# send it elsewhere. Such gateways get these (a breaker that never trips, no cache, a window
+# that never binds); a dedicated gateway (`make_gateway`), whose state lives and dies with its
+# test, keeps the product's defaults.
+NEUTRAL_EDGE_STATE = {
+    "SPIN_VARIABLE_BREAKER_MIN_SAMPLES": "1000",
+    "SPIN_VARIABLE_BREAKER_FAILURE_RATE": "1",
+    "SPIN_VARIABLE_CACHE": "off",
+    "SPIN_VARIABLE_AIMD_MIN_LIMIT": "100000",
+    "SPIN_VARIABLE_AIMD_INITIAL_LIMIT": "100000",
+    "SPIN_VARIABLE_AIMD_MAX_LIMIT": "100000",
+}
+
+
+def gateway_env(providers: dict[str, Mock], client_keys: list[str], extra: dict[str, str] | None = None,
+                product_edge_defaults: bool = False) -> dict[str, str]:
+    """The environment of a gateway serving `providers` to `client_keys`. Unless
+    `product_edge_defaults`, its breakers, cache and AIMD windows are neutralised
+    (NEUTRAL_EDGE_STATE) for gateways shared between tests; `extra` overrides either way."""
     env = _clean_env()
+    if not product_edge_defaults:
+        env.update(NEUTRAL_EDGE_STATE)
     env["SPIN_VARIABLE_CLIENT_KEYS"] = ",".join(sha256_hex(k) for k in client_keys)
     for pid, mock in providers.items():
         env[f"SPIN_VARIABLE_{pid.upper()}_BASE_URL"] = mock.url
@@ -427,7 +449,7 @@ def make_gateway(tmp_path) -> Iterable[Callable[..., Gateway]]:
         keys = client_keys or [new_client_key()]
         sd = state_dir or (tmp_path / f"state-{len(gateways)}")
         sd.mkdir(parents=True, exist_ok=True)
-        gw = Gateway(state_dir=sd, env=gateway_env(providers, keys, extra_env),
+        gw = Gateway(state_dir=sd, env=gateway_env(providers, keys, extra_env, product_edge_defaults=True),
                      client_key=keys[0], log_dir=tmp_path, runtime_config=runtime_config,
                      name=f"gateway{len(gateways)}")
         gateways.append(gw)
