@@ -155,7 +155,17 @@ impl Reads {
                 keys.extend(k);
             }
         }
-        let b = budget::state_keys(&config.edge.budgets, tenant);
+        // Budgets only bear on paid candidates: a plan without one reads none.
+        let paid = plan.candidates.iter().any(|c| {
+            config
+                .provider(&c.provider)
+                .is_some_and(|p| p.tier == Tier::Paid)
+        });
+        let b = if paid {
+            budget::state_keys(&config.edge.budgets, tenant)
+        } else {
+            Vec::new()
+        };
         let budget = b.len();
         keys.extend(b);
         keys.extend(extra.iter().cloned());
@@ -195,7 +205,11 @@ impl Reads {
             .iter()
             .map(|(p, n)| aimd::View::read(p, &take(*n), now_ms, &s.aimd))
             .collect();
-        let health = Health::read(&s.budgets, tenant, &take(self.budget), now_ms);
+        let health = if self.budget > 0 {
+            Health::read(&s.budgets, tenant, &take(self.budget), now_ms)
+        } else {
+            Health::default()
+        };
         let extra = take(self.extra);
         Snapshot {
             plan,
