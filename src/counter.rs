@@ -74,11 +74,6 @@ impl Windowed {
         (tag >= self.window.min(self.layout.max_window())).then_some(count)
     }
 
-    /// The counter with this increment alone in its window.
-    pub fn started(&self) -> i64 {
-        self.layout.encode(self.window, self.delta.max(0) as u64)
-    }
-
     /// Starts this increment's window: writes `window × 2^bits + 0` unless the stored tag is
     /// already this window or a later one, so only a stale value is ever cleared, once per
     /// window however many instances race to do it.
@@ -125,26 +120,20 @@ fn rank_lease(v: i64) -> Option<u64> {
 
 /// Performs one increment and returns the count in its window, this increment included:
 /// `Kv::increment`, and if it landed on an earlier window's value (the first increment of a
-/// window, or the first ever: an absent counter reads as window 0), starts the window. The usual
-/// case is one compare-and-swap from exactly the value the increment returned to
-/// [`Windowed::started`]; if another writer got in between, [`Windowed::reset`] and a second
-/// increment.
+/// window, or the first ever: an absent counter reads as window 0), [`Windowed::reset`] starts
+/// the window and the increment is made again.
 ///
 /// Exact under concurrency: a value tagged with an earlier window is only ever replaced as a
-/// whole, and only by a value of the current window (the swap succeeds only if nothing landed
-/// after this increment; the reset writes only over an older tag). Every increment that landed
-/// on the stale value was told so and repeats itself after the window has started, and none
-/// that landed on the current window's value is ever wiped.
+/// whole, and only by `window × 2^bits + 0` (the reset writes only over an older tag, by
+/// compare-and-swap). Every increment that landed on the stale value was told so and repeats
+/// itself after the window has started, and none that landed on the current window's value is
+/// ever wiped. The reset is idempotent — a value ranked by its tag only ever moves up — so it
+/// stays exact on a store whose compare-and-swap misreports its outcome (Spin's Redis store
+/// reports every swap as failed, written or not: see `components/gateway/src/kv.rs`), where a
+/// "swap from exactly the value my increment returned" could neither be trusted nor retried.
 pub fn perform(kv: &(impl Kv + ?Sized), inc: &Windowed) -> KvResult<u64> {
-    let observed = kv.increment(&inc.key, inc.delta)?;
-    if let Some(c) = inc.settle(observed) {
+    if let Some(c) = inc.settle(kv.increment(&inc.key, inc.delta)?) {
         return Ok(c);
-    }
-    let started = inc.started();
-    if kv.swap_counter(&inc.key, observed, started)? {
-        if let Some(c) = inc.settle(started) {
-            return Ok(c);
-        }
     }
     kv::apply(kv, &inc.reset())?;
     inc.settle(kv.increment(&inc.key, inc.delta)?)

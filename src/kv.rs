@@ -33,23 +33,11 @@ pub trait Kv {
     }
     fn delete(&self, key: &str) -> KvResult<()>;
     fn exists(&self, key: &str) -> KvResult<bool>;
-    /// Adds `delta` to the i64 stored at `key` (absent counts as 0) and returns the new value.
-    /// Values are 8 little-endian bytes, as Spin's stores keep them.
+    /// Adds `delta` to the i64 stored at `key` (absent counts as 0) and returns the new value,
+    /// in the store's counter encoding ([`CounterEncoding`]).
     fn increment(&self, key: &str, delta: i64) -> KvResult<i64>;
     /// Writes `new` only if the current value is `expected` (`None`: absent); true if written.
     fn compare_and_swap(&self, key: &str, expected: Option<&[u8]>, new: &[u8]) -> KvResult<bool>;
-    /// Compare-and-swap on a counter by value: writes `new`, in the stored counter's encoding
-    /// ([`CounterEncoding`]), only if the counter holds `expected` now; false otherwise. Stores
-    /// whose swap reads the current value anyway (Spin's `atomics::cas`) override it to do both
-    /// in one compare-and-swap.
-    fn swap_counter(&self, key: &str, expected: i64, new: i64) -> KvResult<bool> {
-        let current = self.get(key)?;
-        if current.as_deref().and_then(decode_counter) != Some(expected) {
-            return Ok(false);
-        }
-        let bytes = encode_counter_like(current.as_deref(), new);
-        self.compare_and_swap(key, current.as_deref(), &bytes)
-    }
 }
 
 /// How a store keeps the counters its `increment` writes: Spin's SQLite store as 8 little-endian

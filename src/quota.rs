@@ -295,11 +295,6 @@ impl Increment {
         })
     }
 
-    /// The counter with this increment alone in its window: `window × 2^36 + delta`.
-    pub fn started(&self) -> i64 {
-        self.windowed().started()
-    }
-
     /// Starts this increment's window on the counter ([`counter::Windowed::reset`]).
     pub fn reset(&self) -> KvOp {
         self.windowed().reset()
@@ -358,18 +353,10 @@ pub fn usage(
         .collect()
 }
 
-/// Performs one increment: `Kv::increment`, and if it landed on an earlier window's value (the
-/// first request of a window, or the first ever: an absent counter reads as window 0), starts
-/// the window. The usual case is one compare-and-swap from exactly the value the increment
-/// returned to [`Increment::started`] (this increment counted alone in the new window): two
-/// writes in all. If another writer got in between, [`Increment::reset`] and a second increment.
-///
-/// Exact under concurrency: a value tagged with an earlier window is only ever replaced as a
-/// whole, and only by a value of the current window (the compare-and-swap succeeds only if
-/// nothing landed after this increment; the reset writes only over an older tag). Every
-/// increment that landed on the stale value was told so and repeats itself after the window has
-/// started, and none that landed on the current window's value is ever wiped: each request is
-/// counted exactly once in its window.
+/// Performs one increment ([`counter::perform`]): `Kv::increment`, and if it landed on an
+/// earlier window's value (the first request of a window, or the first ever), the window is
+/// started by [`Increment::reset`] and the increment made again. Each request is counted exactly
+/// once in its window, across instances.
 pub fn perform(kv: &(impl Kv + ?Sized), inc: &Increment) -> KvResult<Counted> {
     let count = counter::perform(kv, &inc.windowed())?;
     Ok(Counted {
@@ -1019,7 +1006,7 @@ mod tests {
     }
 
     #[test]
-    fn a_window_starts_with_one_compare_and_swap_and_falls_back_under_contention() {
+    fn a_window_starts_with_a_reset_and_a_second_increment_even_under_contention() {
         let inc = Increment {
             kind: Kind::Rpm,
             key: "k".into(),
@@ -1034,10 +1021,13 @@ mod tests {
         };
         kv.inner.set("k", &encode(6, 9).to_le_bytes()).unwrap();
         assert_eq!(perform(&kv, &inc).unwrap().count, 1);
-        // Stores like Spin's read the value in their swap; this one reads it first.
-        assert_eq!(*kv.ops.lock().unwrap(), ["increment", "get", "cas"]);
+        assert_eq!(
+            *kv.ops.lock().unwrap(),
+            ["increment", "get", "cas", "increment"]
+        );
         assert_eq!(perform(&kv, &inc).unwrap().count, 2);
-        // Contended: the swap fails, the reset and a second increment follow.
+        // Contended: another increment lands between the read and the swap; the reset reads
+        // again and swaps, and this increment is made once in the new window.
         kv.inner.set("k", &encode(6, 9).to_le_bytes()).unwrap();
         kv.ops.lock().unwrap().clear();
         *kv.armed.lock().unwrap() = true;
@@ -1051,6 +1041,60 @@ mod tests {
             decode_counter(&kv.inner.get("k").unwrap().unwrap()),
             Some(encode(7, 1))
         );
+    }
+
+    /// A store whose compare-and-swap writes but reports failure, as Spin's Redis store does
+    /// (its `UNWATCH <key>` is refused after a successful `EXEC`): counting stays exact.
+    struct Lying(MemKv);
+
+    impl Kv for Lying {
+        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
+            self.0.get(key)
+        }
+        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
+            self.0.get_many(keys)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
+            self.0.set(key, value)
+        }
+        fn delete(&self, key: &str) -> KvResult<()> {
+            self.0.delete(key)
+        }
+        fn exists(&self, key: &str) -> KvResult<bool> {
+            self.0.exists(key)
+        }
+        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
+            self.0.increment(key, delta)
+        }
+        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
+            self.0.compare_and_swap(key, e, new).map(|_| false)
+        }
+    }
+
+    #[test]
+    fn counts_stay_exact_on_a_store_that_misreports_its_swaps() {
+        let kv = Arc::new(Lying(MemKv::redis_like()));
+        let inc = |window: u64| Increment {
+            kind: Kind::Tpd,
+            key: "k".into(),
+            delta: 7,
+            window,
+            limit: None,
+        };
+        perform(&*kv, &inc(1)).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let kv = kv.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        perform(&*kv, &inc(2)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let stored = decode_counter(&kv.0.get("k").unwrap().unwrap()).unwrap();
+        assert_eq!(decode(stored), Some((2, 8 * 50 * 7)));
     }
 
     #[test]

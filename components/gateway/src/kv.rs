@@ -1,7 +1,7 @@
 //! [`freerelay::kv::Kv`] over Spin's `wasi:keyvalue` store, batch and atomics: the only place
 //! the gateway touches the platform's key-value store.
 
-use freerelay::kv::{decode_counter, encode_counter_like, Kv, KvError, KvResult};
+use freerelay::kv::{Kv, KvError, KvResult};
 use spin_sdk::wit::wasi::keyvalue::{atomics, batch, store};
 
 /// The `default` store, opened once per request.
@@ -22,6 +22,15 @@ impl SpinKv {
         store::open("default")
             .map(|bucket| Self { bucket })
             .map_err(err)
+    }
+
+    /// A swap the host called failed: did it write all the same? Spin's Redis store ends every
+    /// swap with `UNWATCH <key>`, which Redis refuses (UNWATCH takes no argument), so it reports
+    /// `cas-failed` after a `MULTI/SET/EXEC` that did write. Our value in the key means the swap
+    /// won (only a writer of the very same bytes at the same moment could make that wrong, and
+    /// then both wanted the same state).
+    fn swapped_anyway(&self, key: &str, written: &[u8]) -> KvResult<bool> {
+        Ok(self.bucket.get(key).map_err(err)?.as_deref() == Some(written))
     }
 }
 
@@ -81,20 +90,7 @@ impl Kv for SpinKv {
         }
         match atomics::swap(cas, new) {
             Ok(()) => Ok(true),
-            Err(atomics::CasError::CasFailed(_)) => Ok(false),
-            Err(atomics::CasError::StoreError(e)) => Err(err(e)),
-        }
-    }
-
-    fn swap_counter(&self, key: &str, expected: i64, new: i64) -> KvResult<bool> {
-        let cas = atomics::Cas::new(&self.bucket, key).map_err(err)?;
-        let current = cas.current().map_err(err)?;
-        if current.as_deref().and_then(decode_counter) != Some(expected) {
-            return Ok(false);
-        }
-        match atomics::swap(cas, &encode_counter_like(current.as_deref(), new)) {
-            Ok(()) => Ok(true),
-            Err(atomics::CasError::CasFailed(_)) => Ok(false),
+            Err(atomics::CasError::CasFailed(_)) => self.swapped_anyway(key, new),
             Err(atomics::CasError::StoreError(e)) => Err(err(e)),
         }
     }
