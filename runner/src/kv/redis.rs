@@ -16,8 +16,9 @@
 //!   (not a key/value pair), so `wasi:keyvalue/batch.get-many` fails under Spin with Redis. Here
 //!   it is one `MGET`, returning the present keys only (as [`KvBackend::get_many`] says);
 //! - its compare-and-swap `WATCH`es the key in `current` and runs `MULTI`/`SET`/`EXEC` in
-//!   `swap`, but reads an aborted `EXEC` (a nil reply: the key changed) as success, so a lost
-//!   race silently overwrites nothing and reports that it won. Here a swap is one atomic
+//!   `swap`, then `UNWATCH <key>` — which Redis refuses (`UNWATCH` takes no argument), so every
+//!   swap is reported as failed, written or not (were it accepted, an aborted `EXEC`, a nil
+//!   reply, would read as success). Here a swap is one atomic
 //!   command that honours [`CasExpectation`]: a plain `SET` (no `current` call), `SET … NX`
 //!   (`current` saw no value), or a Lua script that compares the value and sets it (`EVALSHA`,
 //!   loaded once per server).
