@@ -200,50 +200,46 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
                 .into_iter()
                 .chain(stats::key_state_keys(&config))
                 .collect();
-            let report = kv::SpinKv::open_default()
-                .and_then(|kv| kv.get_many(&wanted))
-                .map(|values| {
-                    let (counters, keys) = values.split_at(n.min(values.len()));
-                    let mut r = stats::report(counters);
-                    r["keys"] = stats::keys_report(&config, keys, now_ms());
-                    r
-                });
-            match report {
-                Ok(r) => {
-                    let body = serde_json::to_vec(&r).unwrap_or_default();
-                    ctx.reply(out, Reply::json(200, body)).await
-                }
-                Err(e) => {
-                    ctx.log(&Event::StateUnavailable {
-                        error: e.to_string(),
-                    });
-                    ctx.error(out, &ApiError::internal("The state store is unavailable."))
-                        .await
-                }
-            }
+            let report = |values: Vec<Option<Vec<u8>>>| {
+                let (counters, keys) = values.split_at(n.min(values.len()));
+                let mut r = stats::report(counters);
+                r["keys"] = stats::keys_report(&config, keys, now_ms());
+                r
+            };
+            state_reply(&ctx, out, &wanted, report).await
         }
         Endpoint::State => {
             let now = now_ms();
             let wanted = edge::state_keys(&config, &tenant, now);
-            let report = kv::SpinKv::open_default()
-                .and_then(|kv| kv.get_many(&wanted))
-                .map(|values| edge::state_report(&config, &tenant, &values, now));
-            match report {
-                Ok(r) => {
-                    let body = serde_json::to_vec(&r).unwrap_or_default();
-                    ctx.reply(out, Reply::json(200, body)).await
-                }
-                Err(e) => {
-                    ctx.log(&Event::StateUnavailable {
-                        error: e.to_string(),
-                    });
-                    ctx.error(out, &ApiError::internal("The state store is unavailable."))
-                        .await
-                }
-            }
+            let report =
+                |values: Vec<Option<Vec<u8>>>| edge::state_report(&config, &tenant, &values, now);
+            state_reply(&ctx, out, &wanted, report).await
         }
         Endpoint::ChatCompletions => chat(&ctx, req, &headers, out, &config, &tenant).await,
         Endpoint::Health => {}
+    }
+}
+
+/// Reads `keys` in one batch and answers with the JSON `report` makes of them (the stats and
+/// state endpoints); a store that cannot be read is a 500.
+async fn state_reply(
+    ctx: &Ctx,
+    out: ResponseOutparam,
+    keys: &[String],
+    report: impl FnOnce(Vec<Option<Vec<u8>>>) -> serde_json::Value,
+) {
+    match kv::SpinKv::open_default().and_then(|kv| kv.get_many(keys)) {
+        Ok(values) => {
+            let body = serde_json::to_vec(&report(values)).unwrap_or_default();
+            ctx.reply(out, Reply::json(200, body)).await
+        }
+        Err(e) => {
+            ctx.log(&Event::StateUnavailable {
+                error: e.to_string(),
+            });
+            ctx.error(out, &ApiError::internal("The state store is unavailable."))
+                .await
+        }
     }
 }
 
