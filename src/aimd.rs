@@ -923,14 +923,7 @@ mod tests {
     #[test]
     fn settings_from_variables() {
         assert_eq!(Settings::from_vars(|_| None), Ok(Settings::default()));
-        let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
+        use crate::config::tests::vars;
         let s = Settings::from_vars(vars(&[
             (INITIAL_LIMIT, "8"),
             (MIN_LIMIT, "2"),

@@ -1233,14 +1233,7 @@ mod tests {
     fn settings_from_variables() {
         let none = |_: &str| None;
         assert_eq!(Settings::from_vars(none), Ok(Settings::default()));
-        let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
+        use crate::config::tests::vars;
         let s = Settings::from_vars(vars(&[
             (FAILURE_RATE, " 0.25 "),
             (MIN_SAMPLES, "10"),

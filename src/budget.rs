@@ -995,13 +995,7 @@ mod tests {
         parse_usd(s).unwrap()
     }
 
-    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
+    use crate::config::tests::vars;
 
     fn budgets(pairs: &[(&str, &str)]) -> Budgets {
         Budgets::from_vars(vars(pairs)).unwrap()

@@ -548,12 +548,17 @@ pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    pub(crate) fn config_of(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    /// A variable lookup over `pairs` (absent names: `None`), as Spin's would be.
+    pub(crate) fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        Config::from_vars(|k| map.get(k).cloned())
+        move |k| map.get(k).cloned()
+    }
+
+    pub(crate) fn config_of(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars(pairs))
     }
 
     #[test]

@@ -704,21 +704,15 @@ mod tests {
     use super::*;
     use crate::kv::MemKv;
     use crate::route::plan_request;
-    use std::collections::HashMap;
 
     fn config(extra: &[(&str, &str)]) -> Config {
-        let mut vars: HashMap<String, String> = [
+        let mut pairs = vec![
             ("groq_api_key", "gk"),
             ("cerebras_api_key", "ck"),
             ("openai_api_key", "ok"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            vars.insert(k.to_string(), v.to_string());
-        }
-        Config::from_vars(|n| vars.get(n).cloned()).unwrap()
+        ];
+        pairs.extend_from_slice(extra);
+        crate::config::tests::config_of(&pairs).unwrap()
     }
 
     fn tenant() -> Tenant {
