@@ -978,7 +978,7 @@ impl QuotaForecast {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::{KvError, MemKv};
+    use crate::kv::{testing, KvError, MemKv};
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
@@ -1005,56 +1005,30 @@ mod tests {
         crate::auth::digest_hex(key)
     }
 
-    /// A store that records every write and counts the EWMA compare-and-swaps.
+    /// Records every write and counts the EWMA compare-and-swaps.
     #[derive(Default)]
-    struct Spy {
-        inner: MemKv,
+    struct Recorder {
         written: Mutex<Vec<(String, Vec<u8>)>>,
         ewma_swaps: AtomicUsize,
     }
 
-    impl Spy {
-        fn redis_like() -> Self {
-            Self {
-                inner: MemKv::redis_like(),
-                ..Self::default()
+    impl testing::Hook for Recorder {
+        fn before(&self, op: &'static str, key: &str, _inner: &MemKv) -> KvResult<()> {
+            if op == "cas" && key.ends_with(":ewma") {
+                self.ewma_swaps.fetch_add(1, Ordering::SeqCst);
             }
+            Ok(())
         }
-        fn log(&self, key: &str, value: &[u8]) {
+        fn wrote(&self, key: &str, value: &[u8]) {
             let mut w = self.written.lock().unwrap();
             w.push((key.to_owned(), value.to_vec()));
         }
     }
 
-    impl Kv for Spy {
-        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
-            self.inner.get(key)
-        }
-        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
-            self.inner.get_many(keys)
-        }
-        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
-            self.log(key, value);
-            self.inner.set(key, value)
-        }
-        fn delete(&self, key: &str) -> KvResult<()> {
-            self.inner.delete(key)
-        }
-        fn exists(&self, key: &str) -> KvResult<bool> {
-            self.inner.exists(key)
-        }
-        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
-            let v = self.inner.increment(key, delta)?;
-            self.log(key, v.to_string().as_bytes());
-            Ok(v)
-        }
-        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
-            if key.ends_with(":ewma") {
-                self.ewma_swaps.fetch_add(1, Ordering::SeqCst);
-            }
-            self.log(key, new);
-            self.inner.compare_and_swap(key, e, new)
-        }
+    type Spy = testing::Hooked<Recorder>;
+
+    fn redis_spy() -> Spy {
+        testing::Hooked::new(MemKv::redis_like(), Recorder::default())
     }
 
     fn read(kv: &impl Kv, b: &Budgets, t: &Tenant, now: u64) -> Health {
@@ -1582,19 +1556,19 @@ mod tests {
         // A request a second for 10 minutes: one start, then a fold each minute, in each of the
         // two scopes (the gateway's, always counted, and the tenant's).
         burn(&kv, &b, &t, 10, 1000, start, start + 10 * MIN);
-        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), 2 * 10);
+        assert_eq!(kv.hook.ewma_swaps.load(Ordering::SeqCst), 2 * 10);
         // Without the read hint, the record is read and the swap still skipped within the minute.
-        let before = kv.ewma_swaps.load(Ordering::SeqCst);
+        let before = kv.hook.ewma_swaps.load(Ordering::SeqCst);
         for i in 0..30 {
             let now = start + 10 * MIN + i * 1000;
             record_spend(&kv, &b, &t, 10, &Health::default(), now).unwrap();
         }
-        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), before + 2);
+        assert_eq!(kv.hook.ewma_swaps.load(Ordering::SeqCst), before + 2);
         // A free answer writes nothing at all.
-        let writes = kv.written.lock().unwrap().len();
+        let writes = kv.hook.written.lock().unwrap().len();
         let r = record_spend(&kv, &b, &t, 0, &Health::default(), start + H).unwrap();
         assert!(r.is_empty());
-        assert_eq!(kv.written.lock().unwrap().len(), writes);
+        assert_eq!(kv.hook.written.lock().unwrap().len(), writes);
     }
 
     #[test]
@@ -1604,6 +1578,7 @@ mod tests {
         let start = utc(2026, 11, 25, 8, 0);
         let scopes_written = |kv: &Spy| {
             let mut scopes: Vec<String> = kv
+                .hook
                 .written
                 .lock()
                 .unwrap()
@@ -1620,7 +1595,7 @@ mod tests {
         burn(&kv, &b, &t, 1_000, 1000, start, start + 5 * MIN);
         assert_eq!(scopes_written(&kv), ["budget:v1:global"]);
         // One start, then a fold a minute.
-        assert_eq!(kv.ewma_swaps.load(Ordering::SeqCst), 5);
+        assert_eq!(kv.hook.ewma_swaps.load(Ordering::SeqCst), 5);
         let h = read(&kv, &b, &t, start + 5 * MIN);
         assert_eq!(h.budgets.len(), 2);
         let day = find(&h, "global", Period::Day);
@@ -1646,7 +1621,7 @@ mod tests {
         // A free answer writes nothing, not even the gateway's.
         let kv = Spy::default();
         let r = record_spend(&kv, &Budgets::default(), &t, 0, &Health::default(), start);
-        assert!(r.unwrap().is_empty() && kv.written.lock().unwrap().is_empty());
+        assert!(r.unwrap().is_empty() && kv.hook.written.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -1717,7 +1692,7 @@ mod tests {
 
     #[test]
     fn raw_user_ids_and_emails_are_never_written() {
-        for kv in [Spy::default(), Spy::redis_like()] {
+        for kv in [Spy::default(), redis_spy()] {
             let b = budgets(&[(USER_BUDGET_DAILY_USD, "1"), (TENANT_BUDGET_DAILY_USD, "5")]);
             let key = "fr-secret-client-key";
             let t = Tenant::of(&digest(key), None, Some("Alice.Liddell@Example.org"));
@@ -1726,7 +1701,7 @@ mod tests {
                 let seen = read(&kv, &b, &t, now + i * MIN);
                 record_spend(&kv, &b, &t, 1234, &seen, now + i * MIN).unwrap();
             }
-            let written = kv.written.lock().unwrap();
+            let written = kv.hook.written.lock().unwrap();
             assert!(written.len() > 10);
             let full = digest(key);
             for (k, v) in written.iter() {
@@ -1832,32 +1807,15 @@ mod tests {
     /// Store failures surface; nothing is retried silently.
     #[test]
     fn store_errors_are_returned() {
-        struct Broken;
-        impl Kv for Broken {
-            fn get(&self, _: &str) -> KvResult<Option<Vec<u8>>> {
-                Err(KvError("down".into()))
-            }
-            fn get_many(&self, _: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
-                Err(KvError("down".into()))
-            }
-            fn set(&self, _: &str, _: &[u8]) -> KvResult<()> {
-                Err(KvError("down".into()))
-            }
-            fn delete(&self, _: &str) -> KvResult<()> {
-                Err(KvError("down".into()))
-            }
-            fn exists(&self, _: &str) -> KvResult<bool> {
-                Err(KvError("down".into()))
-            }
-            fn increment(&self, _: &str, _: i64) -> KvResult<i64> {
-                Err(KvError("down".into()))
-            }
-            fn compare_and_swap(&self, _: &str, _: Option<&[u8]>, _: &[u8]) -> KvResult<bool> {
+        struct Down;
+        impl testing::Hook for Down {
+            fn before(&self, _: &'static str, _: &str, _: &MemKv) -> KvResult<()> {
                 Err(KvError("down".into()))
             }
         }
+        let broken = testing::Hooked::new(MemKv::default(), Down);
         let b = budgets(&[(BUDGET_DAILY_USD, "1")]);
         let t = Tenant::of(&digest("k"), None, None);
-        assert!(record_spend(&Broken, &b, &t, 5, &Health::default(), 0).is_err());
+        assert!(record_spend(&broken, &b, &t, 5, &Health::default(), 0).is_err());
     }
 }

@@ -369,6 +369,88 @@ impl Kv for MemKv {
     }
 }
 
+/// A test store around [`MemKv`] whose calls a [`testing::Hook`] sees first: to count, record,
+/// interfere, fail or misreport, with one pass-through implementation of [`Kv`] for them all.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Kv, KvResult, MemKv};
+
+    /// What a test store does around its calls; every method passes the call through by default.
+    pub(crate) trait Hook {
+        /// Before each call: `op` is `get`, `get_many`, `set`, `delete`, `exists`, `increment`
+        /// or `cas`, `key` its key (the first one for `get_many`); an error fails the call.
+        fn before(&self, _op: &'static str, _key: &str, _inner: &MemKv) -> KvResult<()> {
+            Ok(())
+        }
+        /// After a write to `key` (set, increment, or a swap that wrote), with its new value.
+        fn wrote(&self, _key: &str, _value: &[u8]) {}
+        /// What a swap reports, given whether it wrote.
+        fn reports(&self, written: bool) -> bool {
+            written
+        }
+    }
+
+    #[derive(Default)]
+    pub(crate) struct Hooked<H> {
+        pub inner: MemKv,
+        pub hook: H,
+    }
+
+    impl<H> Hooked<H> {
+        pub fn new(inner: MemKv, hook: H) -> Self {
+            Self { inner, hook }
+        }
+    }
+
+    impl<H: Hook> Hooked<H> {
+        fn wrote(&self, key: &str) -> KvResult<()> {
+            if let Some(v) = self.inner.get(key)? {
+                self.hook.wrote(key, &v);
+            }
+            Ok(())
+        }
+    }
+
+    impl<H: Hook> Kv for Hooked<H> {
+        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
+            self.hook.before("get", key, &self.inner)?;
+            self.inner.get(key)
+        }
+        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
+            let first = keys.first().map_or("", String::as_str);
+            self.hook.before("get_many", first, &self.inner)?;
+            self.inner.get_many(keys)
+        }
+        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
+            self.hook.before("set", key, &self.inner)?;
+            self.inner.set(key, value)?;
+            self.wrote(key)
+        }
+        fn delete(&self, key: &str) -> KvResult<()> {
+            self.hook.before("delete", key, &self.inner)?;
+            self.inner.delete(key)
+        }
+        fn exists(&self, key: &str) -> KvResult<bool> {
+            self.hook.before("exists", key, &self.inner)?;
+            self.inner.exists(key)
+        }
+        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
+            self.hook.before("increment", key, &self.inner)?;
+            let v = self.inner.increment(key, delta)?;
+            self.wrote(key)?;
+            Ok(v)
+        }
+        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
+            self.hook.before("cas", key, &self.inner)?;
+            let written = self.inner.compare_and_swap(key, e, new)?;
+            if written {
+                self.wrote(key)?;
+            }
+            Ok(self.hook.reports(written))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,55 +503,43 @@ mod tests {
     /// A store whose value changes under the caller between the read and the swap, a given
     /// number of times: the loop must re-read and decide again on the new value.
     struct Racy {
-        inner: MemKv,
         interference: Mutex<Vec<Vec<u8>>>,
     }
 
-    impl Kv for Racy {
-        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
-            self.inner.get(key)
-        }
-        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
-            self.inner.get_many(keys)
-        }
-        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
-            self.inner.set(key, value)
-        }
-        fn delete(&self, key: &str) -> KvResult<()> {
-            self.inner.delete(key)
-        }
-        fn exists(&self, key: &str) -> KvResult<bool> {
-            self.inner.exists(key)
-        }
-        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
-            self.inner.increment(key, delta)
-        }
-        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
-            if let Some(v) = self.interference.lock().unwrap().pop() {
-                self.inner.set(key, &v)?;
+    impl testing::Hook for Racy {
+        fn before(&self, op: &'static str, key: &str, inner: &MemKv) -> KvResult<()> {
+            let next = (op == "cas")
+                .then(|| self.interference.lock().unwrap().pop())
+                .flatten();
+            match next {
+                Some(v) => inner.set(key, &v),
+                None => Ok(()),
             }
-            self.inner.compare_and_swap(key, e, new)
         }
     }
 
     #[test]
     fn cas_update_retries_and_decides_on_the_fresh_value() {
-        let kv = Racy {
-            inner: MemKv::default(),
-            interference: Mutex::new(vec![b"7".to_vec(), b"2".to_vec()]),
-        };
+        let kv = testing::Hooked::new(
+            MemKv::default(),
+            Racy {
+                interference: Mutex::new(vec![b"7".to_vec(), b"2".to_vec()]),
+            },
+        );
         // Two other writers get in (2, then 7); proposing 5 must not overwrite 7.
         apply(&kv, &cas_max("k", 5)).unwrap();
         assert_eq!(kv.get("k").unwrap().as_deref(), Some(&b"7"[..]));
         // Endless interference exhausts the attempts with an error, never a silent loss.
-        let kv = Racy {
-            inner: MemKv::default(),
-            interference: Mutex::new(
-                (0..=CAS_ATTEMPTS)
-                    .map(|i| i.to_string().into_bytes())
-                    .collect(),
-            ),
-        };
+        let kv = testing::Hooked::new(
+            MemKv::default(),
+            Racy {
+                interference: Mutex::new(
+                    (0..=CAS_ATTEMPTS)
+                        .map(|i| i.to_string().into_bytes())
+                        .collect(),
+                ),
+            },
+        );
         let mut calls = 0;
         let r = cas_update(&kv, "k", |_| {
             calls += 1;

@@ -561,7 +561,7 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use crate::catalog::Scope;
-    use crate::kv::{self, decode_counter, MemKv};
+    use crate::kv::{self, decode_counter, testing, MemKv};
     use std::collections::BTreeSet;
     use std::sync::{Arc, Mutex};
 
@@ -968,40 +968,23 @@ mod tests {
         }
     }
 
-    /// Another instance's increment lands between ours and our compare-and-swap, once.
+    /// Records the calls that matter; once armed, another instance's increment lands between
+    /// a read and the compare-and-swap after it.
+    #[derive(Default)]
     struct Meddling {
-        inner: MemKv,
         armed: Mutex<bool>,
         ops: Mutex<Vec<&'static str>>,
     }
 
-    impl Kv for Meddling {
-        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
-            self.ops.lock().unwrap().push("get");
-            self.inner.get(key)
-        }
-        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
-            self.inner.get_many(keys)
-        }
-        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
-            self.inner.set(key, value)
-        }
-        fn delete(&self, key: &str) -> KvResult<()> {
-            self.inner.delete(key)
-        }
-        fn exists(&self, key: &str) -> KvResult<bool> {
-            self.inner.exists(key)
-        }
-        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
-            self.ops.lock().unwrap().push("increment");
-            self.inner.increment(key, delta)
-        }
-        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
-            self.ops.lock().unwrap().push("cas");
-            if std::mem::take(&mut *self.armed.lock().unwrap()) {
-                self.inner.increment(key, 1)?;
+    impl testing::Hook for Meddling {
+        fn before(&self, op: &'static str, key: &str, inner: &MemKv) -> KvResult<()> {
+            if matches!(op, "get" | "increment" | "cas") {
+                self.ops.lock().unwrap().push(op);
             }
-            self.inner.compare_and_swap(key, e, new)
+            if op == "cas" && std::mem::take(&mut *self.armed.lock().unwrap()) {
+                inner.increment(key, 1)?;
+            }
+            Ok(())
         }
     }
 
@@ -1014,27 +997,23 @@ mod tests {
             window: 7,
             limit: Some(2),
         };
-        let kv = Meddling {
-            inner: MemKv::default(),
-            armed: Mutex::new(false),
-            ops: Mutex::new(Vec::new()),
-        };
+        let kv = testing::Hooked::<Meddling>::default();
         kv.inner.set("k", &encode(6, 9).to_le_bytes()).unwrap();
         assert_eq!(perform(&kv, &inc).unwrap().count, 1);
         assert_eq!(
-            *kv.ops.lock().unwrap(),
+            *kv.hook.ops.lock().unwrap(),
             ["increment", "get", "cas", "increment"]
         );
         assert_eq!(perform(&kv, &inc).unwrap().count, 2);
         // Contended: another increment lands between the read and the swap; the reset reads
         // again and swaps, and this increment is made once in the new window.
         kv.inner.set("k", &encode(6, 9).to_le_bytes()).unwrap();
-        kv.ops.lock().unwrap().clear();
-        *kv.armed.lock().unwrap() = true;
+        kv.hook.ops.lock().unwrap().clear();
+        *kv.hook.armed.lock().unwrap() = true;
         let c = perform(&kv, &inc).unwrap();
         assert_eq!((c.count, c.admitted), (1, true));
         assert_eq!(
-            *kv.ops.lock().unwrap(),
+            *kv.hook.ops.lock().unwrap(),
             ["increment", "get", "cas", "get", "cas", "increment"]
         );
         assert_eq!(
@@ -1045,35 +1024,17 @@ mod tests {
 
     /// A store whose compare-and-swap writes but reports failure, as Spin's Redis store does
     /// (its `UNWATCH <key>` is refused after a successful `EXEC`): counting stays exact.
-    struct Lying(MemKv);
+    struct Lying;
 
-    impl Kv for Lying {
-        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
-            self.0.get(key)
-        }
-        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
-            self.0.get_many(keys)
-        }
-        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
-            self.0.set(key, value)
-        }
-        fn delete(&self, key: &str) -> KvResult<()> {
-            self.0.delete(key)
-        }
-        fn exists(&self, key: &str) -> KvResult<bool> {
-            self.0.exists(key)
-        }
-        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
-            self.0.increment(key, delta)
-        }
-        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
-            self.0.compare_and_swap(key, e, new).map(|_| false)
+    impl testing::Hook for Lying {
+        fn reports(&self, _written: bool) -> bool {
+            false
         }
     }
 
     #[test]
     fn counts_stay_exact_on_a_store_that_misreports_its_swaps() {
-        let kv = Arc::new(Lying(MemKv::redis_like()));
+        let kv = Arc::new(testing::Hooked::new(MemKv::redis_like(), Lying));
         let inc = |window: u64| Increment {
             kind: Kind::Tpd,
             key: "k".into(),
@@ -1093,7 +1054,7 @@ mod tests {
             })
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
-        let stored = decode_counter(&kv.0.get("k").unwrap().unwrap()).unwrap();
+        let stored = decode_counter(&kv.inner.get("k").unwrap().unwrap()).unwrap();
         assert_eq!(decode(stored), Some((2, 8 * 50 * 7)));
     }
 
@@ -1138,46 +1099,18 @@ mod tests {
     /// Records every key written, to show the key count stays bounded.
     #[derive(Default)]
     struct Recording {
-        inner: MemKv,
         written: Mutex<BTreeSet<String>>,
     }
 
-    impl Recording {
-        fn wrote(&self, key: &str) {
+    impl testing::Hook for Recording {
+        fn wrote(&self, key: &str, _value: &[u8]) {
             self.written.lock().unwrap().insert(key.to_owned());
-        }
-    }
-
-    impl Kv for Recording {
-        fn get(&self, key: &str) -> KvResult<Option<Vec<u8>>> {
-            self.inner.get(key)
-        }
-        fn get_many(&self, keys: &[String]) -> KvResult<Vec<Option<Vec<u8>>>> {
-            self.inner.get_many(keys)
-        }
-        fn set(&self, key: &str, value: &[u8]) -> KvResult<()> {
-            self.wrote(key);
-            self.inner.set(key, value)
-        }
-        fn delete(&self, key: &str) -> KvResult<()> {
-            self.inner.delete(key)
-        }
-        fn exists(&self, key: &str) -> KvResult<bool> {
-            self.inner.exists(key)
-        }
-        fn increment(&self, key: &str, delta: i64) -> KvResult<i64> {
-            self.wrote(key);
-            self.inner.increment(key, delta)
-        }
-        fn compare_and_swap(&self, key: &str, e: Option<&[u8]>, new: &[u8]) -> KvResult<bool> {
-            self.wrote(key);
-            self.inner.compare_and_swap(key, e, new)
         }
     }
 
     #[test]
     fn keys_stay_bounded_over_sparse_traffic() {
-        let kv = Recording::default();
+        let kv = testing::Hooked::<Recording>::default();
         let q = quota(limits(Some(30), Some(1_000), Some(6_000), Some(100_000)));
         // A request every 7 minutes for 20 days, with gaps: windows are never revisited soon.
         let mut now = utc(2026, 3, 1, 0, 0);
@@ -1186,7 +1119,7 @@ mod tests {
             record_usage(&kv, &q, 100, 20, now + 1_000).unwrap();
             now += 7 * 60_000;
         }
-        let written = kv.written.lock().unwrap().clone();
+        let written = kv.hook.written.lock().unwrap().clone();
         let expected: BTreeSet<String> = Kind::ALL.iter().map(|k| q.key(*k)).collect();
         assert_eq!(written, expected);
         // And each holds the current window only.
