@@ -245,15 +245,16 @@ impl Snapshot {
     }
 }
 
-/// Steps 1, 2 and 4 of the shaping (the module doc); the events say what was passed over.
+/// Steps 1, 2 and 4 of the shaping (the module doc). `events` receives what was passed over
+/// and why, whether the plan survives or not.
 pub fn shape(
     mut plan: Plan,
     config: &Config,
     snap: &Snapshot,
     mode: Mode,
     now_ms: u64,
-) -> Result<(Plan, Vec<Event>), ApiError> {
-    let mut events = Vec::new();
+    events: &mut Vec<Event>,
+) -> Result<Plan, ApiError> {
     let tier = |c: &Candidate| config.provider(&c.provider).map_or(Tier::Free, |p| p.tier);
     let skipped = |c: &Candidate, reason: &'static str| Event::Skipped {
         provider: c.provider.clone(),
@@ -331,7 +332,7 @@ pub fn shape(
         }
     }
     plan.candidates = room.into_iter().chain(full).collect();
-    Ok((plan, events))
+    Ok(plan)
 }
 
 /// What an attempt on a candidate may do, decided right before it is sent.
@@ -754,7 +755,8 @@ mod tests {
             .unwrap();
         }
         let snap = snapshot(&c, &plan, &kv, now + 1);
-        let (shaped, events) = shape(plan.clone(), &c, &snap, Mode::Auto, now + 1).unwrap();
+        let mut events = Vec::new();
+        let shaped = shape(plan.clone(), &c, &snap, Mode::Auto, now + 1, &mut events).unwrap();
         assert!(!names(&shaped).contains(&format!("{}/{}", first.provider, first.model)));
         assert!(events.iter().any(|e| matches!(
             e,
@@ -773,7 +775,7 @@ mod tests {
         )
         .unwrap();
         let snap = snapshot(&c, &single, &kv, now + 1);
-        let e = shape(single, &c, &snap, Mode::Auto, now + 1).unwrap_err();
+        let e = shape(single, &c, &snap, Mode::Auto, now + 1, &mut events).unwrap_err();
         assert_eq!(e.status, 503);
         assert!(e.retry_after.is_some_and(|s| s >= 1), "{e:?}");
     }
@@ -787,12 +789,17 @@ mod tests {
         let plan = plan_request(&c, "auto", &[], Mode::Auto, 0).unwrap();
         assert!(names(&plan).iter().any(|n| n.starts_with("openai/")));
         let snap = snapshot(&c, &plan, &kv, now);
-        let (shaped, _) = shape(plan, &c, &snap, Mode::Auto, now).unwrap();
+        let mut events = Vec::new();
+        let shaped = shape(plan, &c, &snap, Mode::Auto, now, &mut events).unwrap();
         assert!(!names(&shaped).iter().any(|n| n.starts_with("openai/")));
         let paid = plan_request(&c, "paid", &[], Mode::Auto, 0).unwrap();
         let snap = snapshot(&c, &paid, &kv, now);
-        let e = shape(paid, &c, &snap, Mode::Auto, now).unwrap_err();
+        let mut events = Vec::new();
+        let e = shape(paid, &c, &snap, Mode::Auto, now, &mut events).unwrap_err();
         assert_eq!((e.status, e.kind), (429, "insufficient_quota"));
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::BudgetExhausted { period, .. } if period == "day")));
     }
 
     #[test]
@@ -809,7 +816,7 @@ mod tests {
         };
         let stale = snap;
         let snap = snapshot(&c, &plan, &kv, now);
-        let (shaped, _) = shape(plan, &c, &snap, Mode::Auto, now).unwrap();
+        let shaped = shape(plan, &c, &snap, Mode::Auto, now, &mut Vec::new()).unwrap();
         assert_eq!(shaped.candidates.last().unwrap().provider, first.provider);
         // A request that read before it is refused at the gate, and passes while others are left…
         assert!(matches!(

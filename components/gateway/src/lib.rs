@@ -360,11 +360,11 @@ async fn chat(
         .iter()
         .map(|_| ("x-freerelay-cache", "miss".to_owned()))
         .collect();
-    let plan = match edge::shape(plan, config, &snap, mode, now) {
-        Ok((p, events)) => {
-            events.iter().for_each(|e| ctx.log(e));
-            p
-        }
+    let mut shaped = Vec::new();
+    let shaping = edge::shape(plan, config, &snap, mode, now, &mut shaped);
+    shaped.iter().for_each(|e| ctx.log(e));
+    let plan = match shaping {
+        Ok(p) => p,
         Err(e) => {
             ctx.log(&Event::Refused {
                 model: request.model.clone(),
