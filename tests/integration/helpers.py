@@ -357,3 +357,21 @@ def usage_cost(usage) -> object | None:
         return usage.get("cost")
     extra = getattr(usage, "model_extra", None) or {}
     return extra.get("cost", getattr(usage, "cost", None))
+
+
+def complete(client, *, stream: bool = False, **kw):
+    """One chat completion through the SDK: (headers, content, cost in micro-dollars or None).
+    Streams ask for the usage chunk, where their cost is (`usage.cost`)."""
+    if stream:
+        kw.setdefault("stream_options", {"include_usage": True})
+    raw = client.chat.completions.with_raw_response.create(stream=stream, **kw)
+    if not stream:
+        c = raw.parse()
+        return raw.headers, c.choices[0].message.content, cost_header_micro(raw.headers)
+    text, cost = "", None
+    for chunk in raw.parse():
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage is not None and usage_cost(chunk.usage) is not None:
+            cost = micro(usage_cost(chunk.usage))
+    return raw.headers, text, cost

@@ -25,7 +25,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import (aimd_in_flight, aimd_limit, assert_openai_error, breaker, breaker_failures,
+from helpers import (aimd_in_flight, complete, aimd_limit, assert_openai_error, breaker, breaker_failures,
                      breaker_level, breaker_state, breaker_until_ms, budget_scope, budget_tenant,
                      cache_counters, cache_status, cost_header_micro, micro, scope_limit_micro,
                      scope_spent_micro, scope_spent_usd, spent_micro, sse_events, state_now_ms,
@@ -57,24 +57,6 @@ def user(text: str = PROMPT) -> list[dict]:
 def env(**variables) -> dict[str, str]:
     """`env(breaker_cooldown_ms=1500)` -> {"SPIN_VARIABLE_BREAKER_COOLDOWN_MS": "1500"}."""
     return {f"SPIN_VARIABLE_{k.upper()}": str(v) for k, v in variables.items()}
-
-
-def complete(client: openai.OpenAI, *, stream: bool = False, **kw):
-    """One chat completion through the SDK: (headers, content, cost in micro-dollars or None).
-    Streams ask for the usage chunk, where their cost is (`usage.cost`)."""
-    if stream:
-        kw.setdefault("stream_options", {"include_usage": True})
-    raw = client.chat.completions.with_raw_response.create(stream=stream, **kw)
-    if not stream:
-        c = raw.parse()
-        return raw.headers, c.choices[0].message.content, cost_header_micro(raw.headers)
-    text, cost = "", None
-    for chunk in raw.parse():
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        if chunk.usage is not None and usage_cost(chunk.usage) is not None:
-            cost = micro(usage_cost(chunk.usage))
-    return raw.headers, text, cost
 
 
 def post(gw, body: dict, *, key: str | None = None, headers: dict | None = None) -> httpx.Response:

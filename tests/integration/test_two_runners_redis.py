@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import (assert_openai_error, breaker_state, cache_status, cost_header_micro, micro,
+from helpers import (assert_openai_error, complete, breaker_state, cache_status, cost_header_micro, micro,
                      quota_entries, spent_micro, upstream_model, usage_cost, wait_until)
 
 GROQ_8B = "groq/llama-3.1-8b-instant"
@@ -57,23 +57,6 @@ def new_keys() -> list[str]:
 
 def redis_db(runtime_config) -> int:
     return int(re.search(r"/(\d+)\"", runtime_config.read_text()).group(1))
-
-
-def complete(client: openai.OpenAI, *, stream: bool = False, **kw):
-    """(headers, content, cost in micro-dollars or None)."""
-    if stream:
-        kw.setdefault("stream_options", {"include_usage": True})
-    raw = client.chat.completions.with_raw_response.create(stream=stream, **kw)
-    if not stream:
-        c = raw.parse()
-        return raw.headers, c.choices[0].message.content, cost_header_micro(raw.headers)
-    text, cost = "", None
-    for chunk in raw.parse():
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-        if chunk.usage is not None and usage_cost(chunk.usage) is not None:
-            cost = micro(usage_cost(chunk.usage))
-    return raw.headers, text, cost
 
 
 # ---------------------------------------------------------------------------------------------
