@@ -645,18 +645,17 @@ async fn chat(
                         .await;
                     }
                     Err(failure) => {
-                        if failed(
+                        failed(
                             ctx,
                             store.as_ref(),
                             config,
                             &snap,
+                            &mut attempts,
                             &candidate,
                             held,
                             &failure,
                             true,
-                        ) {
-                            attempts.avoid(&candidate.provider, &candidate.model);
-                        }
+                        );
                         let ms = sent.elapsed().as_millis() as u64;
                         let decided =
                             attempts.failed(&candidate, &key_id, failure, Some(status), ms);
@@ -713,18 +712,17 @@ async fn chat(
             }
             Err((failure, upstream_status)) => {
                 let sent = !not_sent;
-                if failed(
+                failed(
                     ctx,
                     store.as_ref(),
                     config,
                     &snap,
+                    &mut attempts,
                     &candidate,
                     held,
                     &failure,
                     sent,
-                ) {
-                    attempts.avoid(&candidate.provider, &candidate.model);
-                }
+                );
                 let decided =
                     attempts.failed(&candidate, &key_id, failure, upstream_status, ttfb_ms);
                 ctx.apply(store.as_ref(), &decided.ops);
@@ -1376,20 +1374,21 @@ fn answered(
 }
 
 /// An attempt failed: its breaker counts it when it was sent and the failure is the provider's
-/// ([`breaker::is_failure`]); a 429 or a timeout halves the provider's AIMD window. True when
-/// the breaker opened (the request then stops asking that model).
+/// ([`breaker::is_failure`]); a 429 or a timeout halves the provider's AIMD window. When the
+/// breaker opens, the request stops asking that model.
 #[allow(clippy::too_many_arguments)]
 fn failed(
     ctx: &Ctx,
     store: Option<&kv::SpinKv>,
     config: &Config,
     snap: &Snapshot,
+    attempts: &mut Attempts,
     c: &Candidate,
     held: Held,
     failure: &Failure,
     sent: bool,
-) -> bool {
-    let Some(store) = store else { return false };
+) {
+    let Some(store) = store else { return };
     let mut opened = false;
     if sent {
         let bad = breaker::is_failure(&failure.cause);
@@ -1423,7 +1422,9 @@ fn failed(
         }
     }
     end_lease(ctx, Some(store), config, held.lease, false, congestion);
-    opened
+    if opened {
+        attempts.avoid(&c.provider, &c.model);
+    }
 }
 
 /// Ends an AIMD lease (see [`edge::aimd_outcome`]).
