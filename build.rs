@@ -35,6 +35,11 @@ struct Provider {
     reset: String,
     scope: String,
     quirks: Quirks,
+    /// The router's prior for the time to a short answer, in ms (learned online after).
+    latency_ms: u32,
+    /// The free tier may use prompts for training: a risk for prompts with personal data.
+    #[serde(default)]
+    trains_on_data: bool,
     #[serde(default)]
     model: Vec<Model>,
 }
@@ -64,6 +69,11 @@ struct Model {
     price: Option<Price>,
     limits: Option<Limits>,
     scope: Option<String>,
+    /// The router's prior quality in 0..1 (editorial; learned online after).
+    quality: f32,
+    /// Task families it is better than its quality at.
+    #[serde(default)]
+    strong: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +93,20 @@ struct Limits {
     tpd: Option<u32>,
     source: String,
 }
+
+const FAMILIES: &[&str] = &[
+    "chat",
+    "code",
+    "math",
+    "extraction",
+    "summarisation",
+    "translation",
+    "creative",
+    "reasoning",
+    "classification",
+    "tool_use",
+    "background",
+];
 
 const CAPS: &[&str] = &[
     "tools",
@@ -173,7 +197,7 @@ fn generate(cat: &Catalogue) -> Result<String, String> {
              auth: Auth::{auth}, default_origin: {:?}, api_path: {:?}, default_model: {:?}, \
              reset: Reset::{reset},\n        quirks: Quirks {{ stream_options: {}, max_tokens: \
              MaxTokensField::{max_tokens}, max_stop: {:?}, drop: &{:?}, rename: &{:?}, \
-             prefix_flag: {} }},\n        models: &[",
+             prefix_flag: {} }},\n        latency_ms: {}, trains_on_data: {},\n        models: &[",
             p.id,
             p.name,
             p.origin,
@@ -187,6 +211,8 @@ fn generate(cat: &Catalogue) -> Result<String, String> {
                 .map(|(a, b)| (a.as_str(), b.as_str()))
                 .collect::<Vec<_>>(),
             q.prefix_flag,
+            p.latency_ms,
+            p.trains_on_data,
         )
         .unwrap();
         let mut model_ids = Vec::new();
@@ -224,6 +250,12 @@ fn generate(cat: &Catalogue) -> Result<String, String> {
                 }
                 None => "None".into(),
             };
+            if !(0.0..=1.0).contains(&m.quality) {
+                return Err(at("quality must be in 0..1"));
+            }
+            if let Some(f) = m.strong.iter().find(|f| !FAMILIES.contains(&f.as_str())) {
+                return Err(at(&format!("unknown task family `{f}` in strong")));
+            }
             let scope = scope(m.scope.as_deref().unwrap_or(&p.scope)).ok_or(at("scope"))?;
             let limits = match &m.limits {
                 Some(l) => {
@@ -245,8 +277,9 @@ fn generate(cat: &Catalogue) -> Result<String, String> {
             writeln!(
                 s,
                 "            Model {{ id: {:?}, info: ModelInfo {{ context_window: {}, \
-                 max_output: {}, price: {price}, caps: Caps {{ {caps} }}, limits: {limits} }} }},",
-                m.id, m.context, m.max_output
+                 max_output: {}, price: {price}, caps: Caps {{ {caps} }}, limits: {limits}, \
+                 quality: {:?}, strong: &{:?} }} }},",
+                m.id, m.context, m.max_output, m.quality, m.strong
             )
             .unwrap();
         }

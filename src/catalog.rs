@@ -7,7 +7,8 @@
 //! parse per request would be pure overhead.
 
 /// Whether a provider costs money per token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Tier {
     Free,
     Paid,
@@ -128,6 +129,11 @@ pub struct ModelInfo {
     pub price: Option<Price>,
     pub caps: Caps,
     pub limits: Limits,
+    /// The router's prior quality in 0..1: an editorial judgement from public leaderboards,
+    /// replaced by what is learned from outcomes as they come.
+    pub quality: f32,
+    /// Task families (`profile::Family::as_str`) it does better than `quality` says.
+    pub strong: &'static [&'static str],
 }
 
 /// A catalogued model.
@@ -155,6 +161,10 @@ pub struct Provider {
     pub default_model: &'static str,
     pub reset: Reset,
     pub quirks: Quirks,
+    /// The router's prior for the time to a short answer, in ms.
+    pub latency_ms: u32,
+    /// Its free tier may train on prompts (a risk for personal data and secrets).
+    pub trains_on_data: bool,
     pub models: &'static [Model],
 }
 
@@ -191,6 +201,8 @@ impl Provider {
                     .map_or(Scope::Model, |m| m.info.limits.scope),
                 source: None,
             },
+            quality: 0.5,
+            strong: &[],
         }
     }
 }
