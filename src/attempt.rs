@@ -4,7 +4,8 @@
 
 use crate::error::AttemptSummary;
 use crate::event::Event;
-use crate::kv::{keys, KvOp};
+use crate::kv::KvOp;
+use crate::quota::Class;
 use crate::route::{Candidate, Plan};
 use crate::stats;
 use crate::upstream::{Cause, Failure};
@@ -72,10 +73,15 @@ struct Failed {
 /// refusal never asks the same model again; a 429 with only a short wait and nothing else left
 /// is waited out. Each key is tried at most once per request (retries apart), and
 /// [`Policy::max_attempts`] bounds everything: no retry storms.
+///
+/// The request's [`Class`] ([`Self::with_class`]) decides which cool-down keys its failures
+/// write ([`Self::cooldown_op`]): a background request's 429s cool only what background requests
+/// read, so they never refuse the user's own request.
 #[derive(Debug, Clone)]
 pub struct Attempts {
     plan: Plan,
     policy: Policy,
+    class: Class,
     /// The next (candidate, key) position to try.
     pos: (usize, usize),
     /// The position of the attempt in flight.
@@ -107,6 +113,7 @@ impl Attempts {
         Self {
             plan,
             policy,
+            class: Class::Foreground,
             pos: (0, 0),
             current: (0, 0),
             attempt: 0,
@@ -119,6 +126,17 @@ impl Attempts {
             failures: Vec::new(),
             passed: None,
         }
+    }
+
+    /// The walk of a request of `class` (foreground unless said otherwise).
+    pub fn with_class(mut self, class: Class) -> Self {
+        self.class = class;
+        self
+    }
+
+    /// The request's class.
+    pub fn class(&self) -> Class {
+        self.class
     }
 
     /// Attempts started so far.
@@ -218,7 +236,7 @@ impl Attempts {
     ) -> Decided {
         let mut ops = Vec::with_capacity(2);
         let mut events = Vec::with_capacity(3);
-        ops.extend(Self::cooldown_op(candidate, key, &failure));
+        ops.extend(Self::cooldown_op(candidate, key, &failure, self.class));
         ops.push(stats::attempt_failed(&candidate.provider));
         events.push(Event::AttemptFailed {
             attempt: self.attempt,
@@ -378,17 +396,29 @@ impl Attempts {
         with_retry_text(e)
     }
 
-    /// The cool-down a failure asks for, under its key: the whole key for a refused key, else
-    /// the key's model or pool (the candidate's ledger), as the provider counts its limits.
-    pub fn cooldown_op(candidate: &Candidate, key: &str, failure: &Failure) -> Option<KvOp> {
-        let ledger = if failure.key_refused() {
-            None
+    /// The cool-down a failure of a request of `class` asks for, under its key: the whole key
+    /// for a refused key (401/403: the key's fault, shared by every class), else the key's model
+    /// or pool (the candidate's ledger), as the provider counts its limits — under the
+    /// background-only key when a background request provoked it ([`crate::cooldown::key`]).
+    pub fn cooldown_op(
+        candidate: &Candidate,
+        key: &str,
+        failure: &Failure,
+        class: Class,
+    ) -> Option<KvOp> {
+        let (ledger, class) = if failure.key_refused() {
+            (None, Class::Foreground)
         } else {
-            candidate.ledger.as_deref()
+            (candidate.ledger.as_deref(), class)
         };
-        failure
-            .cooldown
-            .map(|cd| cd.op(keys::cooldown(&candidate.provider, key, ledger)))
+        failure.cooldown.map(|cd| {
+            cd.op(crate::cooldown::key(
+                &candidate.provider,
+                key,
+                ledger,
+                class,
+            ))
+        })
     }
 
     /// The usage of the answer, the moment it is known.
@@ -425,7 +455,7 @@ mod tests {
     use crate::config::tests::config_of;
     use crate::config::ApiKey;
     use crate::cooldown::Cooldown;
-    use crate::kv::{apply, decode_counter, Kv, MemKv};
+    use crate::kv::{apply, decode_counter, keys, Kv, MemKv};
     use crate::route;
     use crate::upstream::{self, Hints, Transport};
 
@@ -443,8 +473,20 @@ mod tests {
         kv: &MemKv,
         model: &str,
         providers: &[&str],
+        script: Vec<Script>,
+        now: u64,
+    ) -> (Result<String, ApiError>, Vec<Event>) {
+        drive_as(kv, model, providers, script, now, Class::Foreground)
+    }
+
+    /// [`drive`] for a request of `class`.
+    fn drive_as(
+        kv: &MemKv,
+        model: &str,
+        providers: &[&str],
         mut script: Vec<Script>,
         now: u64,
+        class: Class,
     ) -> (Result<String, ApiError>, Vec<Event>) {
         // `groq` has the key `key-groq`; `groq=a,b` has the keys `a` and `b`.
         let pairs: Vec<(String, String)> = providers
@@ -457,16 +499,19 @@ mod tests {
         let pairs: Vec<(&str, &str)> = pairs.iter().map(|(a, b)| (&**a, &**b)).collect();
         let config = config_of(&pairs).unwrap();
         let plan = route::plan(&config, model, 0).unwrap();
-        let state = kv.get_many(&plan.state_keys(&config)).unwrap();
-        let plan = match plan.usable(&config, &state, 10, now) {
-            Ok((p, _)) => p,
+        let state = kv.get_many(&plan.state_keys(&config, class)).unwrap();
+        let plan = match plan.usable(&config, &state, 10, now, class) {
+            Ok((p, ops)) => {
+                ops.iter().for_each(|op| apply(kv, op).unwrap());
+                p
+            }
             Err(e) => {
                 apply(kv, &stats::refused()).unwrap();
                 return (Err(e), vec![]);
             }
         };
         let mut events = vec![];
-        let mut attempts = Attempts::new(plan);
+        let mut attempts = Attempts::new(plan).with_class(class);
         script.reverse();
         loop {
             match attempts.next_step() {
@@ -571,6 +616,177 @@ mod tests {
         assert_eq!(who.unwrap(), "mistral");
         assert_eq!(events.len(), 1);
         assert_eq!(counter(&kv, "stats:v1:groq:requests"), 1);
+    }
+
+    /// The background-only cool-down key of a provider's key (by its secret) and ledger.
+    fn bg_key(provider: &str, secret: &str, ledger: Option<&str>) -> String {
+        keys::cooldown_bg(provider, &ApiKey::new(secret).id, ledger)
+    }
+
+    #[test]
+    fn a_background_429_never_refuses_the_users_message_that_follows() {
+        // One free provider: the title call's 429…
+        let kv = MemKv::default();
+        let model = "groq/llama-3.1-8b-instant";
+        let ledger = Some("llama-3.1-8b-instant");
+        let (who, events) = drive_as(
+            &kv,
+            model,
+            &["groq"],
+            vec![Script::Status(429, Some("30"))],
+            1_000,
+            Class::Background,
+        );
+        assert_eq!(who.unwrap_err().status, 429);
+        assert!(events.iter().any(|e| matches!(
+            e,
+            Event::AttemptFailed {
+                cooldown_until_ms: Some(31_000),
+                ..
+            }
+        )));
+        // …cools only what background requests read.
+        assert!(kv
+            .get(&cd_key("groq", "key-groq", ledger))
+            .unwrap()
+            .is_none());
+        assert!(kv.get(&cd_key("groq", "key-groq", None)).unwrap().is_none());
+        let cd = Cooldown::decode(
+            &kv.get(&bg_key("groq", "key-groq", ledger))
+                .unwrap()
+                .unwrap(),
+        );
+        assert_eq!(cd.map(|c| (c.until_ms, c.status)), Some((31_000, 429)));
+        // The user's message is sent, and answered.
+        let (who, events) = drive(&kv, model, &["groq"], vec![Script::Answer(USAGE)], 2_000);
+        assert_eq!(who.unwrap(), "groq");
+        assert!(matches!(events[0], Event::AttemptStart { .. }));
+        assert_eq!(counter(&kv, "stats:v1:groq:requests"), 2);
+        // The next background request honours its cool-down: refused without being sent.
+        let (who, events) = drive_as(&kv, model, &["groq"], vec![], 2_000, Class::Background);
+        assert_eq!(who.unwrap_err().retry_after, Some(29));
+        assert!(events.is_empty());
+        assert_eq!(counter(&kv, "stats:v1:groq:requests"), 2);
+        // A foreground 429 still cools the key for everyone.
+        let (who, _) = drive(
+            &kv,
+            model,
+            &["groq"],
+            vec![Script::Status(429, Some("60"))],
+            3_000,
+        );
+        assert_eq!(who.unwrap_err().status, 429);
+        assert!(kv
+            .get(&cd_key("groq", "key-groq", ledger))
+            .unwrap()
+            .is_some());
+        for class in [Class::Foreground, Class::Background] {
+            let (who, events) = drive_as(&kv, model, &["groq"], vec![], 4_000, class);
+            assert_eq!(who.unwrap_err().retry_after, Some(59), "{class:?}");
+            assert!(events.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_background_request_moves_on_after_its_429_and_keys_refused_stay_shared() {
+        let kv = MemKv::default();
+        // A per-key limit (NVIDIA) cools the whole key, for background requests only.
+        let (who, _) = drive_as(
+            &kv,
+            "auto",
+            &["nvidia", "together"],
+            vec![Script::Status(429, Some("30")), Script::Answer(USAGE)],
+            0,
+            Class::Background,
+        );
+        assert_eq!(who.unwrap(), "together");
+        assert!(kv
+            .get(&bg_key("nvidia", "key-nvidia", None))
+            .unwrap()
+            .is_some());
+        assert!(kv
+            .get(&cd_key("nvidia", "key-nvidia", None))
+            .unwrap()
+            .is_none());
+        let (who, _) = drive(
+            &kv,
+            "auto",
+            &["nvidia", "together"],
+            vec![Script::Answer(USAGE)],
+            1_000,
+        );
+        assert_eq!(who.unwrap(), "nvidia");
+        // A key the provider refuses is refused for everyone, whoever found out.
+        let (who, _) = drive_as(
+            &kv,
+            "groq/llama-3.3-70b-versatile",
+            &["groq=bad,good"],
+            vec![Script::Status(401, None), Script::Answer(USAGE)],
+            0,
+            Class::Background,
+        );
+        assert_eq!(who.unwrap(), "groq");
+        let cd = Cooldown::decode(&kv.get(&cd_key("groq", "bad", None)).unwrap().unwrap());
+        assert_eq!(cd.map(|c| c.status), Some(401));
+        assert!(kv.get(&bg_key("groq", "bad", None)).unwrap().is_none());
+        let (_, events) = drive(
+            &kv,
+            "groq/llama-3.3-70b-versatile",
+            &["groq=bad,good"],
+            vec![Script::Answer(USAGE)],
+            1_000,
+        );
+        assert!(
+            matches!(&events[0], Event::AttemptStart { key, .. } if *key == ApiKey::new("good").id)
+        );
+    }
+
+    #[test]
+    fn the_class_chooses_the_cool_down_key_and_never_the_key_set_aside() {
+        let c = Candidate {
+            provider: "groq".into(),
+            model: "m".into(),
+            ledger: Some("m".into()),
+            keys: vec!["k1".into()],
+            reason: String::new(),
+            context_window: 8_192,
+            prefill: false,
+        };
+        let judged = |status| {
+            upstream::judge_status(
+                "groq",
+                "k",
+                status,
+                Hints {
+                    retry_after: Some("9"),
+                    ..Default::default()
+                },
+                None,
+                0,
+            )
+        };
+        let key_of = |status, class| {
+            Attempts::cooldown_op(&c, "k1", &judged(status), class).map(|op| op.key().to_owned())
+        };
+        assert_eq!(
+            key_of(429, Class::Foreground).as_deref(),
+            Some("cooldown:v1:groq:k1:m")
+        );
+        assert_eq!(
+            key_of(429, Class::Background).as_deref(),
+            Some("cooldown:v1:bg:groq:k1:m")
+        );
+        for class in [Class::Foreground, Class::Background] {
+            assert_eq!(key_of(403, class).as_deref(), Some("cooldown:v1:groq:k1"));
+            assert_eq!(key_of(503, class), None);
+        }
+        let plan = Plan {
+            candidates: vec![c],
+            virtual_model: false,
+        };
+        assert_eq!(Attempts::new(plan.clone()).class(), Class::Foreground);
+        let a = Attempts::new(plan).with_class(Class::Background);
+        assert_eq!(a.class(), Class::Background);
     }
 
     #[test]

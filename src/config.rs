@@ -16,6 +16,7 @@ pub const MODEL_GROUPS: &str = "model_groups";
 pub const MAX_ATTEMPTS: &str = "max_attempts";
 pub const FIRST_TOKEN_TIMEOUT_MS: &str = "first_token_timeout_ms";
 pub const SHORT_RETRY_AFTER_MS: &str = "short_retry_after_ms";
+pub const BACKGROUND_RESERVE: &str = "background_reserve";
 
 /// Every variable that is not per provider (the manifest test checks each is declared).
 pub const GLOBAL_VARIABLES: &[&str] = &[
@@ -30,6 +31,7 @@ pub const GLOBAL_VARIABLES: &[&str] = &[
     MAX_ATTEMPTS,
     FIRST_TOKEN_TIMEOUT_MS,
     SHORT_RETRY_AFTER_MS,
+    BACKGROUND_RESERVE,
 ];
 
 /// Which requests leave their events on stderr (`log_events`). Every request's events are
@@ -259,6 +261,10 @@ pub struct Config {
     /// A 429 asking for at most this wait, with nothing else left to try, is waited out and
     /// retried (`short_retry_after_ms`).
     pub short_retry_after_ms: u64,
+    /// The fraction of every quota window kept from background requests
+    /// (`background_reserve`, 0.0 to 0.9, default 0.25): they are admitted only while each
+    /// counter stays within `(1 − reserve) × limit` ([`crate::quota::Share`]).
+    pub background_reserve: f64,
     /// Breakers, AIMD, budgets and the cache ([`crate::edge::Settings`]).
     pub edge: crate::edge::Settings,
 }
@@ -362,8 +368,14 @@ impl Config {
                     ))
                 })?,
             },
+            background_reserve: background_reserve(&var(BACKGROUND_RESERVE))?,
             edge: crate::edge::Settings::from_vars(&get).map_err(ConfigError::new)?,
         })
+    }
+
+    /// How much of each quota window a request of `class` may use ([`crate::quota::Share`]).
+    pub fn share(&self, class: crate::quota::Class) -> crate::quota::Share {
+        crate::quota::Share::new(class, self.background_reserve)
     }
 
     /// The configured provider with this id.
@@ -377,6 +389,25 @@ impl Config {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, m)| m.as_slice())
+    }
+}
+
+/// `background_reserve`: a plain decimal from 0 to 0.9 (empty: the default, 0.25). Strict: a
+/// percentage, a negative or a reserve that would leave background requests nothing is refused
+/// by name rather than read as something else.
+fn background_reserve(raw: &str) -> Result<f64, ConfigError> {
+    use crate::quota::{DEFAULT_BACKGROUND_RESERVE, MAX_BACKGROUND_RESERVE};
+    if raw.is_empty() {
+        return Ok(DEFAULT_BACKGROUND_RESERVE);
+    }
+    let plain = raw.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    match raw.parse::<f64>() {
+        Ok(r) if plain && (0.0..=MAX_BACKGROUND_RESERVE).contains(&r) => Ok(r),
+        _ => Err(ConfigError::new(format!(
+            "variable `{BACKGROUND_RESERVE}` must be a fraction from 0 to \
+             {MAX_BACKGROUND_RESERVE} (the part of every quota kept from background requests), \
+             got {raw:?}"
+        ))),
     }
 }
 
@@ -727,5 +758,32 @@ pub(crate) mod tests {
         let c = config_of(&[("max_attempts", "3"), ("short_retry_after_ms", "0")]).unwrap();
         assert_eq!((c.max_attempts, c.short_retry_after_ms), (3, 0));
         assert!(config_of(&[("first_token_timeout_ms", "soon")]).is_err());
+    }
+
+    #[test]
+    fn the_background_reserve_is_a_fraction_read_strictly() {
+        use crate::quota::{Class, Share};
+        let c = config_of(&[]).unwrap();
+        assert_eq!(c.background_reserve, 0.25);
+        assert_eq!(
+            c.share(Class::Background),
+            Share::new(Class::Background, 0.25)
+        );
+        assert_eq!(c.share(Class::Foreground).cap(100), 100);
+        assert_eq!(c.share(Class::Background).cap(100), 75);
+        for (raw, want) in [("0", 0.0), ("0.9", 0.9), (" .5 ", 0.5), ("0.10", 0.1)] {
+            let c = config_of(&[("background_reserve", raw)]).unwrap();
+            assert_eq!(c.background_reserve, want, "{raw}");
+        }
+        for bad in [
+            "0.95", "1", "-0.1", "25%", "1e-1", "NaN", "inf", "quarter", "0.2.5",
+        ] {
+            let e = config_of(&[("background_reserve", bad)]).unwrap_err();
+            assert!(
+                e.detail.contains("background_reserve"),
+                "{bad}: {}",
+                e.detail
+            );
+        }
     }
 }

@@ -8,9 +8,8 @@
 //! few lines of integer arithmetic). Days are counted with Howard Hinnant's `days_from_civil`.
 
 use crate::catalog::Reset;
-#[cfg(doc)]
-use crate::kv::keys;
-use crate::kv::KvOp;
+use crate::kv::{keys, KvOp};
+use crate::quota::Class;
 use serde::{Deserialize, Serialize};
 
 /// A cool-down is never shorter than this, so a missing or zero Retry-After still spreads load.
@@ -75,6 +74,36 @@ impl Cooldown {
             rank: until_rank,
         }
     }
+}
+
+/// The cool-down key a failure of a request of `class` writes: the shared one
+/// ([`keys::cooldown`]) for a foreground request, the background-only one
+/// ([`keys::cooldown_bg`]) for a background request, so a limit a client's housekeeping ran
+/// into never refuses the user's own request locally (that request is sent, and a 429 it gets
+/// cools the key for everyone). A refused key (401/403) is the key's fault, not the request's:
+/// the caller writes it under the shared key whatever the class.
+pub fn key(provider: &str, key_id: &str, ledger: Option<&str>, class: Class) -> String {
+    match class {
+        Class::Foreground => keys::cooldown(provider, key_id, ledger),
+        Class::Background => keys::cooldown_bg(provider, key_id, ledger),
+    }
+}
+
+/// The cool-down keys a request of `class` honours for `key_id` of `provider`: the shared ones
+/// (the key's own, then its ledger's, when it has one), then, for a background request, the
+/// background-only ones in the same order.
+pub fn keys_read(provider: &str, key_id: &str, ledger: Option<&str>, class: Class) -> Vec<String> {
+    let classes: &[Class] = match class {
+        Class::Foreground => &[Class::Foreground],
+        Class::Background => &[Class::Foreground, Class::Background],
+    };
+    classes
+        .iter()
+        .flat_map(|c| {
+            std::iter::once(key(provider, key_id, None, *c))
+                .chain(ledger.map(|l| key(provider, key_id, Some(l), *c)))
+        })
+        .collect()
 }
 
 /// A stored cool-down ranks by its deadline.
@@ -509,6 +538,40 @@ mod tests {
         assert_eq!(Cooldown::new(0, 7_000, 429).remaining_secs(100), 7);
         assert_eq!(Cooldown::decode(&c.encode()), Some(c));
         assert_eq!(Cooldown::decode(b"junk"), None);
+    }
+
+    #[test]
+    fn background_cool_downs_have_keys_of_their_own_read_by_background_requests_only() {
+        let fg = keys_read("groq", "k1", Some("m:x"), Class::Foreground);
+        assert_eq!(fg, ["cooldown:v1:groq:k1", "cooldown:v1:groq:k1:m:x"]);
+        let bg = keys_read("groq", "k1", Some("m:x"), Class::Background);
+        assert_eq!(
+            bg,
+            [
+                "cooldown:v1:groq:k1",
+                "cooldown:v1:groq:k1:m:x",
+                "cooldown:v1:bg:groq:k1",
+                "cooldown:v1:bg:groq:k1:m:x"
+            ]
+        );
+        assert_eq!(
+            keys_read("nvidia", "k1", None, Class::Background),
+            ["cooldown:v1:nvidia:k1", "cooldown:v1:bg:nvidia:k1"]
+        );
+        assert_eq!(
+            key("groq", "k1", None, Class::Background),
+            keys::cooldown_bg("groq", "k1", None)
+        );
+        // A background key never equals a foreground one, whatever the model is called.
+        for ledger in [None, Some("bg"), Some("x:bg"), Some("bg:groq:k1")] {
+            let ours = key("groq", "k1", ledger, Class::Background);
+            for l in [None, Some("bg"), Some("x:bg"), Some("bg:groq:k1")] {
+                assert_ne!(ours, key("groq", "k1", l, Class::Foreground));
+            }
+        }
+        let doc = include_str!("../kv-schema/README.md");
+        assert!(doc.contains("`cooldown:v1:bg:<provider>:<key-id>:<ledger>`"));
+        assert!(doc.contains("`cooldown:v1:bg:<provider>:<key-id>`"));
     }
 
     #[test]

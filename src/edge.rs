@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::event::Event;
 use crate::kv::{Kv, KvResult};
+use crate::quota::Class;
 use crate::route::{Candidate, Mode, Plan};
 use crate::{quota, stats};
 
@@ -123,17 +124,19 @@ pub struct Reads {
 
 impl Reads {
     /// Everything to read before the first attempt: the plan's cool-downs and quota counters
-    /// ([`Plan::state_keys`]), then each provider-model's breaker, each provider's AIMD window and
-    /// leases, the tenant's budgets, then `extra` (the cache's index key, when the request is
-    /// cacheable).
+    /// ([`Plan::state_keys`]; a background request's own cool-downs too), then each
+    /// provider-model's breaker, each provider's AIMD window and leases, the tenant's budgets,
+    /// then `extra` (the cache's index key, when the request is cacheable). Pass the same
+    /// `class` to [`Plan::usable`] with [`Snapshot::plan`].
     pub fn of(
         config: &Config,
         plan: &Plan,
         tenant: &Tenant,
         extra: &[String],
+        class: Class,
         now_ms: u64,
     ) -> Self {
-        let mut keys = plan.state_keys(config);
+        let mut keys = plan.state_keys(config, class);
         let plan_n = keys.len();
         let mut breakers: Vec<(String, String)> = Vec::new();
         let mut providers: Vec<(String, usize)> = Vec::new();
@@ -721,7 +724,7 @@ mod tests {
     }
 
     fn snapshot(config: &Config, plan: &Plan, kv: &MemKv, now: u64) -> Snapshot {
-        let reads = Reads::of(config, plan, &tenant(), &[], now);
+        let reads = Reads::of(config, plan, &tenant(), &[], Class::Foreground, now);
         let values = kv.get_many(&reads.keys).unwrap();
         reads.split(config, &tenant(), values, now)
     }
@@ -778,6 +781,33 @@ mod tests {
         let e = shape(single, &c, &snap, Mode::Auto, now + 1, &mut events).unwrap_err();
         assert_eq!(e.status, 503);
         assert!(e.retry_after.is_some_and(|s| s >= 1), "{e:?}");
+    }
+
+    #[test]
+    fn a_background_requests_429s_never_open_a_breaker_and_its_read_has_its_cool_downs() {
+        use crate::upstream::Cause;
+        let c = config(&[("breaker_min_samples", "2")]);
+        let kv = MemKv::default();
+        let plan = plan_request(&c, "groq/llama-3.1-8b-instant", &[], Mode::Auto, 0).unwrap();
+        let cand = plan.candidates[0].clone();
+        let now = 1_000_000;
+        // The background read adds the background-only cool-downs, nothing else.
+        let fg = Reads::of(&c, &plan, &tenant(), &[], Class::Foreground, now);
+        let bg = Reads::of(&c, &plan, &tenant(), &[], Class::Background, now);
+        let extra: Vec<&String> = bg.keys.iter().filter(|k| !fg.keys.contains(k)).collect();
+        assert_eq!(extra.len(), 2);
+        assert!(extra.iter().all(|k| k.starts_with("cooldown:v1:bg:groq:")));
+        // A 429 is the quota's business, whoever provoked it: a storm of them is recorded as
+        // the provider answering, so the breaker stays closed for the foreground.
+        for _ in 0..10 {
+            let snap = snapshot(&c, &plan, &kv, now);
+            let failed = breaker::is_failure(&Cause::RateLimited);
+            breaker_outcome(&kv, &snap, &cand, failed, false, now).unwrap();
+        }
+        let snap = snapshot(&c, &plan, &kv, now + 1);
+        let v = snap.breaker(&cand.provider, &cand.model).unwrap();
+        assert_eq!(v.admits(now + 1), Admission::Closed);
+        assert!(shape(plan, &c, &snap, Mode::Auto, now + 1, &mut Vec::new()).is_ok());
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub mod keys {
     pub const PREFIXES: &[&str] = &[
         "stats:v1:",
         "cooldown:v1:",
+        "cooldown:v1:bg:",
         "quota:v1:",
         "budget:v1:",
         "breaker:v1:",
@@ -123,6 +124,19 @@ pub mod keys {
         match ledger {
             Some(l) => format!("cooldown:v1:{provider}:{key_id}:{l}"),
             None => format!("cooldown:v1:{provider}:{key_id}"),
+        }
+    }
+
+    /// `cooldown:v1:bg:<provider>:<key-id>` or `cooldown:v1:bg:<provider>:<key-id>:<ledger>` —
+    /// the same JSON cool-down as [`cooldown`], written by a 429 (or a quota refusal) that a
+    /// background request provoked ([`crate::quota::Class::Background`]): background requests
+    /// honour it, foreground requests never read it. The class is a segment before the provider,
+    /// not a suffix: a ledger is a model id, which may contain `:` and end in anything, while no
+    /// provider is called `bg`.
+    pub fn cooldown_bg(provider: &str, key_id: &str, ledger: Option<&str>) -> String {
+        match ledger {
+            Some(l) => format!("cooldown:v1:bg:{provider}:{key_id}:{l}"),
+            None => format!("cooldown:v1:bg:{provider}:{key_id}"),
         }
     }
 

@@ -32,12 +32,93 @@
 //!
 //! Windows are fixed and aligned to the clock; a provider that counts over a sliding minute may
 //! still refuse a burst that straddles a minute boundary (the cool-down handles it).
+//!
+//! # Classes
+//!
+//! A request is [`Class::Foreground`] (the user's own message) or [`Class::Background`] (a
+//! client's housekeeping: titles, tags, follow-ups, autocomplete). A background request may use
+//! only part of each window: it is admitted only while every counter stays within
+//! `(1 − reserve) × limit`, rounded down ([`Share::cap`]; `reserve` is `background_reserve`,
+//! 0.25 by default), so the rest of every quota is kept for foreground requests. A background
+//! request that finds a counter at its share but under the limit gets
+//! [`Verdict::ShareSpent`]: it skips the key and writes no cool-down (the key is still open to
+//! foreground requests). A background reservation refused at its share is undone at once
+//! ([`admit_minute`]), so refused background requests never spend the reserve; in the instant
+//! between its increment and its undo it is counted, so at a window's very last foreground
+//! requests a racing foreground reservation can be told the window is full, the same race two
+//! foreground requests have with each other.
 
 use crate::catalog::{Limits, Reset};
 use crate::config::Configured;
 use crate::cooldown::Cooldown;
 use crate::counter;
 use crate::kv::{keys, Kv, KvOp, KvResult};
+use serde::{Deserialize, Serialize};
+
+/// A request's priority class: the user's own request, or a client's housekeeping that must
+/// never starve it. Decided by the profiler; the quota share ([`Share`]) and the cool-down keys
+/// a failure writes ([`crate::cooldown::key`]) follow it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// The user's own request: the whole of every quota, the shared cool-downs.
+    #[default]
+    Foreground,
+    /// A client's housekeeping (title, tags, follow-ups, autocomplete, query generation): part
+    /// of every quota, and cool-downs of its own.
+    Background,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Foreground => "foreground",
+            Class::Background => "background",
+        }
+    }
+}
+
+/// `background_reserve` when unset: a quarter of every window is kept for foreground requests.
+pub const DEFAULT_BACKGROUND_RESERVE: f64 = 0.25;
+/// The largest `background_reserve` accepted: background requests keep at least a tenth.
+pub const MAX_BACKGROUND_RESERVE: f64 = 0.9;
+
+/// How much of each quota window a request may use: its class, and the fraction of every limit
+/// kept from background requests (`background_reserve`; see
+/// [`crate::config::Config::share`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    pub class: Class,
+    /// In 0..=1; only background requests are held to it.
+    pub reserve: f64,
+}
+
+impl Share {
+    /// A foreground request: the whole of every limit.
+    pub const FOREGROUND: Share = Share {
+        class: Class::Foreground,
+        reserve: 0.0,
+    };
+
+    pub fn new(class: Class, reserve: f64) -> Self {
+        Self { class, reserve }
+    }
+
+    /// The most a counter may hold, this request included, for the request to be admitted:
+    /// `limit` for a foreground request; `(1 − reserve) × limit` rounded down for a background
+    /// one (so a limit of 1 keeps its one request for the foreground).
+    pub fn cap(self, limit: u32) -> u64 {
+        let limit = u64::from(limit);
+        match self.class {
+            Class::Foreground => limit,
+            Class::Background => {
+                let kept = (1.0 - self.reserve.clamp(0.0, 1.0)) * limit as f64;
+                // The epsilon keeps 0.7 × 100 at 70 despite binary fractions.
+                ((kept + 1e-9).floor() as u64).min(limit)
+            }
+        }
+    }
+}
 
 /// What a counter counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,10 +247,19 @@ pub enum Verdict {
     /// This request's token estimate does not fit in what is left of a token limit; a smaller
     /// request might. Skip the key for this request only: never record it as a cool-down.
     /// `until_ms` is the end of the window, or `None` when the estimate alone exceeds the limit
-    /// (it will never fit on this key and ledger).
+    /// (it will never fit on this key and ledger). For a background request, the limit is its
+    /// share ([`Share::cap`]).
     TooLarge {
         kind: Kind,
         until_ms: Option<u64>,
+    },
+    /// Background requests only: a counter is at the background share of its limit
+    /// ([`Share::cap`]) but under the limit itself. Background requests skip the key until
+    /// `until_ms`, the end of the window; foreground requests may still use it, so this is
+    /// never recorded as a cool-down.
+    ShareSpent {
+        kind: Kind,
+        until_ms: u64,
     },
 }
 
@@ -180,7 +270,9 @@ impl Verdict {
 
     /// The cool-down other instances can honour without reading the counters: only for
     /// [`Verdict::Exhausted`], which holds for every request. Written under the ledger's
-    /// cool-down key (`keys::cooldown(provider, key_id, ledger)`), like a 429.
+    /// cool-down key (`keys::cooldown(provider, key_id, ledger)`), like a 429 — or its
+    /// background-only twin when a background request found it ([`crate::cooldown::key`]). Never
+    /// for [`Verdict::ShareSpent`], which foreground requests must not honour.
     pub fn cooldown(&self) -> Option<Cooldown> {
         match *self {
             Verdict::Exhausted { until_ms, .. } => Some(Cooldown {
@@ -191,12 +283,14 @@ impl Verdict {
         }
     }
 
-    /// How bad a verdict is: exhausted beats too large beats open; then the later end.
+    /// How bad a verdict is: exhausted beats a spent background share beats too large beats
+    /// open; then the later end.
     fn severity(&self) -> (u8, u64) {
         match *self {
             Verdict::Open => (0, 0),
             Verdict::TooLarge { until_ms, .. } => (1, until_ms.unwrap_or(u64::MAX)),
-            Verdict::Exhausted { until_ms, .. } => (2, until_ms),
+            Verdict::ShareSpent { until_ms, .. } => (2, until_ms),
+            Verdict::Exhausted { until_ms, .. } => (3, until_ms),
         }
     }
 
@@ -216,29 +310,37 @@ impl Verdict {
 /// estimate ([`estimate_prompt_tokens`]), plus the requested maximum output where the provider
 /// debits it up front (Cerebras debits input + `max_completion_tokens`). The worst verdict wins:
 /// an exhausted counter over one the request does not fit, then the later end.
+///
+/// `share` holds a background request to its part of each limit ([`Share::cap`]): a counter at
+/// the share but under the limit is [`Verdict::ShareSpent`], and its tokens must fit under the
+/// share. A foreground request's share is the whole limit.
 pub fn check(
     q: &QuotaRef,
     values: &[Option<Vec<u8>>],
     estimated_tokens: u64,
+    share: Share,
     now_ms: u64,
 ) -> Verdict {
     q.limited()
         .enumerate()
         .map(|(i, (kind, limit))| {
+            let cap = share.cap(limit);
             let limit = u64::from(limit);
             let stored = values.get(i).and_then(Option::as_deref);
             let count = count_in(q.window(kind, now_ms), stored);
             let until_ms = q.window_end_ms(kind, now_ms);
             if count >= limit {
                 Verdict::Exhausted { kind, until_ms }
+            } else if count >= cap {
+                Verdict::ShareSpent { kind, until_ms }
             } else if !kind.counts_tokens() {
                 Verdict::Open
-            } else if estimated_tokens > limit {
+            } else if estimated_tokens > cap {
                 Verdict::TooLarge {
                     kind,
                     until_ms: None,
                 }
-            } else if count + estimated_tokens > limit {
+            } else if count + estimated_tokens > cap {
                 Verdict::TooLarge {
                     kind,
                     until_ms: Some(until_ms),
@@ -367,24 +469,26 @@ pub fn perform(kv: &(impl Kv + ?Sized), inc: &Increment) -> KvResult<Counted> {
 }
 
 /// Reserves one request on a key and ledger ([`reserve`], [`perform`]): [`Verdict::Open`] if the
-/// attempt may be sent, else [`Verdict::Exhausted`] for the first counter over its limit.
+/// attempt may be sent, else [`Verdict::Exhausted`] for the first counter over its limit, or, for
+/// a background request, [`Verdict::ShareSpent`] for the first over its share ([`Share::cap`]).
 ///
-/// A refused reservation stays counted. Undoing it would cost a write on the path of a key that
-/// is already full and gain nothing: a count goes over the limit only when the window was
-/// already full, so the verdict is the same until the window ends. Counters are incremented in
-/// order and the first refusal stops: a full minute never spends from the day. The one leftover
-/// is an `rpm` count for a request refused by `rpd` — on a key exhausted for the day anyway — so
-/// the gateway is at most slightly conservative, never over the limit.
-pub fn admit(kv: &(impl Kv + ?Sized), q: &QuotaRef, now_ms: u64) -> KvResult<Verdict> {
-    for inc in reserve(q, now_ms) {
-        if !perform(kv, &inc)?.admitted {
-            return Ok(Verdict::Exhausted {
-                kind: inc.kind,
-                until_ms: q.window_end_ms(inc.kind, now_ms),
-            });
-        }
-    }
-    Ok(Verdict::Open)
+/// A foreground request's refused reservation stays counted. Undoing it would cost a write on
+/// the path of a key that is already full and gain nothing: a count goes over the limit only
+/// when the window was already full, so the verdict is the same until the window ends. Counters
+/// are incremented in order and the first refusal stops: a full minute never spends from the
+/// day. The one leftover is an `rpm` count for a request refused by `rpd` — on a key exhausted
+/// for the day anyway — so the gateway is at most slightly conservative, never over the limit.
+///
+/// A background request's refused reservation is undone, every counter this call incremented
+/// ([`undo`]): over its share the window is not full for foreground requests, and a count left
+/// there would spend the reserve kept for them.
+pub fn admit(
+    kv: &(impl Kv + ?Sized),
+    q: &QuotaRef,
+    share: Share,
+    now_ms: u64,
+) -> KvResult<Verdict> {
+    reserve_kinds(kv, q, share, now_ms, |_| true)
 }
 
 /// [`admit`], split for speed: reserves only what must be exact before the request leaves —
@@ -392,17 +496,67 @@ pub fn admit(kv: &(impl Kv + ?Sized), q: &QuotaRef, now_ms: u64) -> KvResult<Ver
 /// by [`count_in_flight`] while the request is on its way (its limit was checked against the
 /// counters read before the first attempt, so at a day's last requests a burst can pass the
 /// daily limit by the requests racing for it; the provider's 429 then cools the key until its
-/// reset). Saves a store round trip before every request.
-pub fn admit_minute(kv: &(impl Kv + ?Sized), q: &QuotaRef, now_ms: u64) -> KvResult<Verdict> {
-    for inc in reserve(q, now_ms).iter().filter(|i| !i.kind.per_day()) {
-        if !perform(kv, inc)?.admitted {
-            return Ok(Verdict::Exhausted {
+/// reset). Saves a store round trip before every request. A background request is held to its
+/// share, and its refused reservation undone, as in [`admit`].
+pub fn admit_minute(
+    kv: &(impl Kv + ?Sized),
+    q: &QuotaRef,
+    share: Share,
+    now_ms: u64,
+) -> KvResult<Verdict> {
+    reserve_kinds(kv, q, share, now_ms, |k| !k.per_day())
+}
+
+/// Performs the request reservations of the kinds `which` keeps, in order, and judges each.
+fn reserve_kinds(
+    kv: &(impl Kv + ?Sized),
+    q: &QuotaRef,
+    share: Share,
+    now_ms: u64,
+    which: impl Fn(Kind) -> bool,
+) -> KvResult<Verdict> {
+    let mut done: Vec<Increment> = Vec::new();
+    for inc in reserve(q, now_ms).into_iter().filter(|i| which(i.kind)) {
+        let counted = perform(kv, &inc)?;
+        let cap = inc.limit.map_or(u64::MAX, |l| share.cap(l));
+        let until_ms = q.window_end_ms(inc.kind, now_ms);
+        let verdict = if !counted.admitted {
+            Verdict::Exhausted {
                 kind: inc.kind,
-                until_ms: q.window_end_ms(inc.kind, now_ms),
-            });
+                until_ms,
+            }
+        } else if counted.count > cap {
+            Verdict::ShareSpent {
+                kind: inc.kind,
+                until_ms,
+            }
+        } else {
+            done.push(inc);
+            continue;
+        };
+        if share.class == Class::Background {
+            done.push(inc);
+            for inc in &done {
+                undo(kv, inc)?;
+            }
         }
+        return Ok(verdict);
     }
     Ok(Verdict::Open)
+}
+
+/// Takes back an increment [`perform`]ed in its window: `−delta`, unless the window has moved
+/// on since (another instance started the next one on the same key), in which case the
+/// decrement would borrow from the new window's count and is itself undone. The value before the
+/// decrement tells: it must still carry the increment's window with at least `delta` counted.
+pub fn undo(kv: &(impl Kv + ?Sized), inc: &Increment) -> KvResult<()> {
+    let after = kv.increment(&inc.key, -inc.delta)?;
+    let intact = decode(after.saturating_add(inc.delta))
+        .is_some_and(|(w, count)| w == inc.window && count >= inc.delta.unsigned_abs());
+    if !intact {
+        kv.increment(&inc.key, inc.delta)?;
+    }
+    Ok(())
 }
 
 /// The rest of [`admit_minute`]'s reservation: the per-day request count.
@@ -566,6 +720,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     const H: u64 = 3_600_000;
+    const FG: Share = Share::FOREGROUND;
 
     /// Unix ms of a UTC date and time.
     fn utc(y: i64, m: u32, d: u32, h: u64, min: u64) -> u64 {
@@ -724,9 +879,9 @@ mod tests {
             ]
         };
 
-        assert_eq!(check(&q, &read(4, 99, 0, 0), 6_000, now), Verdict::Open);
+        assert_eq!(check(&q, &read(4, 99, 0, 0), 6_000, FG, now), Verdict::Open);
         assert_eq!(
-            check(&q, &read(5, 0, 0, 0), 1, now),
+            check(&q, &read(5, 0, 0, 0), 1, FG, now),
             Verdict::Exhausted {
                 kind: Kind::Rpm,
                 until_ms: 11 * 60_000
@@ -734,7 +889,7 @@ mod tests {
         );
         let next_day = next_reset_ms(Reset::UtcMidnight, now);
         assert_eq!(
-            check(&q, &read(0, 100, 0, 0), 1, now),
+            check(&q, &read(0, 100, 0, 0), 1, FG, now),
             Verdict::Exhausted {
                 kind: Kind::Rpd,
                 until_ms: next_day
@@ -742,36 +897,39 @@ mod tests {
         );
         // The day outlasts the minute, and exhaustion outranks a request that does not fit.
         assert_eq!(
-            check(&q, &read(5, 100, 5_999, 0), 10, now),
+            check(&q, &read(5, 100, 5_999, 0), 10, FG, now),
             Verdict::Exhausted {
                 kind: Kind::Rpd,
                 until_ms: next_day
             }
         );
         assert_eq!(
-            check(&q, &read(0, 0, 5_000, 0), 1_001, now),
+            check(&q, &read(0, 0, 5_000, 0), 1_001, FG, now),
             Verdict::TooLarge {
                 kind: Kind::Tpm,
                 until_ms: Some(11 * 60_000)
             }
         );
-        assert_eq!(check(&q, &read(0, 0, 5_000, 0), 1_000, now), Verdict::Open);
         assert_eq!(
-            check(&q, &read(0, 0, 0, 0), 6_001, now),
+            check(&q, &read(0, 0, 5_000, 0), 1_000, FG, now),
+            Verdict::Open
+        );
+        assert_eq!(
+            check(&q, &read(0, 0, 0, 0), 6_001, FG, now),
             Verdict::TooLarge {
                 kind: Kind::Tpm,
                 until_ms: None
             }
         );
         assert_eq!(
-            check(&q, &read(0, 0, 6_000, 0), 0, now),
+            check(&q, &read(0, 0, 6_000, 0), 0, FG, now),
             Verdict::Exhausted {
                 kind: Kind::Tpm,
                 until_ms: 11 * 60_000
             }
         );
         assert_eq!(
-            check(&q, &read(0, 0, 0, 49_000), 1_001, now),
+            check(&q, &read(0, 0, 0, 49_000), 1_001, FG, now),
             Verdict::TooLarge {
                 kind: Kind::Tpd,
                 until_ms: Some(next_day)
@@ -779,17 +937,236 @@ mod tests {
         );
         // Counts of an earlier window are spent; a later window (a clock ahead) still counts.
         assert_eq!(
-            check(&q, &[value(9, 5), None, None, None], 1, now),
+            check(&q, &[value(9, 5), None, None, None], 1, FG, now),
             Verdict::Open
         );
-        assert!(!check(&q, &[value(11, 5), None, None, None], 1, now).is_open());
+        assert!(!check(&q, &[value(11, 5), None, None, None], 1, FG, now).is_open());
         // Missing and unreadable values count as zero.
-        assert_eq!(check(&q, &[], 1, now), Verdict::Open);
-        assert_eq!(check(&q, &[Some(b"junk".to_vec())], 1, now), Verdict::Open);
+        assert_eq!(check(&q, &[], 1, FG, now), Verdict::Open);
+        assert_eq!(
+            check(&q, &[Some(b"junk".to_vec())], 1, FG, now),
+            Verdict::Open
+        );
         // Only an exhausted counter becomes a cool-down.
-        let full = check(&q, &read(5, 0, 0, 0), 1, now);
+        let full = check(&q, &read(5, 0, 0, 0), 1, FG, now);
         assert_eq!(full.cooldown().map(|c| c.until_ms), Some(11 * 60_000));
-        assert_eq!(check(&q, &read(0, 0, 0, 0), 7_000, now).cooldown(), None);
+        assert_eq!(
+            check(&q, &read(0, 0, 0, 0), 7_000, FG, now).cooldown(),
+            None
+        );
+    }
+
+    const BG: Share = Share {
+        class: Class::Background,
+        reserve: 0.25,
+    };
+
+    #[test]
+    fn a_background_share_is_the_limit_less_the_reserve_rounded_down() {
+        assert_eq!(FG.cap(7), 7);
+        assert_eq!(BG.cap(4), 3);
+        assert_eq!(BG.cap(30), 22);
+        assert_eq!(BG.cap(1), 0, "a limit of one is kept for the foreground");
+        let bg = |reserve| Share::new(Class::Background, reserve);
+        assert_eq!(bg(0.0).cap(30), 30);
+        assert_eq!(bg(0.3).cap(100), 70);
+        assert_eq!(bg(0.29).cap(100), 71);
+        assert_eq!(bg(0.9).cap(10), 1);
+        assert_eq!(bg(0.1).cap(u32::MAX), 3_865_470_565);
+        assert_eq!(Class::default(), Class::Foreground);
+        assert_eq!(
+            serde_json::to_string(&[Class::Foreground, Class::Background]).unwrap(),
+            r#"["foreground","background"]"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Class>(r#""background""#).unwrap(),
+            Class::Background
+        );
+    }
+
+    #[test]
+    fn a_background_request_is_held_to_its_share_of_every_limit() {
+        let now = 10 * 60_000 + 5;
+        let day = day_index(Reset::UtcMidnight, now);
+        let next_day = next_reset_ms(Reset::UtcMidnight, now);
+        // Shares: rpm 3 of 4, rpd 75 of 100, tpm 4 500 of 6 000, tpd 37 500 of 50 000.
+        let q = quota(limits(Some(4), Some(100), Some(6_000), Some(50_000)));
+        let read = |rpm, rpd, tpm, tpd| {
+            [
+                value(10, rpm),
+                value(day, rpd),
+                value(10, tpm),
+                value(day, tpd),
+            ]
+        };
+        let both = |values: &[Option<Vec<u8>>], tokens| {
+            (
+                check(&q, values, tokens, FG, now),
+                check(&q, values, tokens, BG, now),
+            )
+        };
+        // Below the share: both admitted.
+        let (fg, bg) = both(&read(2, 74, 4_000, 37_000), 500);
+        assert_eq!((fg, bg), (Verdict::Open, Verdict::Open));
+        // Between the share and the limit: background skips the key, foreground does not, and
+        // nothing is to be written as a cool-down.
+        for (values, kind, until_ms) in [
+            (read(3, 0, 0, 0), Kind::Rpm, 11 * 60_000),
+            (read(0, 75, 0, 0), Kind::Rpd, next_day),
+            (read(0, 0, 4_500, 0), Kind::Tpm, 11 * 60_000),
+            (read(0, 0, 0, 37_500), Kind::Tpd, next_day),
+        ] {
+            let (fg, bg) = both(&values, 1);
+            assert_eq!(fg, Verdict::Open, "{kind:?}");
+            assert_eq!(bg, Verdict::ShareSpent { kind, until_ms }, "{kind:?}");
+            assert_eq!(bg.cooldown(), None);
+            assert!(!bg.is_open());
+        }
+        // At the limit: exhausted for both, and exhaustion outranks a spent share.
+        let (fg, bg) = both(&read(4, 75, 0, 0), 1);
+        assert_eq!(fg, bg);
+        assert_eq!(
+            bg,
+            Verdict::Exhausted {
+                kind: Kind::Rpm,
+                until_ms: 11 * 60_000
+            }
+        );
+        assert!(bg.cooldown().is_some());
+        // Tokens must fit under the share.
+        let (fg, bg) = both(&read(0, 0, 4_000, 0), 501);
+        assert_eq!(fg, Verdict::Open);
+        assert_eq!(
+            bg,
+            Verdict::TooLarge {
+                kind: Kind::Tpm,
+                until_ms: Some(11 * 60_000)
+            }
+        );
+        let (fg, bg) = both(&read(0, 0, 0, 0), 4_501);
+        assert_eq!(fg, Verdict::Open);
+        assert_eq!(
+            bg,
+            Verdict::TooLarge {
+                kind: Kind::Tpm,
+                until_ms: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_background_reservation_over_its_share_is_undone_and_the_reserve_stays_foregrounds() {
+        let kv = MemKv::default();
+        let q = quota(limits(Some(4), None, None, None));
+        let now = 5 * 60_000;
+        let rpm = |kv: &MemKv| count_in(5, kv.get(&q.key(Kind::Rpm)).unwrap().as_deref());
+        for i in 0..3 {
+            assert_eq!(
+                admit_minute(&kv, &q, BG, now).unwrap(),
+                Verdict::Open,
+                "{i}"
+            );
+        }
+        let spent = Verdict::ShareSpent {
+            kind: Kind::Rpm,
+            until_ms: 6 * 60_000,
+        };
+        for _ in 0..5 {
+            assert_eq!(admit_minute(&kv, &q, BG, now).unwrap(), spent);
+        }
+        assert_eq!(rpm(&kv), 3, "refused background reservations are undone");
+        // The reserve is the foreground's, whole.
+        assert_eq!(admit_minute(&kv, &q, FG, now).unwrap(), Verdict::Open);
+        let exhausted = Verdict::Exhausted {
+            kind: Kind::Rpm,
+            until_ms: 6 * 60_000,
+        };
+        assert_eq!(admit_minute(&kv, &q, FG, now).unwrap(), exhausted);
+        assert_eq!(admit_minute(&kv, &q, BG, now).unwrap(), exhausted);
+        assert_eq!(
+            rpm(&kv),
+            5,
+            "a foreground refusal stays counted, a background one not"
+        );
+        // The next minute starts again.
+        assert_eq!(
+            admit_minute(&kv, &q, BG, now + 60_000).unwrap(),
+            Verdict::Open
+        );
+
+        // The whole reservation: a background request refused by the day takes back its minute.
+        let kv = MemKv::default();
+        let q = quota(limits(Some(100), Some(4), None, None));
+        for _ in 0..3 {
+            assert!(admit(&kv, &q, BG, now).unwrap().is_open());
+        }
+        assert_eq!(
+            admit(&kv, &q, BG, now).unwrap(),
+            Verdict::ShareSpent {
+                kind: Kind::Rpd,
+                until_ms: 86_400_000
+            }
+        );
+        assert_eq!(rpm(&kv), 3);
+        assert_eq!(
+            count_in(0, kv.get(&q.key(Kind::Rpd)).unwrap().as_deref()),
+            3
+        );
+        assert!(admit(&kv, &q, FG, now).unwrap().is_open());
+    }
+
+    #[test]
+    fn an_undo_never_borrows_from_a_window_started_since() {
+        let kv = MemKv::default();
+        let inc = Increment {
+            kind: Kind::Rpm,
+            key: "k".into(),
+            delta: 1,
+            window: 7,
+            limit: Some(4),
+        };
+        kv.set("k", &encode(7, 3).to_le_bytes()).unwrap();
+        undo(&kv, &inc).unwrap();
+        assert_eq!(
+            decode_counter(&kv.get("k").unwrap().unwrap()),
+            Some(encode(7, 2))
+        );
+        // Another instance started minute 8 (and counted two) before the undo.
+        for stored in [encode(8, 2), encode(8, 0)] {
+            kv.set("k", &stored.to_le_bytes()).unwrap();
+            undo(&kv, &inc).unwrap();
+            assert_eq!(decode_counter(&kv.get("k").unwrap().unwrap()), Some(stored));
+        }
+    }
+
+    #[test]
+    fn concurrent_background_reservations_take_exactly_their_share() {
+        // Share: 15 of 20.
+        let q = quota(limits(Some(20), None, None, None));
+        for round in 0..20 {
+            let kv = Arc::new(MemKv::default());
+            let start = Arc::new(std::sync::Barrier::new(40));
+            let admitted = (0..40)
+                .map(|_| {
+                    let (kv, start) = (kv.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        admit_minute(&*kv, &q, BG, 60_000).unwrap().is_open()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|open| *open)
+                .count();
+            assert_eq!(admitted, 15, "round {round}");
+            let stored = kv.get(&q.key(Kind::Rpm)).unwrap();
+            assert_eq!(count_in(1, stored.as_deref()), 15, "round {round}");
+            for _ in 0..5 {
+                assert!(admit_minute(&*kv, &q, FG, 60_000).unwrap().is_open());
+            }
+            assert!(!admit_minute(&*kv, &q, FG, 60_000).unwrap().is_open());
+        }
     }
 
     #[test]
@@ -803,15 +1180,15 @@ mod tests {
                 "quota:v1:groq:k0123456789:llama-3.3-70b-versatile:rpd".to_owned()
             )]
         );
-        assert_eq!(check(&q, &[value(0, 1)], u64::MAX, 0), Verdict::Open);
+        assert_eq!(check(&q, &[value(0, 1)], u64::MAX, FG, 0), Verdict::Open);
         assert!(usage(&q, 1_000, 1_000, 0).is_empty());
         let none = quota(limits(None, None, None, None));
         assert!(counter_keys(&none).is_empty() && reserve(&none, 0).is_empty());
         for _ in 0..100 {
-            assert_eq!(admit(&kv, &none, 0).unwrap(), Verdict::Open);
+            assert_eq!(admit(&kv, &none, FG, 0).unwrap(), Verdict::Open);
         }
         record_usage(&kv, &none, 10, 10, 0).unwrap();
-        assert_eq!(check(&none, &[], u64::MAX, 0), Verdict::Open);
+        assert_eq!(check(&none, &[], u64::MAX, FG, 0), Verdict::Open);
         assert!(!kv.exists(&none.key(Kind::Rpm)).unwrap());
     }
 
@@ -849,11 +1226,11 @@ mod tests {
         let kv = MemKv::default();
         let q = quota(limits(Some(2), Some(3), None, None));
         let now = 5 * 60_000;
-        assert_eq!(admit(&kv, &q, now).unwrap(), Verdict::Open);
-        assert_eq!(admit(&kv, &q, now + 1).unwrap(), Verdict::Open);
+        assert_eq!(admit(&kv, &q, FG, now).unwrap(), Verdict::Open);
+        assert_eq!(admit(&kv, &q, FG, now + 1).unwrap(), Verdict::Open);
         // The minute is full: refused, and the day is not spent.
         assert_eq!(
-            admit(&kv, &q, now + 2).unwrap(),
+            admit(&kv, &q, FG, now + 2).unwrap(),
             Verdict::Exhausted {
                 kind: Kind::Rpm,
                 until_ms: 6 * 60_000
@@ -870,18 +1247,18 @@ mod tests {
                     .collect::<Vec<_>>(),
             )
             .unwrap();
-        assert!(!check(&q, &values, 1, now + 3).is_open());
+        assert!(!check(&q, &values, 1, FG, now + 3).is_open());
         // Next minute: one more for the day, then the day is full.
-        assert_eq!(admit(&kv, &q, now + 60_000).unwrap(), Verdict::Open);
+        assert_eq!(admit(&kv, &q, FG, now + 60_000).unwrap(), Verdict::Open);
         assert_eq!(
-            admit(&kv, &q, now + 60_001).unwrap(),
+            admit(&kv, &q, FG, now + 60_001).unwrap(),
             Verdict::Exhausted {
                 kind: Kind::Rpd,
                 until_ms: 86_400_000
             }
         );
         // A new day starts from zero on the same keys.
-        assert_eq!(admit(&kv, &q, 86_400_000).unwrap(), Verdict::Open);
+        assert_eq!(admit(&kv, &q, FG, 86_400_000).unwrap(), Verdict::Open);
         assert_eq!(day(&kv), Some(encode(1, 1)));
     }
 
@@ -892,7 +1269,7 @@ mod tests {
                 let (kv, start) = (kv.clone(), start.clone());
                 std::thread::spawn(move || {
                     start.wait();
-                    admit(&*kv, &q, now).unwrap().is_open()
+                    admit(&*kv, &q, FG, now).unwrap().is_open()
                 })
             })
             .collect();
@@ -1072,9 +1449,9 @@ mod tests {
         record_usage(&kv, &q, 4_000, 0, 61_000).unwrap();
         let keys: Vec<String> = counter_keys(&q).into_iter().map(|(_, k)| k).collect();
         let values = kv.get_many(&keys).unwrap();
-        assert_eq!(check(&q, &values, 500, 62_000), Verdict::Open);
+        assert_eq!(check(&q, &values, 500, FG, 62_000), Verdict::Open);
         assert_eq!(
-            check(&q, &values, 501, 62_000),
+            check(&q, &values, 501, FG, 62_000),
             Verdict::TooLarge {
                 kind: Kind::Tpm,
                 until_ms: Some(120_000)
@@ -1084,7 +1461,7 @@ mod tests {
         record_usage(&kv, &q, 4_000, 0, 120_000).unwrap();
         let values = kv.get_many(&keys).unwrap();
         assert_eq!(
-            check(&q, &values, 1_000, 121_000),
+            check(&q, &values, 1_000, FG, 121_000),
             Verdict::TooLarge {
                 kind: Kind::Tpd,
                 until_ms: Some(86_400_000)
@@ -1115,7 +1492,7 @@ mod tests {
         // A request every 7 minutes for 20 days, with gaps: windows are never revisited soon.
         let mut now = utc(2026, 3, 1, 0, 0);
         for i in 0..4_000u64 {
-            assert!(admit(&kv, &q, now).unwrap().is_open(), "{i}");
+            assert!(admit(&kv, &q, FG, now).unwrap().is_open(), "{i}");
             record_usage(&kv, &q, 100, 20, now + 1_000).unwrap();
             now += 7 * 60_000;
         }
@@ -1176,7 +1553,7 @@ mod tests {
             reset: Reset::UtcMidnight,
         };
         let kv = MemKv::default();
-        assert!(admit_minute(&kv, &q, 0).unwrap().is_open());
+        assert!(admit_minute(&kv, &q, FG, 0).unwrap().is_open());
         let values = kv.get_many(&[q.key(Kind::Rpm), q.key(Kind::Rpd)]).unwrap();
         assert!(
             values[0].is_some() && values[1].is_none(),
@@ -1184,9 +1561,9 @@ mod tests {
         );
         count_in_flight(&kv, &q, 0).unwrap();
         assert!(kv.get(&q.key(Kind::Rpd)).unwrap().is_some());
-        assert!(admit_minute(&kv, &q, 1).unwrap().is_open());
+        assert!(admit_minute(&kv, &q, FG, 1).unwrap().is_open());
         assert!(matches!(
-            admit_minute(&kv, &q, 2).unwrap(),
+            admit_minute(&kv, &q, FG, 2).unwrap(),
             Verdict::Exhausted {
                 kind: Kind::Rpm,
                 ..

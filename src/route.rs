@@ -6,8 +6,8 @@ use crate::catalog::{Scope, Tier, PROVIDERS};
 use crate::config::{Config, Configured};
 use crate::cooldown::Cooldown;
 use crate::error::ApiError;
-use crate::kv::{keys, KvOp};
-use crate::quota::{self, QuotaRef};
+use crate::kv::KvOp;
+use crate::quota::{self, Class, QuotaRef};
 use serde::{Deserialize, Serialize};
 
 /// One provider-model pair to try, with the keys to try it with. Owned and secret-free: it
@@ -36,7 +36,8 @@ pub struct Candidate {
 }
 
 /// Which tiers a request may use: `x-freerelay-mode`, or the virtual model it names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
     Auto,
     Free,
@@ -301,26 +302,23 @@ fn unconfigured(id: &str, model: &str) -> ApiError {
 }
 
 impl Candidate {
-    /// The cool-down keys that can bench `key` for this candidate: the key's own, then its
-    /// ledger's.
-    pub fn cooldown_keys(&self, key: &str) -> impl Iterator<Item = String> + '_ {
-        let key = key.to_owned();
-        std::iter::once(keys::cooldown(&self.provider, &key, None)).chain(
-            self.ledger
-                .as_deref()
-                .map(move |l| keys::cooldown(&self.provider, &key, Some(l))),
-        )
+    /// The cool-down keys that can bench `key` for this candidate and a request of `class`: the
+    /// key's own, then its ledger's; for a background request, then the background-only ones in
+    /// the same order ([`crate::cooldown::keys_read`]).
+    pub fn cooldown_keys(&self, key: &str, class: Class) -> Vec<String> {
+        crate::cooldown::keys_read(&self.provider, key, self.ledger.as_deref(), class)
     }
 }
 
 impl Plan {
     /// Everything to read before the first attempt, in one batch: for each candidate and each
-    /// of its keys, the key's cool-downs, then its quota counters.
-    pub fn state_keys(&self, config: &Config) -> Vec<String> {
+    /// of its keys, the key's cool-downs (a background request's own ones too:
+    /// [`Candidate::cooldown_keys`]), then its quota counters.
+    pub fn state_keys(&self, config: &Config, class: Class) -> Vec<String> {
         let mut out = Vec::new();
         for c in &self.candidates {
             for k in &c.keys {
-                out.extend(c.cooldown_keys(k));
+                out.extend(c.cooldown_keys(k, class));
                 if let Some(q) = quota_ref(config, c, k) {
                     out.extend(quota::counter_keys(&q).into_iter().map(|(_, key)| key));
                 }
@@ -329,23 +327,30 @@ impl Plan {
         out
     }
 
-    /// Keeps the keys that may be used now (`values` in the order of [`Self::state_keys`]):
-    /// not cooling down, and with quota left for a request of `estimated_tokens` — so a free
-    /// tier's allowance is spent without ever being told 429. A quota found exhausted is also
-    /// returned as a cool-down to write, so other instances skip the key without reading its
-    /// counters. When no key is left: a 429 with the shortest wait (in the header and in words),
-    /// a 502 when every key was refused by its provider, or a 400 when the request is larger
-    /// than every candidate's token limit.
+    /// Keeps the keys that may be used now (`values` in the order of [`Self::state_keys`] for
+    /// the same `class`): not cooling down, and with quota left for a request of
+    /// `estimated_tokens` — so a free tier's allowance is spent without ever being told 429. A
+    /// quota found exhausted is also returned as a cool-down to write, so other instances skip
+    /// the key without reading its counters (a background request writes it under its own key:
+    /// [`crate::cooldown::key`]). A background request is held to its share of each quota
+    /// ([`Config::share`]): a key whose counter is at that share but under the limit is skipped
+    /// and nothing is written (foreground requests may still use it). When no key is left: a 429
+    /// with the shortest wait (in the header and in words, saying when a spent background share
+    /// frees), a 502 when every key was refused by its provider, or a 400 when the request is
+    /// larger than every candidate's token limit (its share of it, for a background request).
     pub fn usable(
         self,
         config: &Config,
         values: &[Option<Vec<u8>>],
         estimated_tokens: u64,
         now_ms: u64,
+        class: Class,
     ) -> Result<(Self, Vec<KvOp>), ApiError> {
+        let share = config.share(class);
         let mut shortest: Option<u64> = None;
         let mut refused: Vec<String> = Vec::new();
         let mut too_large: Vec<String> = Vec::new();
+        let mut share_spent = false;
         let mut ops = Vec::new();
         let mut values = values.iter().chain(std::iter::repeat(&None));
         let mut wait = |until_ms: u64| {
@@ -357,7 +362,7 @@ impl Plan {
             let mut usable = Vec::with_capacity(c.keys.len());
             for k in std::mem::take(&mut c.keys) {
                 let mut cooling = None::<Cooldown>;
-                for _ in c.cooldown_keys(&k) {
+                for _ in c.cooldown_keys(&k, class) {
                     let v = values.next().and_then(|v| v.as_deref());
                     if let Some(cd) = v.and_then(Cooldown::decode) {
                         if cd.is_active(now_ms)
@@ -372,7 +377,7 @@ impl Plan {
                     let counters: Vec<Option<Vec<u8>>> =
                         (0..n).map(|_| values.next().cloned().flatten()).collect();
                     (
-                        quota::check(&q, &counters, estimated_tokens, now_ms),
+                        quota::check(&q, &counters, estimated_tokens, share, now_ms),
                         q.limits.scope,
                     )
                 });
@@ -390,20 +395,29 @@ impl Plan {
                                 Scope::Key => None,
                                 _ => c.ledger.as_deref(),
                             };
-                            ops.push(cd.op(keys::cooldown(&c.provider, &k, ledger)));
+                            let key = crate::cooldown::key(&c.provider, &k, ledger, class);
+                            ops.push(cd.op(key));
                         }
+                    }
+                    (None, Some((quota::Verdict::ShareSpent { until_ms, .. }, _))) => {
+                        share_spent = true;
+                        wait(until_ms);
                     }
                     (None, Some((quota::Verdict::TooLarge { kind, until_ms }, _))) => {
                         match until_ms {
                             Some(u) => wait(u),
                             None => too_large.push(format!(
-                                "{}/{} ({} {})",
+                                "{}/{} ({} {}{})",
                                 c.provider,
                                 c.model,
                                 kind.as_str(),
                                 quota_ref(config, &c, &k)
                                     .and_then(|q| q.limit(kind))
-                                    .unwrap_or(0)
+                                    .map_or(0, |l| share.cap(l)),
+                                match class {
+                                    Class::Foreground => "",
+                                    Class::Background => " for background requests",
+                                }
                             )),
                         }
                     }
@@ -416,12 +430,25 @@ impl Plan {
             }
         }
         if kept.is_empty() {
+            let seconds = |secs: u64| if secs == 1 { "second" } else { "seconds" };
             return Err(match shortest {
+                Some(secs) if share_spent => ApiError::rate_limited(
+                    format!(
+                        "This is a background request, which may use only {}% of each \
+                         provider's quota (the rest is kept for foreground requests), and that \
+                         share is spent (or the provider is rate limited) for every provider of \
+                         this model; it frees in {secs} {}. Retry after {secs} {}.",
+                        100 - (share.reserve * 100.0).round() as u64,
+                        seconds(secs),
+                        seconds(secs)
+                    ),
+                    shortest,
+                ),
                 Some(secs) => ApiError::rate_limited(
                     format!(
                         "Every provider for this model is rate limited or at its quota. Retry \
                          after {secs} {}.",
-                        if secs == 1 { "second" } else { "seconds" }
+                        seconds(secs)
                     ),
                     shortest,
                 ),
@@ -551,7 +578,7 @@ mod tests {
         let c = config_of(&[("groq_api_key", "ga"), ("mistral_api_key", "m")]).unwrap();
         let p = plan(&c, "auto", 0).unwrap();
         let (ga, m) = (ApiKey::new("ga").id, ApiKey::new("m").id);
-        let state = p.state_keys(&c);
+        let state = p.state_keys(&c, Class::Foreground);
         for k in [
             format!("cooldown:v1:groq:{ga}"),
             format!("cooldown:v1:groq:{ga}:llama-3.1-8b-instant"),
@@ -562,8 +589,8 @@ mod tests {
         }
         let kv = MemKv::default();
         let usable = |now| {
-            let values = kv.get_many(&p.state_keys(&c)).unwrap();
-            p.clone().usable(&c, &values, 10, now)
+            let values = kv.get_many(&p.state_keys(&c, Class::Foreground)).unwrap();
+            p.clone().usable(&c, &values, 10, now, Class::Foreground)
         };
         let groq_model = format!("cooldown:v1:groq:{ga}:llama-3.1-8b-instant");
         kv.set(&groq_model, &Cooldown::new(0, 5_000, 429).encode())
@@ -580,6 +607,106 @@ mod tests {
         let e = usable(1_000).unwrap_err();
         assert_eq!((e.status, e.retry_after), (429, Some(4)));
         assert!(e.message.contains("Retry after 4 seconds."));
+    }
+
+    #[test]
+    fn a_background_request_skips_a_key_at_its_share_without_cooling_it_for_anyone() {
+        use crate::kv::{Kv, MemKv};
+        // groq's rpm of 4: a background request's share is 3.
+        let c = config_of(&[
+            ("groq_api_key", "g"),
+            ("groq_rpm", "4"),
+            ("mistral_api_key", "m"),
+        ])
+        .unwrap();
+        let p = plan(&c, "groq/llama-3.1-8b-instant", 0).unwrap();
+        let g = ApiKey::new("g").id;
+        let fg_keys = p.state_keys(&c, Class::Foreground);
+        let bg_keys = p.state_keys(&c, Class::Background);
+        let bg_only = [
+            format!("cooldown:v1:bg:groq:{g}"),
+            format!("cooldown:v1:bg:groq:{g}:llama-3.1-8b-instant"),
+        ];
+        for k in &bg_only {
+            assert!(bg_keys.contains(k) && !fg_keys.contains(k), "{k}");
+        }
+        assert!(fg_keys.iter().all(|k| bg_keys.contains(k)));
+        let kv = MemKv::default();
+        let usable = |p: &Plan, class| {
+            let values = kv.get_many(&p.state_keys(&c, class)).unwrap();
+            p.clone().usable(&c, &values, 10, NOW, class)
+        };
+        const NOW: u64 = 60_000 * 100 + 15_000;
+        let q = quota_ref(&c, &p.candidates[0], &g).unwrap();
+        for _ in 0..3 {
+            let share = c.share(Class::Background);
+            assert!(quota::admit_minute(&kv, &q, share, NOW).unwrap().is_open());
+        }
+        // At the share: background refused with a 429 that says so and when it frees, and
+        // nothing written; foreground still served.
+        let e = usable(&p, Class::Background).unwrap_err();
+        assert_eq!((e.status, e.retry_after), (429, Some(45)));
+        assert!(
+            e.message.contains("background request") && e.message.contains("75%"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("frees in 45 seconds"), "{}", e.message);
+        let (kept, ops) = usable(&p, Class::Foreground).unwrap();
+        assert_eq!(kept.candidates.len(), 1);
+        assert!(ops.is_empty());
+        // With another provider left, background moves to it and writes nothing either.
+        let auto = plan(&c, "auto", 0).unwrap();
+        let (kept, ops) = usable(&auto, Class::Background).unwrap();
+        assert_eq!(ids(&kept), vec![pair("mistral", "mistral-small-latest")]);
+        assert!(ops.is_empty());
+        // At the limit: exhausted for everyone, and each class writes its own cool-down.
+        let fg = quota::Share::FOREGROUND;
+        assert!(quota::admit_minute(&kv, &q, fg, NOW).unwrap().is_open());
+        let written = |class| -> Vec<String> {
+            let (kept, ops) = usable(&auto, class).unwrap();
+            assert_eq!(kept.candidates[0].provider, "mistral");
+            ops.iter().map(|op| op.key().to_owned()).collect()
+        };
+        let ledger = "llama-3.1-8b-instant";
+        assert_eq!(
+            written(Class::Foreground),
+            [format!("cooldown:v1:groq:{g}:{ledger}")]
+        );
+        assert_eq!(
+            written(Class::Background),
+            [format!("cooldown:v1:bg:groq:{g}:{ledger}")]
+        );
+    }
+
+    #[test]
+    fn a_background_cool_down_benches_background_requests_only() {
+        use crate::kv::{Kv, MemKv};
+        let c = config_of(&[("groq_api_key", "g")]).unwrap();
+        let p = plan(&c, "auto", 0).unwrap();
+        let g = ApiKey::new("g").id;
+        let kv = MemKv::default();
+        let usable = |class| {
+            let values = kv.get_many(&p.state_keys(&c, class)).unwrap();
+            p.clone().usable(&c, &values, 10, 1_000, class)
+        };
+        kv.set(
+            &format!("cooldown:v1:bg:groq:{g}:llama-3.1-8b-instant"),
+            &Cooldown::new(0, 30_000, 429).encode(),
+        )
+        .unwrap();
+        assert!(usable(Class::Foreground).is_ok());
+        let e = usable(Class::Background).unwrap_err();
+        assert_eq!((e.status, e.retry_after), (429, Some(29)));
+        assert!(!e.message.contains("background"), "{}", e.message);
+        // A shared cool-down benches both.
+        kv.set(
+            &format!("cooldown:v1:groq:{g}"),
+            &Cooldown::new(0, 40_000, 429).encode(),
+        )
+        .unwrap();
+        assert_eq!(usable(Class::Foreground).unwrap_err().retry_after, Some(39));
+        assert_eq!(usable(Class::Background).unwrap_err().retry_after, Some(39));
     }
 
     #[test]

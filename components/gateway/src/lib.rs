@@ -328,7 +328,10 @@ async fn chat(
     // Cool-downs, quota counters, breakers, AIMD windows, budgets and the cache's index: one
     // read.
     let now = now_ms();
-    let reads = edge::Reads::of(config, &plan, tenant, &extra, now);
+    // class: the profiler's decision goes here (`Background` for a client's housekeeping: a
+    // share of each quota, cool-downs of its own).
+    let class = quota::Class::Foreground;
+    let reads = edge::Reads::of(config, &plan, tenant, &extra, class, now);
     let values = match store.as_ref().map(|s| s.get_many(&reads.keys)) {
         Some(Ok(values)) => values,
         Some(Err(e)) => {
@@ -375,7 +378,7 @@ async fn chat(
         }
     };
     let estimated_tokens = quota::estimate_prompt_tokens(body.len());
-    let plan = match plan.usable(config, &snap.plan, estimated_tokens, now) {
+    let plan = match plan.usable(config, &snap.plan, estimated_tokens, now, class) {
         Ok((p, ops)) => {
             ctx.apply(store.as_ref(), &ops);
             p
@@ -405,7 +408,7 @@ async fn chat(
         .filter(|c| c.prefill)
         .cloned()
         .collect();
-    let mut attempts = Attempts::with_policy(plan, policy);
+    let mut attempts = Attempts::with_policy(plan, policy).with_class(class);
     loop {
         // `start_ops` (the attempt's counter) are written once the request is on its way.
         let (attempt, candidate, key_id, start_ops) = match attempts.next_step() {
@@ -460,14 +463,21 @@ async fn chat(
         // the provider in a window, however many instances race for it.
         let quota = route::quota_ref(config, &candidate, &key_id);
         if let (Some(store), Some(q)) = (store.as_ref(), quota.as_ref()) {
-            match quota::admit_minute(store, q, now_ms()) {
+            match quota::admit_minute(store, q, config.share(class), now_ms()) {
                 Ok(quota::Verdict::Open) | Ok(quota::Verdict::TooLarge { .. }) => {}
-                Ok(verdict @ quota::Verdict::Exhausted { kind, until_ms }) => {
+                Ok(
+                    verdict @ (quota::Verdict::Exhausted { kind, until_ms }
+                    | quota::Verdict::ShareSpent { kind, until_ms }),
+                ) => {
                     let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
+                    let whose = match verdict {
+                        quota::Verdict::ShareSpent { .. } => "the background share of this key's",
+                        _ => "this key's",
+                    };
                     let failure = Failure {
                         error: ApiError::rate_limited(
                             format!(
-                                "Provider `{}`: this key's {} quota is spent until its window \
+                                "Provider `{}`: {whose} {} quota is spent until its window \
                                  ends.",
                                 candidate.provider,
                                 kind.as_str()
@@ -1163,8 +1173,10 @@ async fn rescue_stream(
             });
             let quota = route::quota_ref(config, &candidate, key_id);
             if let (Some(store), Some(q)) = (store, quota.as_ref()) {
-                if let Ok(quota::Verdict::Exhausted { .. }) =
-                    quota::admit_minute(store, q, now_ms())
+                // class: the request's class goes here too.
+                let share = config.share(quota::Class::Foreground);
+                if let Ok(quota::Verdict::Exhausted { .. } | quota::Verdict::ShareSpent { .. }) =
+                    quota::admit_minute(store, q, share, now_ms())
                 {
                     continue;
                 }
@@ -1227,7 +1239,9 @@ async fn rescue_stream(
             };
             let (failure, upstream_status) = failed;
             let mut ops = vec![stats::attempt_failed(&candidate.provider)];
-            ops.extend(Attempts::cooldown_op(&candidate, key_id, &failure));
+            // class: the request's class goes here too.
+            let class = quota::Class::Foreground;
+            ops.extend(Attempts::cooldown_op(&candidate, key_id, &failure, class));
             ctx.apply(store, &ops);
             ctx.log(&Event::AttemptFailed {
                 attempt,
