@@ -23,6 +23,7 @@ pub mod edge;
 pub mod error;
 pub mod event;
 pub mod kv;
+pub mod policy;
 pub mod profile;
 pub mod quota;
 pub mod route;
