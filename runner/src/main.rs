@@ -1,4 +1,5 @@
-//! The `freerelay` command: `up` runs a Spin app locally, `keygen` makes client keys.
+//! The `freerelay` command: `up` runs a Spin app locally, `keygen` makes client keys, `policy
+//! check` validates a tenant policy file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use freerelay_cli::{keygen, server};
 #[command(
     name = "freerelay",
     version,
-    about = "FreeRelay: run the gateway locally, manage client keys"
+    about = "FreeRelay: run the gateway locally, manage client keys, check tenant policies"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,6 +32,18 @@ enum Command {
     Up(UpArgs),
     /// Print a new client key and the SHA-256 digest to put in `client_keys`.
     Keygen(KeygenArgs),
+    /// Tenant policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Parse a policy file offline and report every error (line, column, what was expected).
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -68,6 +81,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(args) => run_up(args),
         Command::Keygen(args) => run_keygen(args),
+        Command::Policy(command) => return run_policy(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +105,47 @@ fn run_keygen(args: KeygenArgs) -> Result<()> {
         println!("key: {key}\ndigest: {digest}");
     }
     Ok(())
+}
+
+/// `policy check FILE`: exit 0 and `FILE: ok (N rules)` when the policy parses; exit 1 and each
+/// error as `FILE:LINE:COLUMN: expected …, found …` on stderr when it does not; exit 2 when the
+/// file cannot be read.
+fn run_policy(command: PolicyCommand) -> ExitCode {
+    let PolicyCommand::Check { file } = command;
+    let name = file.display();
+    let bytes = match std::fs::read(&file) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            eprintln!("{name}: cannot read the policy file: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            // Where the first invalid byte is, counted like the parser counts.
+            let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let valid = std::str::from_utf8(valid).unwrap_or_default();
+            let line = valid.matches('\n').count() + 1;
+            let column = valid.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            let byte = e.as_bytes()[valid.len()];
+            eprintln!("{name}:{line}:{column}: expected UTF-8 text, found byte 0x{byte:02x}");
+            return ExitCode::from(1);
+        }
+    };
+    match freerelay::policy::parse(&text) {
+        Ok(policy) => {
+            let n = policy.len();
+            println!("{name}: ok ({n} rule{})", if n == 1 { "" } else { "s" });
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{name}:{}:{}: {}", e.line, e.column, e.message());
+            }
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn run_up(args: UpArgs) -> Result<()> {

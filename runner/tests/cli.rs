@@ -125,3 +125,84 @@ fn up_rejects_bad_allowed_hosts_and_manifests() {
     let out = freerelay(&["up", "-f", "bad.toml"], dir.path());
     assert_fails_with(&out, "invalid manifest");
 }
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn policy_check_accepts_a_valid_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = "\
+# tenant acme
+exclude nvidia, openrouter/meta-llama/llama-3.3-70b-instruct:free
+prefer groq, gemini
+cap temperature 0.7
+when family = code and depth >= medium: prefer anthropic/claude-sonnet-4-5, openai
+when background: mode free; cache on
+";
+    std::fs::write(dir.path().join("acme.policy"), policy).unwrap();
+    let out = freerelay(&["policy", "check", "acme.policy"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "acme.policy: ok (5 rules)\n");
+    assert_eq!(stderr(&out), "");
+
+    std::fs::write(dir.path().join("one"), "hedge on\n").unwrap();
+    let out = freerelay(&["policy", "check", "one"], dir.path());
+    assert_eq!(stdout(&out), "one: ok (1 rule)\n");
+    std::fs::write(dir.path().join("empty"), "# nothing yet\n").unwrap();
+    let out = freerelay(&["policy", "check", "empty"], dir.path());
+    assert_eq!(stdout(&out), "empty: ok (0 rules)\n");
+}
+
+#[test]
+fn policy_check_reports_every_error_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = "\
+prefer groq
+prefer 12
+when family < code: mode paid
+cache on
+when depth = high mode paid
+";
+    std::fs::write(dir.path().join("bad.policy"), policy).unwrap();
+    let out = freerelay(&["policy", "check", "bad.policy"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stdout(&out), "");
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].starts_with("bad.policy:2:8: expected a provider id (groq, ")
+            && lines[0].ends_with(", custom), found \"12\""),
+        "{err}"
+    );
+    assert_eq!(
+        lines[1],
+        "bad.policy:3:13: expected `=`, `!=` or `in` (family is not ordered), found \"<\""
+    );
+    assert_eq!(
+        lines[2],
+        "bad.policy:5:19: expected `:`, `and` or `or`, found \"mode\""
+    );
+}
+
+#[test]
+fn policy_check_fails_clearly_on_unreadable_or_non_utf8_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = freerelay(&["policy", "check", "missing.policy"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).starts_with("missing.policy: cannot read the policy file: "),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(dir.path().join("latin1"), b"prefer groq\nprefer gr\xe9q\n").unwrap();
+    let out = freerelay(&["policy", "check", "latin1"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "latin1:2:10: expected UTF-8 text, found byte 0xe9\n"
+    );
+}
