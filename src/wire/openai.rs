@@ -170,6 +170,37 @@ impl ChatRequest {
         r
     }
 
+    /// The same request with a rewritten body, for the gateway's own rewrites (the context
+    /// optimizer, prompt shaping): `f` gets a copy of every body field but `messages` to change
+    /// in place, and returns the new `messages` (build them from `self.body()["messages"]`),
+    /// so a rewrite that keeps part of a long conversation never copies the rest.
+    ///
+    /// Nothing is validated again: the messages must stay as [`ChatRequest::parse`] requires
+    /// (objects with a known role and content), and the fields read at parse time (`model`,
+    /// `stream`, `stream_options`, `models`) keep their parsed values whatever `f` does to the
+    /// body; gateway-only fields `f` adds are removed, as at parse time.
+    pub fn with_body(&self, f: impl FnOnce(&mut Map<String, Value>) -> Vec<Value>) -> Self {
+        let mut body: Map<String, Value> = self
+            .body
+            .iter()
+            .filter(|(k, _)| k.as_str() != "messages")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let messages = f(&mut body);
+        debug_assert!(!messages.is_empty(), "a request needs a message");
+        body.insert("messages".into(), Value::Array(messages));
+        for field in GATEWAY_ONLY_FIELDS {
+            body.remove(*field);
+        }
+        Self {
+            model: self.model.clone(),
+            stream: self.stream,
+            include_usage: self.include_usage,
+            fallback_models: self.fallback_models.clone(),
+            body,
+        }
+    }
+
     /// The body as the client sent it (validated), for translators to read.
     pub fn body(&self) -> &Map<String, Value> {
         &self.body
@@ -461,6 +492,33 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn with_body_rewrites_a_copy() {
+        let r = parse(r#"{"model":"m","stream":true,"messages":[{"role":"system","content":"s"},{"role":"user","content":"x"}],"temperature":0.5,"response_format":{"type":"json_object"}}"#).unwrap();
+        let w = r.with_body(|body| {
+            assert!(body.get("messages").is_none(), "messages are not copied");
+            body.remove("response_format");
+            body.insert("models".into(), serde_json::json!(["x"]));
+            r.body()["messages"].as_array().unwrap()[1..].to_vec()
+        });
+        assert_eq!(
+            w.body()["messages"],
+            serde_json::json!([{"role": "user", "content": "x"}])
+        );
+        assert_eq!(w.body()["temperature"], 0.5);
+        assert!(w.body().get("response_format").is_none());
+        assert!(
+            w.body().get("models").is_none(),
+            "gateway-only fields never go upstream"
+        );
+        assert_eq!((w.model.as_str(), w.stream), ("m", true));
+        assert_eq!(r.body()["messages"].as_array().unwrap().len(), 2);
+        assert!(
+            r.body().get("response_format").is_some(),
+            "the original is unchanged"
+        );
     }
 
     #[test]
