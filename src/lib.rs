@@ -17,6 +17,7 @@ pub mod budget;
 pub mod cache;
 pub mod catalog;
 pub mod config;
+pub mod context;
 pub mod cooldown;
 pub mod counter;
 pub mod edge;
