@@ -16,6 +16,18 @@ pub enum Endpoint {
     Stats,
     /// Breakers, budgets, AIMD windows, quotas and cache counters: what the dashboard draws.
     State,
+    /// One routing decision and its outcome (`/v1/freerelay/routes/{id}`), for its tenant.
+    Route(String),
+    /// The caller's routing policy: `GET` reads it, `PUT` replaces it, `DELETE` removes it.
+    Policy(PolicyVerb),
+}
+
+/// What a request to `/v1/freerelay/policy` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyVerb {
+    Get,
+    Put,
+    Delete,
 }
 
 impl Endpoint {
@@ -39,8 +51,22 @@ pub fn endpoint(method: &str, path_and_query: &str) -> Result<Endpoint, ApiError
         "/v1/chat/completions" => (Endpoint::ChatCompletions, "POST"),
         "/v1/freerelay/stats" => (Endpoint::Stats, "GET"),
         "/v1/freerelay/state" => (Endpoint::State, "GET"),
-        p => match p.strip_prefix("/v1/models/") {
-            Some(id) if !id.is_empty() => (Endpoint::Model(id.to_owned()), "GET"),
+        "/v1/freerelay/policy" => {
+            return match method {
+                "GET" | "HEAD" => Ok(Endpoint::Policy(PolicyVerb::Get)),
+                "PUT" => Ok(Endpoint::Policy(PolicyVerb::Put)),
+                "DELETE" => Ok(Endpoint::Policy(PolicyVerb::Delete)),
+                _ => Err(ApiError::method_not_allowed(method, path)),
+            }
+        }
+        p => match (
+            p.strip_prefix("/v1/models/"),
+            p.strip_prefix("/v1/freerelay/routes/"),
+        ) {
+            (Some(id), _) if !id.is_empty() => (Endpoint::Model(id.to_owned()), "GET"),
+            (_, Some(id)) if !id.is_empty() && !id.contains('/') => {
+                (Endpoint::Route(id.to_owned()), "GET")
+            }
             _ => return Err(ApiError::not_found(path)),
         },
     };
@@ -138,6 +164,42 @@ mod tests {
         );
         assert_eq!(endpoint("GET", "/v2/x").unwrap_err().status, 404);
         assert!(!Endpoint::Health.needs_auth() && Endpoint::Models.needs_auth());
+    }
+
+    #[test]
+    fn routes_and_policy_endpoints() {
+        assert_eq!(
+            endpoint("GET", "/v1/freerelay/routes/rt_00ff"),
+            Ok(Endpoint::Route("rt_00ff".into()))
+        );
+        assert_eq!(
+            endpoint("GET", "/v1/freerelay/routes/").unwrap_err().status,
+            404
+        );
+        assert_eq!(
+            endpoint("GET", "/v1/freerelay/routes/a/b")
+                .unwrap_err()
+                .status,
+            404
+        );
+        assert_eq!(
+            endpoint("POST", "/v1/freerelay/routes/rt_1")
+                .unwrap_err()
+                .status,
+            405
+        );
+        for (m, v) in [
+            ("GET", PolicyVerb::Get),
+            ("PUT", PolicyVerb::Put),
+            ("DELETE", PolicyVerb::Delete),
+        ] {
+            assert_eq!(endpoint(m, "/v1/freerelay/policy"), Ok(Endpoint::Policy(v)));
+        }
+        assert_eq!(
+            endpoint("POST", "/v1/freerelay/policy").unwrap_err().status,
+            405
+        );
+        assert!(Endpoint::Policy(PolicyVerb::Get).needs_auth());
     }
 
     #[test]

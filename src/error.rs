@@ -198,9 +198,66 @@ impl ApiError {
         )
     }
 
+    /// 404: no routing decision with this id is known to the caller (another tenant's, or
+    /// overwritten since: the audit keeps the last `entries` routes).
+    pub fn route_not_found(id: &str, entries: u32) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            Some("route_not_found"),
+            format!(
+                "No route `{}` is known for this client key (routes are kept for about the last \
+                 {entries} requests).",
+                id.chars().take(64).collect::<String>()
+            ),
+        )
+    }
+
     /// The relayed status and message of an upstream 4xx that is the client's fault.
     pub fn relayed(status: u16, message: String) -> Self {
         Self::new(status, "invalid_request_error", None, message)
+    }
+
+    /// Reads back an error this gateway wrote ([`Self::body`]): how the router component's
+    /// refusals reach the client unchanged. `None` for anything else.
+    pub fn from_body(status: u16, body: &[u8], retry_after: Option<u64>) -> Option<Self> {
+        const KINDS: &[&str] = &[
+            "invalid_request_error",
+            "authentication_error",
+            "rate_limit_error",
+            "insufficient_quota",
+            "server_error",
+            "upstream_error",
+            "internal_error",
+        ];
+        const CODES: &[&str] = &[
+            "gateway_misconfigured",
+            "insufficient_quota",
+            "internal_error",
+            "invalid_api_key",
+            "method_not_allowed",
+            "missing_api_key",
+            "model_not_found",
+            "providers_unavailable",
+            "rate_limit_exceeded",
+            "request_too_large",
+            "route_not_found",
+            "unknown_url",
+            "upstream_error",
+            "upstream_timeout",
+        ];
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let e = v.get("error")?;
+        let kind = e.get("type")?.as_str()?;
+        let kind = *KINDS.iter().find(|k| **k == kind)?;
+        let code = match e.get("code").and_then(|c| c.as_str()) {
+            Some(c) => Some(*CODES.iter().find(|k| **k == c)?),
+            None => None,
+        };
+        let mut err = Self::new(status, kind, code, e.get("message")?.as_str()?.to_owned());
+        err.param = e.get("param").and_then(|p| p.as_str()).map(str::to_owned);
+        err.retry_after = retry_after;
+        Some(err)
     }
 
     /// The JSON body: `{"error": {...}}`.
@@ -228,6 +285,21 @@ impl ApiError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn errors_read_back_from_their_body() {
+        let e = super::ApiError::model_not_found(String::from("no such model"));
+        let mut e = e;
+        e.param = Some("model".into());
+        let back = super::ApiError::from_body(e.status, &e.body(), Some(3)).unwrap();
+        assert_eq!(back.body(), e.body());
+        assert_eq!(back.retry_after, Some(3));
+        assert!(super::ApiError::from_body(400, b"{}", None).is_none());
+        assert!(
+            super::ApiError::from_body(400, br#"{"error":{"type":"x","message":"m"}}"#, None)
+                .is_none()
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -131,6 +131,26 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
     },
+    /// The router decided: the profile's family, whether it is a client's chore, the plan in
+    /// order, and whether the router component (`component`) or this instance (`local`) decided.
+    Routed {
+        family: String,
+        background: bool,
+        candidates: Vec<String>,
+        via: &'static str,
+    },
+    /// The router component did not answer (unreachable, failed, too slow): the gateway
+    /// planned locally, with the same logic and state.
+    RouterFallback { reason: String },
+    /// The context optimizer cut a conversation to fit a candidate's window, or shaped the
+    /// prompt for it (system placement, JSON instructions).
+    Context {
+        provider: String,
+        model: String,
+        notes: Vec<String>,
+    },
+    /// The request was sent to two candidates at once; `winner` answered first.
+    Hedged { winner: String, loser: String },
     /// The client stopped reading (closed the connection) before the answer was complete.
     ClientGone { provider: String, ms: u64 },
     /// A key-value operation failed; serving went on without it.
@@ -166,7 +186,11 @@ impl Event {
             | Event::Breaker { .. }
             | Event::Skipped { .. }
             | Event::Aimd { .. }
-            | Event::Cache { .. } => false,
+            | Event::Cache { .. }
+            | Event::Routed { .. }
+            | Event::Context { .. }
+            | Event::Hedged { .. } => false,
+            Event::RouterFallback { .. } => true,
         }
     }
 }

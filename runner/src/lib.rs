@@ -2,6 +2,7 @@
 //! with the same host interfaces as Spin, plus the `keygen` tool.
 
 pub mod bindings;
+pub mod explain;
 pub mod http_client;
 pub mod keygen;
 pub mod kv;

@@ -35,6 +35,26 @@ enum Command {
     /// Tenant policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the routing decision for a request body (file or stdin) offline, sending nothing.
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The chat completion request body (JSON); `-` or nothing reads stdin.
+    file: Option<PathBuf>,
+    /// Print the decision as JSON (the shape of `GET /v1/freerelay/routes/{id}`).
+    #[arg(long)]
+    json: bool,
+    /// The mode, as `x-freerelay-mode` would set it.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// A tenant policy file to apply.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The application manifest (its variables configure the providers, as under `up`).
+    #[arg(short = 'f', long = "from", default_value = "spin.toml")]
+    from: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -82,6 +102,7 @@ fn main() -> ExitCode {
         Command::Up(args) => run_up(args),
         Command::Keygen(args) => run_keygen(args),
         Command::Policy(command) => return run_policy(command),
+        Command::Explain(args) => run_explain(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,6 +124,50 @@ fn run_keygen(args: KeygenArgs) -> Result<()> {
         println!("{key}\n{digest}");
     } else {
         println!("key: {key}\ndigest: {digest}");
+    }
+    Ok(())
+}
+
+/// `explain`: the router's decision for one request, offline (priors only, nothing spent).
+fn run_explain(args: ExplainArgs) -> Result<()> {
+    use std::io::Read;
+    let body = match args.file.as_deref() {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => None,
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?),
+    };
+    let body = match body {
+        Some(b) => b,
+        None => {
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .context("cannot read stdin")?;
+            b
+        }
+    };
+    let policy = match &args.policy {
+        Some(p) => Some(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(text) = &policy {
+        if let Err(errors) = freerelay::policy::parse(text) {
+            let listed: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::bail!("the policy does not parse: {}", listed.join("; "));
+        }
+    }
+    let vars = freerelay_cli::explain::component_variables(&args.from)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let decision =
+        freerelay_cli::explain::decide(&vars, &body, &args.mode, policy.as_deref(), now)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&decision)?);
+    } else {
+        print!("{}", freerelay_cli::explain::text(&decision));
     }
     Ok(())
 }

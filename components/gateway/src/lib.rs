@@ -2,7 +2,7 @@
 //! once, asks the `freerelay` core what to do, moves the bytes the core's adapters produce, and
 //! performs each key-value operation the moment the core decides it.
 
-mod kv;
+mod brain;
 mod outbound;
 mod respond;
 
@@ -22,6 +22,7 @@ use freerelay::upstream::{self, Failure, Hints};
 use freerelay::wire::openai::ChatRequest;
 use freerelay::wire::openai::Usage;
 use freerelay::{aimd, breaker, cache};
+use freerelay_spin_kv as kv;
 use futures::{SinkExt, StreamExt};
 use respond::Reply;
 use spin_sdk::http::{Fields, IncomingRequest, IncomingResponse, ResponseOutparam};
@@ -47,6 +48,9 @@ struct Ctx {
     level: std::cell::Cell<LogEvents>,
     /// An event so far meant a failure.
     failed: std::cell::Cell<bool>,
+    /// The routing decision's audit: its id goes on every response, its record is written
+    /// with the outcome before the client sees the end of the answer.
+    route: std::cell::RefCell<Option<brain::Route>>,
 }
 
 impl Drop for Ctx {
@@ -109,10 +113,16 @@ impl Ctx {
         }
     }
 
-    /// Sends a whole reply and logs the request's last event.
+    /// Sends a whole reply and logs the request's last event; a routed request's audit record
+    /// is written first.
     async fn reply(&self, out: ResponseOutparam, reply: Reply) {
         let status = reply.status;
         let code = reply.code;
+        let mut reply = reply;
+        if let Some(id) = self.route_id() {
+            reply = reply.with_header("x-freerelay-route-id", id);
+            self.write_route(status);
+        }
         if let Err(detail) = reply.send(out, &self.id).await {
             self.log(&Event::Internal { detail });
         }
@@ -124,7 +134,34 @@ impl Ctx {
     }
 
     async fn error(&self, out: ResponseOutparam, e: &ApiError) {
+        if let Some(r) = self.route.borrow().as_ref() {
+            r.outcome.borrow_mut().error = Some(e.message.chars().take(300).collect());
+        }
         self.reply(out, Reply::error(e)).await
+    }
+
+    fn route_id(&self) -> Option<String> {
+        self.route.borrow().as_ref().map(|r| r.id.clone())
+    }
+
+    /// Notes something about the routed request's outcome.
+    fn note(&self, f: impl FnOnce(&mut freerelay::audit::Outcome)) {
+        if let Some(r) = self.route.borrow().as_ref() {
+            f(&mut r.outcome.borrow_mut());
+        }
+    }
+
+    /// Writes the audit record with the outcome so far (best effort, like all state).
+    fn write_route(&self, status: u16) {
+        let route = self.route.borrow();
+        let Some(r) = route.as_ref() else { return };
+        let store = kv::SpinKv::open_default().ok();
+        if let Err(error) = r.write(store.as_ref(), status, self.ms()) {
+            self.log(&Event::StateWriteFailed {
+                key: format!("route:v1:{}", r.id),
+                error,
+            });
+        }
     }
 }
 
@@ -137,6 +174,7 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
         pending: Default::default(),
         level: std::cell::Cell::new(LogEvents::All),
         failed: Default::default(),
+        route: Default::default(),
     };
     let method = req.method().to_string();
     let path = req.path_with_query().unwrap_or_default();
@@ -215,7 +253,35 @@ async fn handle(req: IncomingRequest, out: ResponseOutparam) {
                 |values: Vec<Option<Vec<u8>>>| edge::state_report(&config, &tenant, &values, now);
             state_reply(&ctx, out, &wanted, report).await
         }
-        Endpoint::ChatCompletions => chat(&ctx, req, &headers, out, &config, &tenant).await,
+        Endpoint::Route(id) => {
+            let entries = match freerelay::router::Settings::from_vars(|n| vars.get(n).cloned()) {
+                Ok(s) => s.audit_entries,
+                Err(detail) => {
+                    return misconfigured(&ctx, out, config::ConfigError { detail }).await
+                }
+            };
+            let found = freerelay::audit::slot(&id, entries).and_then(|slot| {
+                let stored = kv::SpinKv::open_default()
+                    .and_then(|s| s.get(&freerelay::audit::key(slot)))
+                    .ok()
+                    .flatten();
+                freerelay::audit::read(&id, &tenant, stored.as_deref())
+            });
+            match found {
+                Some(v) => {
+                    let body = serde_json::to_vec(&v).unwrap_or_default();
+                    ctx.reply(out, Reply::json(200, body)).await
+                }
+                None => {
+                    ctx.error(out, &ApiError::route_not_found(&id, entries))
+                        .await
+                }
+            }
+        }
+        Endpoint::Policy(verb) => {
+            policy_endpoint(&ctx, req, &headers, out, &config, &tenant, verb).await
+        }
+        Endpoint::ChatCompletions => chat(&ctx, req, &headers, out, &config, &tenant, &vars).await,
         Endpoint::Health => {}
     }
 }
@@ -267,8 +333,102 @@ fn variables() -> HashMap<String, String> {
                     .map(|s| format!("{}_{s}", freerelay::catalog::CUSTOM)),
             )
             .chain(edge::Settings::variables().map(str::to_owned))
+            .chain(freerelay::router::VARIABLES.iter().map(|v| (*v).to_owned()))
             .filter_map(|n| spin_sdk::variables::get(&n).ok().map(|v| (n, v)))
             .collect(),
+    }
+}
+
+/// A tenant's routing policy: read, replaced (validated first: every error with its line and
+/// column) or removed.
+async fn policy_endpoint(
+    ctx: &Ctx,
+    req: IncomingRequest,
+    headers: &Fields,
+    out: ResponseOutparam,
+    config: &Config,
+    tenant: &Tenant,
+    verb: api::PolicyVerb,
+) {
+    use freerelay::policy;
+    let store = match kv::SpinKv::open_default() {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.log(&Event::StateUnavailable {
+                error: e.to_string(),
+            });
+            return ctx
+                .error(out, &ApiError::internal("The state store is unavailable."))
+                .await;
+        }
+    };
+    let key = policy::key(&tenant.id);
+    let reply = |text: Option<&str>, rules: usize| {
+        let body = serde_json::json!({
+            "object": "freerelay.policy",
+            "tenant": tenant.id,
+            "policy": text,
+            "rules": rules,
+        });
+        Reply::json(200, serde_json::to_vec(&body).unwrap_or_default())
+    };
+    match verb {
+        api::PolicyVerb::Get => match store.get(&key) {
+            Ok(v) => {
+                let text = v.map(|b| String::from_utf8_lossy(&b).into_owned());
+                let rules = text
+                    .as_deref()
+                    .and_then(|t| policy::parse(t).ok())
+                    .map_or(0, |p| p.len());
+                ctx.reply(out, reply(text.as_deref(), rules)).await
+            }
+            Err(e) => {
+                state_failed(ctx, key, e);
+                ctx.error(out, &ApiError::internal("The state store is unavailable."))
+                    .await
+            }
+        },
+        api::PolicyVerb::Delete => match store.delete(&key) {
+            Ok(()) => ctx.reply(out, reply(None, 0)).await,
+            Err(e) => {
+                state_failed(ctx, key, e);
+                ctx.error(out, &ApiError::internal("The state store is unavailable."))
+                    .await
+            }
+        },
+        api::PolicyVerb::Put => {
+            let limit = (policy::MAX_POLICY_BYTES as u64).min(config.max_body_bytes);
+            let body = match read_body(req, headers, limit).await {
+                Ok(b) => b,
+                Err(e) => return ctx.error(out, &e).await,
+            };
+            let Ok(text) = String::from_utf8(body) else {
+                let e = ApiError::invalid_request("The policy must be UTF-8 text.", Some("policy"));
+                return ctx.error(out, &e).await;
+            };
+            match policy::parse(&text) {
+                Ok(p) => match store.set(&key, text.as_bytes()) {
+                    Ok(()) => ctx.reply(out, reply(Some(&text), p.len())).await,
+                    Err(e) => {
+                        state_failed(ctx, key, e);
+                        ctx.error(out, &ApiError::internal("The state store is unavailable."))
+                            .await
+                    }
+                },
+                Err(errors) => {
+                    let listed: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                    let e = ApiError::invalid_request(
+                        format!(
+                            "The policy has {} error(s): {}",
+                            listed.len(),
+                            listed.join("; ")
+                        ),
+                        Some("policy"),
+                    );
+                    ctx.error(out, &e).await
+                }
+            }
+        }
     }
 }
 
@@ -279,6 +439,7 @@ async fn chat(
     out: ResponseOutparam,
     config: &Config,
     tenant: &Tenant,
+    vars: &HashMap<String, String>,
 ) {
     let body = match read_body(req, headers, config.max_body_bytes).await {
         Ok(b) => b,
@@ -292,16 +453,6 @@ async fn chat(
         Ok(m) => m,
         Err(e) => return ctx.error(out, &e).await,
     };
-    let plan = match route::plan_request(
-        config,
-        &request.model,
-        &request.fallback_models,
-        mode,
-        random_u64(),
-    ) {
-        Ok(p) => p,
-        Err(e) => return ctx.error(out, &e).await,
-    };
     // State is best effort: a store failure must not stop traffic.
     let store = match kv::SpinKv::open_default() {
         Ok(s) => Some(s),
@@ -312,10 +463,95 @@ async fn chat(
             None
         }
     };
+    // The route: asked of the router component, decided here if it cannot answer.
+    let routing = match freerelay::router::Settings::from_vars(|n| vars.get(n).cloned()) {
+        Ok(s) => s,
+        Err(detail) => return misconfigured(ctx, out, config::ConfigError { detail }).await,
+    };
+    let facts = freerelay::router::Facts {
+        mode: header(headers, "x-freerelay-mode").unwrap_or_default(),
+        tenant: tenant.id.clone(),
+        user: tenant.user.clone(),
+        conversation: header(headers, "x-openwebui-chat-id"),
+        rotation: random_u64(),
+        now_ms: now_ms(),
+    };
+    *ctx.route.borrow_mut() = Some(brain::Route::new(
+        freerelay::audit::new_id(random_u64()),
+        tenant.clone(),
+        &ctx.id,
+        &request.model,
+        facts.now_ms,
+        routing.audit_entries,
+    ));
+    let (decided, via) = brain::decide(
+        config,
+        &body,
+        &request,
+        &facts,
+        store.as_ref(),
+        routing.chained,
+        routing.timeout_ms,
+    )
+    .await;
+    if let brain::Via::Local(why) = &via {
+        if routing.chained {
+            ctx.log(&Event::RouterFallback {
+                reason: why.clone(),
+            });
+            ctx.note(|o| o.router_fallback = Some(why.clone()));
+        }
+    }
+    let decision = match decided {
+        Ok(d) => d,
+        Err(e) => return ctx.error(out, &e).await,
+    };
+    ctx.log(&Event::Routed {
+        family: decision.family.clone(),
+        background: decision.background,
+        candidates: decision
+            .plan
+            .candidates
+            .iter()
+            .map(|c| format!("{}/{}", c.provider, c.model))
+            .collect(),
+        via: match via {
+            brain::Via::Component => "component",
+            brain::Via::Local(_) => "local",
+        },
+    });
+    if let Some(r) = ctx.route.borrow().as_ref() {
+        r.set_decision(decision.audit.clone());
+    }
+    // A tenant's temperature cap applies before anything is sent or cached.
+    let request = match decision.max_temperature {
+        Some(cap) => {
+            let messages = request
+                .body()
+                .get("messages")
+                .and_then(serde_json::Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            request.with_body(move |b| {
+                let t = b.get("temperature").and_then(serde_json::Value::as_f64);
+                if t.is_none_or(|t| t > cap) {
+                    b.insert("temperature".into(), serde_json::json!(cap));
+                }
+                messages
+            })
+        }
+        None => request,
+    };
+    let plan = decision.plan.clone();
+    let mode = route::Mode::from_header(Some(&decision.mode)).unwrap_or(mode);
     // The cache: for deterministic requests (and not when the client says
     // `x-freerelay-cache: off`), scoped by tenant and by the model the client chose.
     let cache_policy = config.edge.cache;
-    let cache_key = (cache_policy.applies(&request)
+    let cacheable = match decision.cache {
+        Some(on) => on && cache_policy.mode != cache::Mode::Off,
+        None => cache_policy.applies(&request),
+    };
+    let cache_key = (cacheable
         && header(headers, "x-freerelay-cache")
             .is_none_or(|v| !v.trim().eq_ignore_ascii_case("off")))
     .then(|| {
@@ -328,9 +564,13 @@ async fn chat(
     // Cool-downs, quota counters, breakers, AIMD windows, budgets and the cache's index: one
     // read.
     let now = now_ms();
-    // class: the profiler's decision goes here (`Background` for a client's housekeeping: a
-    // share of each quota, cool-downs of its own).
-    let class = quota::Class::Foreground;
+    // A client's chore runs in the lower priority class: a share of each quota, cool-downs of
+    // its own.
+    let class = if decision.background {
+        quota::Class::Background
+    } else {
+        quota::Class::Foreground
+    };
     let reads = edge::Reads::of(config, &plan, tenant, &extra, class, now);
     let values = match store.as_ref().map(|s| s.get_many(&reads.keys)) {
         Some(Ok(values)) => values,
@@ -413,6 +653,10 @@ async fn chat(
         // `start_ops` (the attempt's counter) are written once the request is on its way.
         let (attempt, candidate, key_id, start_ops) = match attempts.next_step() {
             Next::GiveUp(e) => {
+                ctx.note(|o| {
+                    o.attempts = attempts.count();
+                    o.error = Some(e.message.chars().take(300).collect());
+                });
                 let reply = Reply::error(&e)
                     .with_header("x-freerelay-attempts", attempts.count().to_string());
                 return ctx.reply(out, reply).await;
@@ -448,6 +692,32 @@ async fn chat(
         };
         let target = configured.target(&candidate.model);
         let adapter = adapter::for_wire(target.provider.wire);
+        // The context optimizer: cut to this model's window, shaped for it.
+        let prepared = match brain::prepare(&request, &configured.model_info(&candidate.model)) {
+            Ok((prepared, notes)) => {
+                if !notes.is_empty() {
+                    ctx.log(&Event::Context {
+                        provider: candidate.provider.clone(),
+                        model: candidate.model.clone(),
+                        notes,
+                    });
+                }
+                prepared
+            }
+            Err(failure) => {
+                ctx.note(|o| {
+                    o.trail.push(format!(
+                        "{}/{}: {}",
+                        candidate.provider, candidate.model, failure.error.message
+                    ))
+                });
+                let decided = attempts.failed(&candidate, &key_id, failure, None, 0);
+                ctx.apply(store.as_ref(), &decided.ops);
+                decided.events.iter().for_each(|e| ctx.log(e));
+                continue;
+            }
+        };
+        let attempt_request = prepared.as_ref().unwrap_or(&request);
         let reply_ctx = ReplyCtx {
             id: format!("chatcmpl-{}", ctx.id.trim_start_matches("fr-")),
             created: now_ms() / 1000,
@@ -536,7 +806,7 @@ async fn chat(
         };
         let sent = Instant::now();
         let mut not_sent = false;
-        let outcome = match adapter.request(&target, &request) {
+        let outcome = match adapter.request(&target, attempt_request) {
             // This wire format cannot carry what the client asked; another candidate may.
             Err(error) => {
                 not_sent = true;
@@ -627,6 +897,7 @@ async fn chat(
                             next_attempt: attempts.count() + 1,
                             enabled: rescue_on && !candidates.is_empty(),
                             candidates,
+                            class,
                         };
                         let first = Segment {
                             primed,
@@ -642,6 +913,7 @@ async fn chat(
                             tenant,
                             cache: cache_key.as_ref(),
                             head: &cache_header,
+                            decision: &decision,
                         };
                         return relay_stream(
                             ctx,
@@ -667,6 +939,15 @@ async fn chat(
                             true,
                         );
                         let ms = sent.elapsed().as_millis() as u64;
+                        if breaker::is_failure(&failure.cause) {
+                            learned(ctx, store.as_ref(), &decision, &candidate, false, 0.0, ms);
+                        }
+                        ctx.note(|o| {
+                            o.trail.push(format!(
+                                "{}/{}: {}",
+                                candidate.provider, candidate.model, failure.error.message
+                            ))
+                        });
                         let decided =
                             attempts.failed(&candidate, &key_id, failure, Some(status), ms);
                         ctx.apply(store.as_ref(), &decided.ops);
@@ -699,6 +980,13 @@ async fn chat(
                 let cached = cache_key.as_ref().and_then(|_| {
                     cache::Answer::from_completion(&answer.body, &candidate.provider)
                 });
+                let quality = brain::quality_of_json(&answer.body, &decision);
+                ctx.note(|o| {
+                    o.provider = Some(candidate.provider.clone());
+                    o.model = Some(candidate.model.clone());
+                    o.attempts = attempts.count();
+                    o.cost_usd = micro.map(budget::format_usd);
+                });
                 let mut reply =
                     Reply::json(200, answer.body).answered_by(&candidate, attempts.count(), micro);
                 for (k, v) in &cache_header {
@@ -707,6 +995,16 @@ async fn chat(
                 ctx.reply(out, reply).await;
                 // The answer has left: its bookkeeping no longer delays it.
                 answered(ctx, store.as_ref(), config, &snap, &candidate, held, false);
+                learned(
+                    ctx,
+                    store.as_ref(),
+                    &decision,
+                    &candidate,
+                    true,
+                    quality,
+                    ttfb_ms,
+                );
+                stick(ctx, store.as_ref(), config, &decision, &candidate);
                 if let (Some(key), Some(a)) = (&cache_key, cached) {
                     cache_store(ctx, store.as_ref(), key, &a, &cache_policy);
                 }
@@ -733,6 +1031,23 @@ async fn chat(
                     &failure,
                     sent,
                 );
+                if sent && breaker::is_failure(&failure.cause) {
+                    learned(
+                        ctx,
+                        store.as_ref(),
+                        &decision,
+                        &candidate,
+                        false,
+                        0.0,
+                        ttfb_ms,
+                    );
+                }
+                ctx.note(|o| {
+                    o.trail.push(format!(
+                        "{}/{}: {}",
+                        candidate.provider, candidate.model, failure.error.message
+                    ))
+                });
                 let decided =
                     attempts.failed(&candidate, &key_id, failure, upstream_status, ttfb_ms);
                 ctx.apply(store.as_ref(), &decided.ops);
@@ -938,6 +1253,8 @@ struct Rescue<'a> {
     next_attempt: u32,
     /// Off with `x-freerelay-rescue: off`, or when no candidate accepts a prefill.
     enabled: bool,
+    /// The request's priority class.
+    class: quota::Class,
 }
 
 /// Relays a 2xx stream: whole events only, usage recorded the moment it is known, and the body
@@ -955,7 +1272,13 @@ async fn relay_stream(
     mut rescue: Rescue<'_>,
     edge: Edge<'_>,
 ) {
-    let client = match respond::stream_head(&ctx.id, &first.candidate, attempts, edge.head) {
+    let head: Vec<(&'static str, String)> = edge
+        .head
+        .iter()
+        .cloned()
+        .chain(ctx.route_id().map(|id| ("x-freerelay-route-id", id)))
+        .collect();
+    let client = match respond::stream_head(&ctx.id, &first.candidate, attempts, &head) {
         Ok(r) => r,
         Err(detail) => {
             ctx.log(&Event::Internal { detail });
@@ -1038,6 +1361,23 @@ async fn relay_stream(
             None
         } else {
             let end = translator.end(failure, &mut pending);
+            // The audit is written before the answer's last bytes leave.
+            let st = translator.state();
+            let micro_now = st
+                .usage
+                .and_then(|u| budget::micro_usd(reply.price, u.prompt_tokens, u.completion_tokens));
+            ctx.note(|o| {
+                o.provider = Some(candidate.provider.clone());
+                o.model = Some(candidate.model.clone());
+                o.attempts = attempts.max(rescue.next_attempt.saturating_sub(1));
+                o.cost_usd = micro_now.map(budget::format_usd);
+                o.error = match &end {
+                    StreamEnd::Complete => None,
+                    StreamEnd::UpstreamError => Some("the upstream sent an error event".into()),
+                    StreamEnd::Interrupted(why) => Some(why.clone()),
+                };
+            });
+            ctx.write_route(200);
             if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
                 client_gone = true;
             }
@@ -1065,6 +1405,22 @@ async fn relay_stream(
         ctx.apply(store, &ops);
         let complete = matches!(end, Some(StreamEnd::Complete));
         end_lease(ctx, store, edge.config, lease.take(), complete, false);
+        let ttfb = ctx.ms();
+        match &end {
+            Some(StreamEnd::Complete) => {
+                let q = brain::quality_of_stream(
+                    state.finish_reason.as_deref(),
+                    state.text.as_deref(),
+                    edge.decision,
+                );
+                learned(ctx, store, edge.decision, &candidate, true, q, ttfb);
+                stick(ctx, store, edge.config, edge.decision, &candidate);
+            }
+            Some(StreamEnd::Interrupted(_)) => {
+                learned(ctx, store, edge.decision, &candidate, false, 0.0, ttfb);
+            }
+            _ => {}
+        }
         // How the stream ended tells its breaker (a probe's success was recorded at its first
         // token; a client gone says nothing of the provider).
         let verdict = match &end {
@@ -1173,8 +1529,7 @@ async fn rescue_stream(
             });
             let quota = route::quota_ref(config, &candidate, key_id);
             if let (Some(store), Some(q)) = (store, quota.as_ref()) {
-                // class: the request's class goes here too.
-                let share = config.share(quota::Class::Foreground);
+                let share = config.share(rescue.class);
                 if let Ok(quota::Verdict::Exhausted { .. } | quota::Verdict::ShareSpent { .. }) =
                     quota::admit_minute(store, q, share, now_ms())
                 {
@@ -1239,9 +1594,12 @@ async fn rescue_stream(
             };
             let (failure, upstream_status) = failed;
             let mut ops = vec![stats::attempt_failed(&candidate.provider)];
-            // class: the request's class goes here too.
-            let class = quota::Class::Foreground;
-            ops.extend(Attempts::cooldown_op(&candidate, key_id, &failure, class));
+            ops.extend(Attempts::cooldown_op(
+                &candidate,
+                key_id,
+                &failure,
+                rescue.class,
+            ));
             ctx.apply(store, &ops);
             ctx.log(&Event::AttemptFailed {
                 attempt,
@@ -1275,6 +1633,8 @@ struct Edge<'a> {
     cache: Option<&'a cache::Key<'a>>,
     /// Headers the stream's head adds (`x-freerelay-cache: miss`).
     head: &'a [(&'static str, String)],
+    /// The routing decision (what to learn, the conversation to keep on its model).
+    decision: &'a freerelay::router::Decision,
 }
 
 /// Answers from the cache: the stored answer as JSON or replayed as SSE, at no cost.
@@ -1468,6 +1828,50 @@ fn end_lease(
             freerelay::kv::keys::aimd_window(&lease.lease.provider),
             e,
         ),
+    }
+}
+
+/// Teaches the router how an attempt went (see [`freerelay::learn`]).
+fn learned(
+    ctx: &Ctx,
+    store: Option<&kv::SpinKv>,
+    decision: &freerelay::router::Decision,
+    c: &Candidate,
+    success: bool,
+    quality: f64,
+    latency_ms: u64,
+) {
+    let Some(store) = store else { return };
+    let o = freerelay::learn::Outcome {
+        success,
+        quality,
+        latency_ms,
+    };
+    if let Err(error) = brain::learn(store, c, &decision.family, o, random_u64(), now_ms()) {
+        ctx.log(&Event::StateWriteFailed {
+            key: format!("learn:v1:{}:{}", c.provider, c.model),
+            error,
+        });
+    }
+}
+
+/// Keeps a conversation on the model that served it.
+fn stick(
+    ctx: &Ctx,
+    store: Option<&kv::SpinKv>,
+    config: &Config,
+    decision: &freerelay::router::Decision,
+    c: &Candidate,
+) {
+    let Some(store) = store else { return };
+    let tier = config
+        .provider(&c.provider)
+        .map_or(freerelay::catalog::Tier::Free, |p| p.tier);
+    if let Err(error) = brain::stick(store, decision, c, tier) {
+        ctx.log(&Event::StateWriteFailed {
+            key: decision.sticky_key.clone().unwrap_or_default(),
+            error,
+        });
     }
 }
 

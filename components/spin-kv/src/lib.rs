@@ -1,5 +1,5 @@
 //! [`freerelay::kv::Kv`] over Spin's `wasi:keyvalue` store, batch and atomics: the only place
-//! the gateway touches the platform's key-value store.
+//! the components touch the platform's key-value store (the gateway and the router share it).
 
 use freerelay::kv::{Kv, KvError, KvResult};
 use spin_sdk::wit::wasi::keyvalue::{atomics, batch, store};

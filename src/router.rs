@@ -1,0 +1,913 @@
+//! The router: per request, the provider-models allowed by mode, tenant policy, capabilities,
+//! breakers, budgets and free quotas, ordered by expected utility — with the profile, every
+//! candidate's score and the rules that fired kept for the audit.
+//!
+//! # The score
+//!
+//! For a candidate model `m` and a request profiled as family `f`:
+//!
+//! ```text
+//! U(m) = P(m,f) · Q(m,f) · V  −  λ_cost · C(m)  −  λ_lat · L(m,f)  −  S(m)  −  R(m)  +  B(m)
+//! ```
+//!
+//! in US dollars, so each term can be read against the others:
+//!
+//! * `V`, the value of a good answer: [`VALUE_BACKGROUND`] for a client's chores,
+//!   [`VALUE_FREE`] when the profile says a free model serves it, [`VALUE_PAID`] when it would
+//!   under-serve; × 0.5 / 1 / 2 for low / medium / high precision need; × (1 + tokens / 16k),
+//!   at most ×8, because getting a large job right is worth more.
+//! * `P` (success) and `Q` (quality, 0..1) are learned per model and family
+//!   ([`crate::learn`]): priors from the catalogue worth 8 outcomes, then decayed outcomes.
+//! * `C`, the expected price: prompt tokens × input price + expected output × output price.
+//!   `λ_cost` is 1, or [`LEAN_COST_FACTOR`] while a budget is lean (spent budgets remove paid
+//!   models altogether).
+//! * `L`, the learned time to answer (s); `λ_lat` is [`LATENCY_USD_PER_S`] for the latency class
+//!   (interactive > standard > background = 0).
+//! * `S`, the shadow price of a free model: [`SHADOW_USD`] / requests left today on its quota,
+//!   plus its list price for the request (what the provider's paid tier charges: the compute it
+//!   burns) × [`LIST_PRICE_WEIGHT`]. A model with 14,400 requests a day costs nearly nothing to
+//!   use; one with 50 a day is kept for work that needs it; a quota running low grows dearer
+//!   (rate-limit headroom); chores, worth little, go to the smallest model.
+//! * `R`, risk: prompts with personal data or secrets on a free tier that trains on prompts
+//!   (½ V, or V for secrets); a window too small for the conversation (¼ V: it must be cut);
+//!   a breaker probing (⅕ V).
+//! * `B`, the UCB exploration bonus: [`EXPLORATION`] · V · √(ln(N + 1) / (n + 1)), N the outcomes
+//!   learned over the candidates, n this model's: an unproven model is tried now and then, in
+//!   proportion to what the request is worth, never enough to cross a price gap.
+//!
+//! Tenant policy comes first (`prefer` orders, `exclude` and `require` filter, `mode` forces),
+//! then a sticky conversation's model, then the score.
+
+use crate::breaker;
+use crate::budget::{self, Health, Tenant};
+use crate::catalog::{ModelInfo, Tier};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::kv;
+use crate::learn::{self, Estimate, Prior, Stats};
+use crate::policy::{self, Effects};
+use crate::profile::{self, Economic, Level, Profile};
+use crate::quota::{self, Kind, QuotaRef};
+use crate::route::{self, Candidate, Mode, Plan};
+use crate::wire::openai::ChatRequest;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub const VALUE_BACKGROUND: f64 = 0.0001;
+pub const VALUE_FREE: f64 = 0.002;
+pub const VALUE_PAID: f64 = 0.25;
+pub const LEAN_COST_FACTOR: f64 = 4.0;
+pub const SHADOW_USD: f64 = 0.5;
+/// A free model's list price (what its provider's paid tier charges) counts this much.
+pub const LIST_PRICE_WEIGHT: f64 = 1.0;
+pub const EXPLORATION: f64 = 0.05;
+/// Dollars per second of waiting, by latency class: a person watching (interactive), a program
+/// (standard), nobody (background).
+pub const LATENCY_USD_PER_S: [f64; 3] = [0.001, 0.0003, 0.0];
+/// Candidates handed to the gateway: more than `max_attempts` is never tried.
+pub const MAX_PLAN: usize = 8;
+/// Output tokens expected when `max_tokens` is not set.
+pub const DEFAULT_OUTPUT_TOKENS: u32 = 400;
+pub const BACKGROUND_OUTPUT_TOKENS: u32 = 40;
+
+/// The variables that tune routing (README, "Routing").
+pub const VARIABLES: &[&str] = &["router", "router_timeout_ms", "route_audit_entries"];
+
+/// How the gateway reaches the router, and how long routes stay readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Ask the router component over local service chaining (`router = component`, the
+    /// default), or decide in the gateway's own instance (`router = local`).
+    pub chained: bool,
+    /// How long the gateway waits for the router before deciding locally.
+    pub timeout_ms: u64,
+    /// Slots of the audit ring (`route_audit_entries`).
+    pub audit_entries: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            chained: true,
+            timeout_ms: 1000,
+            audit_entries: crate::audit::DEFAULT_ENTRIES,
+        }
+    }
+}
+
+impl Settings {
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let var = |n: &str| get(n).map(|v| v.trim().to_owned()).unwrap_or_default();
+        let mut s = Self::default();
+        match var("router").to_ascii_lowercase().as_str() {
+            "" | "component" => {}
+            "local" => s.chained = false,
+            other => {
+                return Err(format!(
+                    "variable `router` must be `component` or `local`, got {other:?}"
+                ))
+            }
+        }
+        let whole = |n: &str, min: u64, max: u64| -> Result<Option<u64>, String> {
+            match var(n).as_str() {
+                "" => Ok(None),
+                raw => match raw.parse::<u64>() {
+                    Ok(v) if (min..=max).contains(&v) => Ok(Some(v)),
+                    _ => Err(format!(
+                        "variable `{n}` must be a whole number from {min} to {max}, got {raw:?}"
+                    )),
+                },
+            }
+        };
+        if let Some(ms) = whole("router_timeout_ms", 1, 60_000)? {
+            s.timeout_ms = ms;
+        }
+        if let Some(n) = whole("route_audit_entries", 1, 1_000_000)? {
+            s.audit_entries = n as u32;
+        }
+        Ok(s)
+    }
+}
+
+/// What the gateway knows that the body does not say (sent to the router component as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Facts {
+    /// `x-freerelay-mode` (`auto`, `free`, `paid`).
+    pub mode: String,
+    pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The client's conversation id (`x-openwebui-chat-id`), if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<String>,
+    /// Random per request: which of a provider's keys goes first.
+    pub rotation: u64,
+    pub now_ms: u64,
+}
+
+impl Facts {
+    pub fn tenant(&self) -> Tenant {
+        Tenant {
+            id: self.tenant.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        Mode::from_header(Some(&self.mode)).unwrap_or(Mode::Auto)
+    }
+}
+
+/// The model a conversation was served by (`sticky:v1:<tenant>:<conversation>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sticky {
+    pub provider: String,
+    pub model: String,
+    pub tier: Tier,
+}
+
+impl Sticky {
+    pub fn decode(bytes: Option<&[u8]>) -> Option<Self> {
+        bytes.and_then(|b| serde_json::from_slice(b).ok())
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// `sticky:v1:<tenant>:<16 hex>` — the conversation's id (the client's, or the hash of its system
+/// prompt and first user message), hashed so that it is bounded and says nothing.
+pub fn sticky_key(tenant: &str, conversation: &str) -> String {
+    let d = Sha256::digest(conversation.as_bytes());
+    let hex: String = d[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sticky:v1:{tenant}:{hex}")
+}
+
+/// What the router decided: the plan, and everything the gateway does with it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub plan: Plan,
+    /// The mode in force (the client's, or the one a policy forced).
+    pub mode: String,
+    /// The profile's family (the learned statistics it is kept under).
+    pub family: String,
+    /// A client's chore: the lower priority class.
+    pub background: bool,
+    /// Send to the first two candidates, keep the first good answer.
+    pub hedge: bool,
+    /// The policy's say on caching (`None`: the deployment's rule).
+    #[serde(default)]
+    pub cache: Option<bool>,
+    #[serde(default)]
+    pub max_temperature: Option<f64>,
+    /// The sticky record to write once answered (absent: not a conversation).
+    #[serde(default)]
+    pub sticky_key: Option<String>,
+    /// The sticky record as read.
+    #[serde(default)]
+    pub sticky: Option<Sticky>,
+    /// JSON-mode or JSON-schema asked, and a tool call forced (for the quality signal).
+    #[serde(default)]
+    pub json_asked: bool,
+    #[serde(default)]
+    pub tool_forced: bool,
+    /// `profile`, `candidates` (each with its score), `policy` (rules fired), `sticky`, `mode`.
+    pub audit: Value,
+}
+
+/// A candidate, its score, and why it was left out (if it was).
+type Judged = (Candidate, Option<Score>, Option<String>);
+
+/// One candidate's score, as the audit shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Score {
+    pub utility: f64,
+    pub p_success: f64,
+    pub quality: f64,
+    pub value_usd: f64,
+    pub expected_cost_usd: f64,
+    pub latency_ms: f64,
+    pub latency_cost_usd: f64,
+    pub shadow_usd: f64,
+    pub risk_usd: f64,
+    pub bonus_usd: f64,
+    pub learned_outcomes: f64,
+}
+
+/// A request being routed: its profile and candidate pool, then what to read for them.
+pub struct Router<'a> {
+    config: &'a Config,
+    request: &'a ChatRequest,
+    facts: &'a Facts,
+    tenant: Tenant,
+    pub profile: Profile,
+    /// Everything that could serve it, before state and policy.
+    pool: Vec<Candidate>,
+    /// Virtual model: ordered by score. Otherwise the client's order stands.
+    scored: bool,
+    /// Background chores may leave a named model for a free one.
+    free_pool: Vec<Candidate>,
+    conversation: Option<String>,
+    keys: Vec<String>,
+    layout: Layout,
+}
+
+/// Where each value sits in [`Router::keys`].
+#[derive(Default)]
+struct Layout {
+    sticky: Option<usize>,
+    /// Per candidate: learned stats, breaker state, daily request counter (if limited).
+    candidates: Vec<(usize, usize, Option<usize>)>,
+    /// Budget keys start here (if any paid candidate).
+    budgets: Option<usize>,
+}
+
+impl<'a> Router<'a> {
+    /// Profiles the request and lists its candidates; errors are the client's (unknown model,
+    /// a mode that excludes everything).
+    pub fn new(
+        config: &'a Config,
+        request: &'a ChatRequest,
+        facts: &'a Facts,
+    ) -> Result<Self, ApiError> {
+        let mode = facts.mode();
+        let profile = Profile::of(
+            request,
+            Economic {
+                mode: mode_name(mode),
+                ..Economic::default()
+            },
+        );
+        let virtual_model = route::VIRTUAL_MODELS
+            .iter()
+            .any(|(v, _)| *v == request.model)
+            && request.fallback_models.is_empty();
+        // A policy may force a mode: the pool spans what any mode could use, filtered later.
+        let (pool, scored) = if virtual_model {
+            (expand(config, &request.model, facts.rotation), true)
+        } else {
+            let p = route::plan_request(
+                config,
+                &request.model,
+                &request.fallback_models,
+                mode,
+                facts.rotation,
+            )?;
+            (p.candidates, false)
+        };
+        if pool.is_empty() {
+            route::plan_request(config, &request.model, &[], mode, facts.rotation)?;
+        }
+        // A chore named on a paid model may leave it for a free one.
+        let names_paid = pool.iter().any(|c| tier_of(config, c) == Tier::Paid);
+        let free_pool = if !scored && profile.is_background() && mode != Mode::Paid && names_paid {
+            expand(config, "free", facts.rotation)
+        } else {
+            Vec::new()
+        };
+        let conversation = conversation_id(request, facts);
+        let tenant = facts.tenant();
+        let mut r = Self {
+            config,
+            request,
+            facts,
+            tenant,
+            profile,
+            pool,
+            scored,
+            free_pool,
+            conversation,
+            keys: Vec::new(),
+            layout: Layout::default(),
+        };
+        (r.keys, r.layout) = r.make_keys();
+        Ok(r)
+    }
+
+    /// The keys to read, in one batch.
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Candidate> {
+        self.pool.iter().chain(self.free_pool.iter())
+    }
+
+    fn make_keys(&self) -> (Vec<String>, Layout) {
+        let family = self.profile.family.value;
+        let mut keys = vec![policy::key(&self.tenant.id)];
+        let mut layout = Layout::default();
+        if let Some(c) = self.conversation.as_deref() {
+            layout.sticky = Some(keys.len());
+            keys.push(sticky_key(&self.tenant.id, c));
+        }
+        for c in self.all() {
+            let learned = keys.len();
+            keys.push(learn::key(&c.provider, &c.model, family));
+            let state = keys.len();
+            keys.push(crate::kv::keys::breaker_state(&c.provider, &c.model));
+            let rpd = rpd_key(self.config, c).map(|k| {
+                keys.push(k);
+                keys.len() - 1
+            });
+            layout.candidates.push((learned, state, rpd));
+        }
+        if self.all().any(|c| tier_of(self.config, c) == Tier::Paid) {
+            layout.budgets = Some(keys.len());
+            keys.extend(budget::state_keys(&self.config.edge.budgets, &self.tenant));
+        }
+        (keys, layout)
+    }
+
+    /// Decides with the values of [`Self::keys`] (missing values: nothing learned, nothing
+    /// spent, breakers closed).
+    pub fn decide(mut self, values: &[Option<Vec<u8>>]) -> Result<Decision, ApiError> {
+        let now = self.facts.now_ms;
+        let get = |i: usize| values.get(i).and_then(Option::as_deref);
+        let policy_text = get(0).and_then(|b| std::str::from_utf8(b).ok());
+        let policy = policy_text.and_then(|t| policy::parse(t).ok());
+        let sticky = self.layout.sticky.and_then(|i| Sticky::decode(get(i)));
+        let health = self.layout.budgets.map(|at| {
+            let budget_values: Vec<Option<Vec<u8>>> = (at..self.keys.len())
+                .map(|i| get(i).map(<[u8]>::to_vec))
+                .collect();
+            Health::read(&self.config.edge.budgets, &self.tenant, &budget_values, now)
+        });
+        let spent = health.as_ref().is_some_and(|h| h.refusal(now).is_some());
+        let lean = health.as_ref().is_some_and(Health::lean_free);
+        self.profile.economic = profile::Dim::new(
+            Economic {
+                mode: mode_name(self.facts.mode()),
+                budget: if spent {
+                    profile::BudgetHealth::Spent
+                } else if lean {
+                    profile::BudgetHealth::Lean
+                } else {
+                    profile::BudgetHealth::Healthy
+                },
+                policy_mode: None,
+            },
+            self.profile.economic.reasons.clone(),
+        );
+        let effects = policy
+            .as_ref()
+            .map(|p| p.evaluate(&self.profile))
+            .unwrap_or_default();
+        let mut mode = self.facts.mode();
+        if let Some(m) = effects.mode {
+            mode = m;
+            self.profile.economic.value.policy_mode = Some(mode_name(m));
+            self.profile
+                .economic
+                .reasons
+                .push(format!("policy: mode {}", mode_name(m)));
+        }
+        if spent {
+            self.profile
+                .economic
+                .reasons
+                .push("a budget is spent".into());
+        } else if lean {
+            self.profile
+                .economic
+                .reasons
+                .push("a budget is lean".into());
+        }
+        let needs = Needs::of(self.request, &self.profile, &effects);
+        let mut out: Vec<Judged> = Vec::new();
+        let mut learned_total = 0.0;
+        let mut est: Vec<(Estimate, Option<Stats>)> = Vec::new();
+        let all: Vec<Candidate> = self.all().cloned().collect();
+        for (i, c) in all.iter().enumerate() {
+            let stats = Stats::decode(get(self.layout.candidates[i].0));
+            let info = self.info(c);
+            let prior = Prior::of(
+                &info,
+                tier_of(self.config, c) == Tier::Paid,
+                self.config
+                    .provider(&c.provider)
+                    .map_or(1000, |p| p.provider.latency_ms),
+                self.profile.family.value,
+            );
+            let e = learn::estimate(prior, stats, now);
+            learned_total += e.n;
+            est.push((e, stats));
+        }
+        for (i, c) in all.iter().enumerate() {
+            let (_, state_at, rpd_at) = self.layout.candidates[i];
+            let tier = tier_of(self.config, c);
+            let info = self.info(c);
+            let view = breaker::View::read(
+                &c.provider,
+                &c.model,
+                &[get(state_at).map(<[u8]>::to_vec)],
+                &self.config.edge.breaker,
+            );
+            let why_not = if !mode_allows(mode, tier) && (self.scored || i >= self.pool.len()) {
+                Some(format!(
+                    "mode `{}` excludes the {} tier",
+                    mode_name(mode),
+                    tier.as_str()
+                ))
+            } else if effects
+                .exclude
+                .iter()
+                .any(|t| t.matches(&c.provider, &c.model))
+            {
+                Some("excluded by policy".into())
+            } else if spent && tier == Tier::Paid {
+                Some("a budget is spent".into())
+            } else if let Some(cap) = needs.missing(&info) {
+                Some(format!("lacks {cap}"))
+            } else if matches!(view.admits(now), breaker::Admission::Open { .. }) {
+                Some("circuit breaker open".into())
+            } else {
+                None
+            };
+            let probing = matches!(view.admits(now), breaker::Admission::Probe);
+            let rpd = rpd_at.and_then(get);
+            let score = self.score(c, &info, tier, &est[i].0, learned_total, rpd, lean, probing);
+            out.push((c.clone(), Some(score), why_not));
+        }
+        let fired = effects.fired.clone();
+        let pool_len = self.pool.len();
+        // Order: policy preference, then the sticky model, then utility (scored pools only).
+        let pref = |c: &Candidate| {
+            effects
+                .prefer
+                .iter()
+                .position(|t| t.matches(&c.provider, &c.model))
+                .unwrap_or(usize::MAX)
+        };
+        let sticks = |c: &Candidate| {
+            sticky.as_ref().is_some_and(|s| {
+                s.provider == c.provider && s.model == c.model && s.tier == self.profile.tier.value
+            }) && !self.profile.is_background()
+        };
+        let mut kept: Vec<(usize, &Judged)> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, _, why))| why.is_none())
+            .collect();
+        let utility = |x: &Judged| {
+            x.1.as_ref().map_or(0.0, |s| s.utility)
+        };
+        kept.sort_by(|(ia, a), (ib, b)| {
+            let background_first =
+                |i: usize| usize::from(!(self.free_pool.is_empty() || i >= pool_len));
+            background_first(*ia)
+                .cmp(&background_first(*ib))
+                .then(pref(&a.0).cmp(&pref(&b.0)))
+                .then(sticks(&b.0).cmp(&sticks(&a.0)))
+                .then(if self.scored || (*ia >= pool_len && *ib >= pool_len) {
+                    utility(b).total_cmp(&utility(a))
+                } else {
+                    ia.cmp(ib)
+                })
+        });
+        // Fallbacks spread over providers: a provider that fails a request (overloaded, down,
+        // out of quota) usually fails its other models too, so each provider's best model comes
+        // before any provider's second. Policy preferences and the sticky model keep their place.
+        if self.scored {
+            let mut firsts = Vec::with_capacity(kept.len());
+            let mut seconds = Vec::new();
+            let mut seen: Vec<&str> = Vec::new();
+            for item in kept {
+                let c = &item.1 .0;
+                let pinned = pref(c) != usize::MAX || sticks(c);
+                if pinned || !seen.contains(&c.provider.as_str()) {
+                    seen.push(c.provider.as_str());
+                    firsts.push(item);
+                } else {
+                    seconds.push(item);
+                }
+            }
+            firsts.extend(seconds);
+            kept = firsts;
+        }
+        // A chore on a named model goes to the best free models first, the named one after.
+        let mut candidates: Vec<Candidate> = Vec::new();
+        for (i, (c, _, _)) in &kept {
+            if candidates.len() >= MAX_PLAN {
+                break;
+            }
+            if candidates
+                .iter()
+                .any(|h| h.provider == c.provider && h.model == c.model)
+            {
+                continue;
+            }
+            let mut c = c.clone();
+            if *i >= pool_len {
+                c.reason = format!(
+                    "background task ({}): a free model",
+                    self.profile.background.map_or("chore", background_name)
+                );
+            } else if pref(&c) != usize::MAX {
+                c.reason = "preferred by policy".into();
+            } else if sticks(&c) {
+                c.reason = "sticky conversation".into();
+            } else if self.scored {
+                c.reason = format!("`{}`: expected utility", self.request.model);
+            }
+            candidates.push(c);
+        }
+        if candidates.is_empty() {
+            let reasons: Vec<String> = out
+                .iter()
+                .filter_map(|(c, _, why)| {
+                    why.as_ref()
+                        .map(|w| format!("{}/{} ({w})", c.provider, c.model))
+                })
+                .take(12)
+                .collect();
+            if spent {
+                if let Some(e) = health.as_ref().and_then(|h| h.refusal(now)) {
+                    return Err(e);
+                }
+            }
+            if out
+                .iter()
+                .all(|(_, _, w)| w.as_deref() == Some("circuit breaker open"))
+            {
+                return Err(ApiError::unavailable(
+                    "Every candidate model's circuit breaker is open.",
+                    Some(self.config.edge.breaker.cooldown_ms.div_ceil(1000)),
+                ));
+            }
+            return Err(ApiError::invalid_request(
+                format!(
+                    "No configured model can serve this request: {}.",
+                    reasons.join(", ")
+                ),
+                Some("model"),
+            ));
+        }
+        let chosen: Vec<(String, String)> = candidates
+            .iter()
+            .map(|c| (c.provider.clone(), c.model.clone()))
+            .collect();
+        let audit_candidates: Vec<Value> = out
+            .iter()
+            .map(|(c, s, why)| {
+                let rank = chosen
+                    .iter()
+                    .position(|(p, m)| *p == c.provider && *m == c.model);
+                json!({
+                    "provider": c.provider,
+                    "model": c.model,
+                    "tier": tier_of(self.config, c).as_str(),
+                    "rank": rank.map(|r| r + 1),
+                    "excluded": why,
+                    "score": s,
+                })
+            })
+            .collect();
+        let sticky_key = (!self.profile.is_background())
+            .then(|| {
+                self.conversation
+                    .as_deref()
+                    .map(|c| sticky_key(&self.tenant.id, c))
+            })
+            .flatten();
+        let plan = Plan {
+            virtual_model: self.scored || candidates.len() > 1,
+            candidates,
+        };
+        let audit = json!({
+            "profile": self.profile,
+            "mode": mode_name(mode),
+            "candidates": audit_candidates,
+            "policy": {
+                "fired": fired,
+                "effects": effects_json(&effects),
+            },
+            "sticky": sticky,
+        });
+        Ok(Decision {
+            plan,
+            mode: mode_name(mode).to_owned(),
+            family: self.profile.family.value.as_str().to_owned(),
+            background: self.profile.is_background(),
+            hedge: effects.hedge.unwrap_or(false),
+            cache: effects.cache,
+            max_temperature: effects.max_temperature,
+            sticky_key,
+            sticky,
+            json_asked: self.profile.determinism.value.json,
+            tool_forced: self.profile.tools.value.forced,
+            audit,
+        })
+    }
+
+    fn info(&self, c: &Candidate) -> ModelInfo {
+        self.config.provider(&c.provider).map_or_else(
+            || crate::catalog::PROVIDERS[0].unlisted(),
+            |p| p.model_info(&c.model),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn score(
+        &self,
+        c: &Candidate,
+        info: &ModelInfo,
+        tier: Tier,
+        e: &Estimate,
+        learned_total: f64,
+        rpd_value: Option<&[u8]>,
+        lean: bool,
+        probing: bool,
+    ) -> Score {
+        let p = &self.profile;
+        let tokens = p.context.value.tokens.max(1);
+        let value = value_of(p);
+        let out_tokens = output_tokens(self.request, p);
+        let price = self
+            .config
+            .provider(&c.provider)
+            .and_then(|conf| conf.price(&c.model));
+        let cost = price.map_or(0.0, |pr| {
+            (tokens as f64 * pr.input + out_tokens as f64 * pr.output) / 1e6
+        });
+        let lambda_cost = if lean { LEAN_COST_FACTOR } else { 1.0 };
+        let lat_class = match p.latency.value {
+            profile::Latency::Interactive => 0,
+            profile::Latency::Standard => 1,
+            profile::Latency::Background => 2,
+        };
+        let latency_cost = LATENCY_USD_PER_S[lat_class] * e.latency_ms / 1000.0;
+        // A free request is not free: it spends a daily quota, and the compute its list price
+        // measures (a small model is the cheap one to spend on chores).
+        let shadow = if tier == Tier::Free {
+            let list = info.price.map_or(0.0, |pr| {
+                (tokens as f64 * pr.input + out_tokens as f64 * pr.output) / 1e6
+            });
+            rpd_left(self.config, c, rpd_value, self.facts.now_ms)
+                .map_or(0.0, |left| SHADOW_USD / left.max(1) as f64)
+                + LIST_PRICE_WEIGHT * list
+        } else {
+            0.0
+        };
+        let mut risk = 0.0;
+        let trains = self
+            .config
+            .provider(&c.provider)
+            .is_some_and(|conf| conf.provider.trains_on_data && tier == Tier::Free);
+        if trains {
+            risk += match p.security.value {
+                profile::Security::Secrets => value,
+                profile::Security::Pii => value / 2.0,
+                profile::Security::Public => 0.0,
+            };
+        }
+        let reserve = out_tokens.min(info.max_output);
+        if tokens.saturating_add(reserve) > info.context_window {
+            risk += value / 4.0;
+        }
+        if probing {
+            risk += value / 5.0;
+        }
+        let bonus = EXPLORATION * value * ((learned_total + 1.0).ln() / (e.n + 1.0)).sqrt();
+        let utility =
+            e.success * e.quality * value - lambda_cost * cost - latency_cost - shadow - risk
+                + bonus;
+        Score {
+            utility,
+            p_success: e.success,
+            quality: e.quality,
+            value_usd: value,
+            expected_cost_usd: cost,
+            latency_ms: e.latency_ms,
+            latency_cost_usd: latency_cost,
+            shadow_usd: shadow,
+            risk_usd: risk,
+            bonus_usd: bonus,
+            learned_outcomes: e.n,
+        }
+    }
+}
+
+/// What the request needs of a model.
+struct Needs {
+    tools: bool,
+    vision: bool,
+    require: Vec<policy::Capability>,
+}
+
+impl Needs {
+    fn of(request: &ChatRequest, p: &Profile, effects: &Effects) -> Self {
+        let _ = request;
+        Self {
+            tools: p.tools.value.defined > 0 || p.tools.value.in_flight,
+            vision: p.context.value.images > 0,
+            require: effects.require.clone(),
+        }
+    }
+
+    fn missing(&self, info: &ModelInfo) -> Option<String> {
+        if self.tools && !info.caps.tools {
+            return Some("tool calling".into());
+        }
+        if self.vision && !info.caps.vision {
+            return Some("image input".into());
+        }
+        self.require
+            .iter()
+            .find(|c| !c.met_by(&info.caps))
+            .map(|c| format!("{c:?} (required by policy)"))
+    }
+}
+
+/// The value of a good answer (see the module doc).
+pub fn value_of(p: &Profile) -> f64 {
+    if p.is_background() {
+        return VALUE_BACKGROUND;
+    }
+    let base = match p.tier.value {
+        Tier::Free => VALUE_FREE,
+        Tier::Paid => VALUE_PAID,
+    };
+    let precision = match p.precision.value {
+        Level::Low => 0.5,
+        Level::Medium => 1.0,
+        Level::High => 2.0,
+    };
+    let size = (1.0 + p.context.value.tokens as f64 / 16_000.0).min(8.0);
+    base * precision * size
+}
+
+fn output_tokens(request: &ChatRequest, p: &Profile) -> u32 {
+    let asked = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|f| request.body().get(*f).and_then(Value::as_u64));
+    match asked {
+        Some(n) => n.min(u32::MAX as u64) as u32,
+        None if p.is_background() => BACKGROUND_OUTPUT_TOKENS,
+        None => DEFAULT_OUTPUT_TOKENS,
+    }
+}
+
+fn background_name(b: profile::Background) -> &'static str {
+    match b {
+        profile::Background::Title => "title",
+        profile::Background::Tags => "tags",
+        profile::Background::FollowUps => "follow-ups",
+        profile::Background::Autocomplete => "autocomplete",
+        profile::Background::QueryGeneration => "query generation",
+        profile::Background::Other => "chore",
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Auto => "auto",
+        Mode::Free => "free",
+        Mode::Paid => "paid",
+    }
+}
+
+fn mode_allows(m: Mode, tier: Tier) -> bool {
+    match m {
+        Mode::Auto => true,
+        Mode::Free => tier == Tier::Free,
+        Mode::Paid => tier == Tier::Paid,
+    }
+}
+
+fn tier_of(config: &Config, c: &Candidate) -> Tier {
+    config.provider(&c.provider).map_or(Tier::Free, |p| p.tier)
+}
+
+/// Every model of every configured provider a virtual model may use.
+fn expand(config: &Config, virtual_model: &str, rotation: u64) -> Vec<Candidate> {
+    let tiers: &[Tier] = route::VIRTUAL_MODELS
+        .iter()
+        .find(|(v, _)| *v == virtual_model)
+        .map_or(&[Tier::Free, Tier::Paid], |(_, t)| t);
+    let mut out = Vec::new();
+    for c in config.providers.iter().filter(|c| tiers.contains(&c.tier)) {
+        for m in c.model_ids() {
+            out.push(route::candidate(c, m, String::new(), rotation));
+        }
+    }
+    out
+}
+
+/// The key of a free candidate's daily request counter (its first key's).
+fn rpd_key(config: &Config, c: &Candidate) -> Option<String> {
+    let q = quota_of(config, c)?;
+    q.limit(Kind::Rpd).map(|_| q.key(Kind::Rpd))
+}
+
+fn quota_of<'c>(config: &'c Config, c: &'c Candidate) -> Option<QuotaRef<'c>> {
+    let key = c.keys.first()?;
+    route::quota_ref(config, c, key)
+}
+
+/// Requests left today on a candidate's first key, when its provider documents a daily limit.
+fn rpd_left(config: &Config, c: &Candidate, value: Option<&[u8]>, now_ms: u64) -> Option<u64> {
+    let q = quota_of(config, c)?;
+    let limit = q.limit(Kind::Rpd)? as u64;
+    let used = value
+        .and_then(kv::decode_counter)
+        .and_then(quota::decode)
+        .filter(|(w, _)| *w == q.window(Kind::Rpd, now_ms))
+        .map_or(0, |(_, n)| n);
+    Some(limit.saturating_sub(used))
+}
+
+/// The conversation a request belongs to: the client's id, or — for a follow-up turn — its
+/// system prompt and first user message. `None` for a single-turn request without an id.
+fn conversation_id(request: &ChatRequest, facts: &Facts) -> Option<String> {
+    if let Some(id) = facts
+        .conversation
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+    {
+        return Some(format!("id:{id}"));
+    }
+    let messages = request.body().get("messages")?.as_array()?;
+    if !messages
+        .iter()
+        .any(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+    {
+        return None;
+    }
+    let first = |role: &str| {
+        messages
+            .iter()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some(role))
+            .and_then(|m| m.get("content"))
+            .map(Value::to_string)
+            .unwrap_or_default()
+    };
+    Some(format!("h:{}\u{0}{}", first("system"), first("user")))
+}
+
+fn effects_json(e: &Effects) -> Value {
+    json!({
+        "prefer": e.prefer,
+        "exclude": e.exclude,
+        "max_temperature": e.max_temperature,
+        "require": e.require,
+        "mode": e.mode.map(mode_name),
+        "cache": e.cache,
+        "hedge": e.hedge,
+    })
+}
+
+/// The whole decision without a store: priors only, nothing spent, no policy unless given —
+/// what `freerelay explain` prints.
+pub fn explain(
+    config: &Config,
+    request: &ChatRequest,
+    facts: &Facts,
+    policy_text: Option<&str>,
+) -> Result<Decision, ApiError> {
+    let router = Router::new(config, request, facts)?;
+    let mut values: Vec<Option<Vec<u8>>> = vec![None; router.keys().len()];
+    values[0] = policy_text.map(|t| t.as_bytes().to_vec());
+    router.decide(&values)
+}
