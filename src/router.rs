@@ -216,8 +216,10 @@ pub struct Decision {
     pub audit: Value,
 }
 
-/// A candidate, its score, and why it was left out (if it was).
-type Judged = (Candidate, Option<Score>, Option<String>);
+/// A candidate, its score, why it was left out (if it was), and why it goes last (a breaker
+/// open, a budget spent: state the gateway's admission judges again right before sending, after
+/// the cache — so it is ordered last here, not removed).
+type Judged = (Candidate, Option<Score>, Option<String>, Option<String>);
 
 /// One candidate's score, as the audit shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -456,19 +458,22 @@ impl<'a> Router<'a> {
                 .any(|t| t.matches(&c.provider, &c.model))
             {
                 Some("excluded by policy".into())
-            } else if spent && tier == Tier::Paid {
-                Some("a budget is spent".into())
             } else if let Some(cap) = needs.missing(&info) {
                 Some(format!("lacks {cap}"))
+            } else {
+                None
+            };
+            let held = if spent && tier == Tier::Paid {
+                Some("a budget is spent".to_owned())
             } else if matches!(view.admits(now), breaker::Admission::Open { .. }) {
-                Some("circuit breaker open".into())
+                Some("circuit breaker open".to_owned())
             } else {
                 None
             };
             let probing = matches!(view.admits(now), breaker::Admission::Probe);
             let rpd = rpd_at.and_then(get);
             let score = self.score(c, &info, tier, &est[i].0, learned_total, rpd, lean, probing);
-            out.push((c.clone(), Some(score), why_not));
+            out.push((c.clone(), Some(score), why_not, held));
         }
         let fired = effects.fired.clone();
         let pool_len = self.pool.len();
@@ -488,16 +493,15 @@ impl<'a> Router<'a> {
         let mut kept: Vec<(usize, &Judged)> = out
             .iter()
             .enumerate()
-            .filter(|(_, (_, _, why))| why.is_none())
+            .filter(|(_, (_, _, why, _))| why.is_none())
             .collect();
-        let utility = |x: &Judged| {
-            x.1.as_ref().map_or(0.0, |s| s.utility)
-        };
+        let utility = |x: &Judged| x.1.as_ref().map_or(0.0, |s| s.utility);
         kept.sort_by(|(ia, a), (ib, b)| {
             let background_first =
                 |i: usize| usize::from(!(self.free_pool.is_empty() || i >= pool_len));
-            background_first(*ia)
-                .cmp(&background_first(*ib))
+            a.3.is_some()
+                .cmp(&b.3.is_some())
+                .then(background_first(*ia).cmp(&background_first(*ib)))
                 .then(pref(&a.0).cmp(&pref(&b.0)))
                 .then(sticks(&b.0).cmp(&sticks(&a.0)))
                 .then(if self.scored || (*ia >= pool_len && *ib >= pool_len) {
@@ -528,7 +532,7 @@ impl<'a> Router<'a> {
         }
         // A chore on a named model goes to the best free models first, the named one after.
         let mut candidates: Vec<Candidate> = Vec::new();
-        for (i, (c, _, _)) in &kept {
+        for (i, (c, _, _, held)) in &kept {
             if candidates.len() >= MAX_PLAN {
                 break;
             }
@@ -539,7 +543,9 @@ impl<'a> Router<'a> {
                 continue;
             }
             let mut c = c.clone();
-            if *i >= pool_len {
+            if let Some(h) = held {
+                c.reason = format!("{h}: last, for the gateway's admission to judge");
+            } else if *i >= pool_len {
                 c.reason = format!(
                     "background task ({}): a free model",
                     self.profile.background.map_or("chore", background_name)
@@ -556,26 +562,12 @@ impl<'a> Router<'a> {
         if candidates.is_empty() {
             let reasons: Vec<String> = out
                 .iter()
-                .filter_map(|(c, _, why)| {
+                .filter_map(|(c, _, why, _)| {
                     why.as_ref()
                         .map(|w| format!("{}/{} ({w})", c.provider, c.model))
                 })
                 .take(12)
                 .collect();
-            if spent {
-                if let Some(e) = health.as_ref().and_then(|h| h.refusal(now)) {
-                    return Err(e);
-                }
-            }
-            if out
-                .iter()
-                .all(|(_, _, w)| w.as_deref() == Some("circuit breaker open"))
-            {
-                return Err(ApiError::unavailable(
-                    "Every candidate model's circuit breaker is open.",
-                    Some(self.config.edge.breaker.cooldown_ms.div_ceil(1000)),
-                ));
-            }
             return Err(ApiError::invalid_request(
                 format!(
                     "No configured model can serve this request: {}.",
@@ -590,7 +582,7 @@ impl<'a> Router<'a> {
             .collect();
         let audit_candidates: Vec<Value> = out
             .iter()
-            .map(|(c, s, why)| {
+            .map(|(c, s, why, held)| {
                 let rank = chosen
                     .iter()
                     .position(|(p, m)| *p == c.provider && *m == c.model);
@@ -600,6 +592,7 @@ impl<'a> Router<'a> {
                     "tier": tier_of(self.config, c).as_str(),
                     "rank": rank.map(|r| r + 1),
                     "excluded": why,
+                    "held": held,
                     "score": s,
                 })
             })

@@ -282,14 +282,16 @@ pub fn prepare(
     Ok((shaped.request.or(fitted), notes))
 }
 
-/// Room kept for the answer: what the client asked, within the model's output limit (a modest
-/// default when it did not say).
+/// Room kept for the answer: what the client asked (a modest default when it did not say),
+/// within the model's output limit and at most an eighth of its window — a client asking for
+/// the model's whole output limit is the provider's to refuse, not a reason to cut its prompt.
 fn output_reserve(request: &ChatRequest, info: &ModelInfo) -> u32 {
     ["max_completion_tokens", "max_tokens"]
         .iter()
         .find_map(|f| request.body().get(*f).and_then(serde_json::Value::as_u64))
         .map_or(1024, |n| n.min(u64::from(u32::MAX)) as u32)
         .min(info.max_output)
+        .min(info.context_window / 8)
 }
 
 /// The quality signal of a whole JSON answer ([`learn::quality_signal`]).
