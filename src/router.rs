@@ -56,7 +56,7 @@ use sha2::{Digest, Sha256};
 
 pub const VALUE_BACKGROUND: f64 = 0.0001;
 pub const VALUE_FREE: f64 = 0.002;
-pub const VALUE_PAID: f64 = 0.25;
+pub const VALUE_PAID: f64 = 0.05;
 pub const LEAN_COST_FACTOR: f64 = 4.0;
 pub const SHADOW_USD: f64 = 0.5;
 /// A free model's list price (what its provider's paid tier charges) counts this much.
@@ -67,6 +67,8 @@ pub const EXPLORATION: f64 = 0.05;
 pub const LATENCY_USD_PER_S: [f64; 3] = [0.001, 0.0003, 0.0];
 /// Candidates handed to the gateway: more than `max_attempts` is never tried.
 pub const MAX_PLAN: usize = 8;
+/// Models of one provider in a plan for a virtual model.
+pub const PER_PROVIDER: usize = 2;
 /// Output tokens expected when `max_tokens` is not set.
 pub const DEFAULT_OUTPUT_TOKENS: u32 = 400;
 pub const BACKGROUND_OUTPUT_TOKENS: u32 = 40;
@@ -496,6 +498,13 @@ impl<'a> Router<'a> {
             .filter(|(_, (_, _, why, _))| why.is_none())
             .collect();
         let utility = |x: &Judged| x.1.as_ref().map_or(0.0, |s| s.utility);
+        // On `auto`, the tier the profile calls for goes first: work a free model serves never
+        // spends money while a free model is left, and work that needs a paid model gets one
+        // before the free fallbacks. Within a tier, utility decides.
+        let need = self.profile.tier.value;
+        let tier_rank = |c: &Candidate| {
+            usize::from(self.scored && mode == Mode::Auto && tier_of(self.config, c) != need)
+        };
         kept.sort_by(|(ia, a), (ib, b)| {
             let background_first =
                 |i: usize| usize::from(!(self.free_pool.is_empty() || i >= pool_len));
@@ -504,6 +513,7 @@ impl<'a> Router<'a> {
                 .then(background_first(*ia).cmp(&background_first(*ib)))
                 .then(pref(&a.0).cmp(&pref(&b.0)))
                 .then(sticks(&b.0).cmp(&sticks(&a.0)))
+                .then(tier_rank(&a.0).cmp(&tier_rank(&b.0)))
                 .then(if self.scored || (*ia >= pool_len && *ib >= pool_len) {
                     utility(b).total_cmp(&utility(a))
                 } else {
@@ -513,22 +523,32 @@ impl<'a> Router<'a> {
         // Fallbacks spread over providers: a provider that fails a request (overloaded, down,
         // out of quota) usually fails its other models too, so each provider's best model comes
         // before any provider's second. Policy preferences and the sticky model keep their place.
+        // (Within each group of the order: held candidates, the tier called for, the other.)
         if self.scored {
-            let mut firsts = Vec::with_capacity(kept.len());
-            let mut seconds = Vec::new();
-            let mut seen: Vec<&str> = Vec::new();
-            for item in kept {
-                let c = &item.1 .0;
-                let pinned = pref(c) != usize::MAX || sticks(c);
-                if pinned || !seen.contains(&c.provider.as_str()) {
-                    seen.push(c.provider.as_str());
-                    firsts.push(item);
-                } else {
-                    seconds.push(item);
+            let group = |item: &(usize, &Judged)| (item.1 .3.is_some(), tier_rank(&item.1 .0));
+            let mut spread = Vec::with_capacity(kept.len());
+            let mut rest = kept.into_iter().peekable();
+            while let Some(head) = rest.next() {
+                let g = group(&head);
+                let mut run = vec![head];
+                while let Some(next) = rest.next_if(|i| group(i) == g) {
+                    run.push(next);
                 }
+                let mut seconds = Vec::new();
+                let mut seen: Vec<&str> = Vec::new();
+                for item in run {
+                    let c = &item.1 .0;
+                    let pinned = pref(c) != usize::MAX || sticks(c);
+                    if pinned || !seen.contains(&c.provider.as_str()) {
+                        seen.push(c.provider.as_str());
+                        spread.push(item);
+                    } else {
+                        seconds.push(item);
+                    }
+                }
+                spread.extend(seconds);
             }
-            firsts.extend(seconds);
-            kept = firsts;
+            kept = spread;
         }
         // A chore on a named model goes to the best free models first, the named one after.
         let mut candidates: Vec<Candidate> = Vec::new();
@@ -539,6 +559,25 @@ impl<'a> Router<'a> {
             if candidates
                 .iter()
                 .any(|h| h.provider == c.provider && h.model == c.model)
+            {
+                continue;
+            }
+            // At most two models per provider: the plan's later places are for other providers
+            // and the other tier (a paid plan keeps free fallbacks).
+            let pinned = pref(c) != usize::MAX || sticks(c);
+            if *i >= pool_len {
+                let free_cap = MAX_PLAN.saturating_sub(pool_len.min(MAX_PLAN / 2));
+                if candidates.len() >= free_cap {
+                    continue;
+                }
+            }
+            if (self.scored || *i >= pool_len)
+                && !pinned
+                && candidates
+                    .iter()
+                    .filter(|h| h.provider == c.provider)
+                    .count()
+                    >= PER_PROVIDER
             {
                 continue;
             }
@@ -903,4 +942,418 @@ pub fn explain(
     let mut values: Vec<Option<Vec<u8>>> = vec![None; router.keys().len()];
     values[0] = policy_text.map(|t| t.as_bytes().to_vec());
     router.decide(&values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::config_of;
+    use crate::learn::Outcome;
+    use crate::profile::Family;
+
+    const HARD: &str = "The service deadlocks under load.\n\n```python\nimport threading\n\nclass Ledger:\n    def __init__(self):\n        self.a = threading.Lock()\n        self.b = threading.Lock()\n\n    def transfer(self, src, dst, amount):\n        with self.a:\n            with self.b:\n                self.move(src, dst, amount)\n\n    def audit(self):\n        with self.b:\n            with self.a:\n                return self.total()\n```\n\nTraceback (most recent call last):\n  File \"/srv/app/worker.py\", line 88, in run\n    ledger.audit()\n  File \"/srv/app/ledger.py\", line 17, in audit\n    with self.a:\nRuntimeError: watchdog: thread blocked for 30.0s\n\nFind the root cause of this race condition, refactor the class so transfers stay atomic without deadlocks, prove your lock ordering cannot deadlock, and analyse the trade-offs step by step.";
+
+    const TITLE: &str = "### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n### Guidelines:\n- The title should clearly represent the main theme.\n### Output:\nJSON format: { \"title\": \"your concise title here\" }\n### Chat History:\n<chat_history>\nUSER: How do I keep a sourdough starter alive?\nASSISTANT: Feed it and refrigerate it.\n</chat_history>";
+
+    fn cfg() -> Config {
+        config_of(&[
+            ("groq_api_key", "gsk-secret"),
+            ("gemini_api_key", "g"),
+            ("openai_api_key", "sk-secret"),
+            ("anthropic_api_key", "a"),
+        ])
+        .unwrap()
+    }
+
+    fn req(model: &str, text: &str) -> ChatRequest {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": text}]});
+        ChatRequest::parse(&serde_json::to_vec(&body).unwrap()).unwrap()
+    }
+
+    fn facts(mode: &str) -> Facts {
+        Facts {
+            mode: mode.into(),
+            tenant: "tabc".into(),
+            user: None,
+            conversation: None,
+            rotation: 0,
+            now_ms: 1_800_000_000_000,
+        }
+    }
+
+    /// Decides with `set` applied to the store values (by key).
+    fn decide_with(
+        config: &Config,
+        r: &ChatRequest,
+        f: &Facts,
+        set: &[(String, Vec<u8>)],
+    ) -> Result<Decision, ApiError> {
+        let router = Router::new(config, r, f)?;
+        let values: Vec<Option<Vec<u8>>> = router
+            .keys()
+            .iter()
+            .map(|k| set.iter().find(|(sk, _)| sk == k).map(|(_, v)| v.clone()))
+            .collect();
+        router.decide(&values)
+    }
+
+    fn first(d: &Decision) -> String {
+        let c = &d.plan.candidates[0];
+        format!("{}/{}", c.provider, c.model)
+    }
+
+    fn tier(config: &Config, c: &Candidate) -> Tier {
+        tier_of(config, c)
+    }
+
+    #[test]
+    fn simple_work_goes_free_and_hard_work_paid_with_free_fallbacks() {
+        let c = cfg();
+        let easy = decide_with(
+            &c,
+            &req("auto", "What is the capital of Portugal?"),
+            &facts("auto"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            tier(&c, &easy.plan.candidates[0]),
+            Tier::Free,
+            "{}",
+            first(&easy)
+        );
+        // Free candidates all come before the paid ones.
+        let tiers: Vec<Tier> = easy.plan.candidates.iter().map(|x| tier(&c, x)).collect();
+        assert!(
+            tiers
+                .windows(2)
+                .all(|w| !(w[0] == Tier::Paid && w[1] == Tier::Free)),
+            "{tiers:?}"
+        );
+        let hard = decide_with(&c, &req("auto", HARD), &facts("auto"), &[]).unwrap();
+        assert_eq!(
+            tier(&c, &hard.plan.candidates[0]),
+            Tier::Paid,
+            "{}",
+            first(&hard)
+        );
+        assert!(hard
+            .plan
+            .candidates
+            .iter()
+            .any(|x| tier(&c, x) == Tier::Free));
+        assert_eq!(hard.audit["profile"]["tier"]["value"], "paid");
+        // Modes restrict, whatever the profile says.
+        let free = decide_with(&c, &req("auto", HARD), &facts("free"), &[]).unwrap();
+        assert!(free
+            .plan
+            .candidates
+            .iter()
+            .all(|x| tier(&c, x) == Tier::Free));
+        let paid = decide_with(&c, &req("auto", "hi"), &facts("paid"), &[]).unwrap();
+        assert!(paid
+            .plan
+            .candidates
+            .iter()
+            .all(|x| tier(&c, x) == Tier::Paid));
+    }
+
+    #[test]
+    fn the_decision_is_owned_serialisable_secret_free_and_explains_itself() {
+        let c = cfg();
+        let d = decide_with(&c, &req("auto", "hello"), &facts("auto"), &[]).unwrap();
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(!text.contains("gsk-secret") && !text.contains("sk-secret"));
+        let back: Decision = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.plan, d.plan);
+        for dim in [
+            "family",
+            "depth",
+            "precision",
+            "latency",
+            "context",
+            "tools",
+            "determinism",
+            "security",
+            "output",
+            "economic",
+        ] {
+            assert!(d.audit["profile"][dim]["reasons"].is_array(), "{dim}");
+        }
+        let ranked: Vec<&Value> = d.audit["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["rank"].is_u64())
+            .collect();
+        assert_eq!(ranked.len(), d.plan.candidates.len());
+        assert!(d.plan.candidates.len() <= MAX_PLAN);
+        for x in ranked {
+            assert!(x["score"]["utility"].is_f64(), "{x}");
+        }
+    }
+
+    #[test]
+    fn each_providers_best_model_comes_before_any_providers_second() {
+        let c = cfg();
+        let d = decide_with(&c, &req("auto", "hello"), &facts("free"), &[]).unwrap();
+        let providers: Vec<&str> = d
+            .plan
+            .candidates
+            .iter()
+            .map(|x| x.provider.as_str())
+            .collect();
+        // Two free providers configured: one model of each, then the seconds.
+        assert_ne!(providers[0], providers[1], "{providers:?}");
+        assert!(providers.len() > 2, "{providers:?}");
+    }
+
+    #[test]
+    fn a_chore_on_a_paid_model_goes_to_the_smallest_free_model_first() {
+        let c = cfg();
+        let d = decide_with(&c, &req("openai/gpt-4o", TITLE), &facts("auto"), &[]).unwrap();
+        assert!(d.background);
+        // The cheapest free model: one with a large daily quota (14,400 requests), not a scarce
+        // one kept for work that needs it.
+        let top = &d.plan.candidates[0];
+        assert_eq!(tier(&c, top), Tier::Free, "{}", first(&d));
+        let q = route::quota_ref(&c, top, &top.keys[0]).unwrap();
+        assert!(
+            q.limit(Kind::Rpd).is_some_and(|l| l >= 14_400),
+            "{}",
+            first(&d)
+        );
+        assert!(d.plan.candidates[0].reason.contains("background"));
+        // The named model stays as the last resort.
+        assert!(d.plan.candidates.iter().any(|x| x.model == "gpt-4o"));
+        // A chore on a free model keeps it; `paid` mode keeps the paid one.
+        let own = decide_with(
+            &c,
+            &req("groq/llama-3.3-70b-versatile", TITLE),
+            &facts("auto"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(own.plan.candidates.len(), 1);
+        let paid = decide_with(&c, &req("openai/gpt-4o", TITLE), &facts("paid"), &[]).unwrap();
+        assert_eq!(first(&paid), "openai/gpt-4o");
+        // Chores are not conversations to stick to.
+        assert!(d.sticky_key.is_none());
+    }
+
+    #[test]
+    fn policies_exclude_prefer_force_and_are_reported() {
+        let c = cfg();
+        let policy = "exclude groq\nwhen family = code: prefer anthropic/claude-haiku-4-5\ncap temperature 0.2\nhedge on\ncache off\n";
+        let set = vec![(policy::key("tabc"), policy.as_bytes().to_vec())];
+        let d = decide_with(&c, &req("auto", "hello"), &facts("auto"), &set).unwrap();
+        assert!(d.plan.candidates.iter().all(|x| x.provider != "groq"));
+        assert_eq!(d.max_temperature, Some(0.2));
+        assert!(d.hedge);
+        assert_eq!(d.cache, Some(false));
+        let fired: Vec<u64> = d.audit["policy"]["fired"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["line"].as_u64().unwrap())
+            .collect();
+        assert_eq!(fired, vec![1, 3, 4, 5]);
+        let code = decide_with(
+            &c,
+            &req("auto", "Write a Rust function that reverses a string."),
+            &facts("auto"),
+            &set,
+        )
+        .unwrap();
+        assert_eq!(first(&code), "anthropic/claude-haiku-4-5");
+        assert_eq!(code.plan.candidates[0].reason, "preferred by policy");
+        // A forced mode.
+        let forced = vec![(
+            policy::key("tabc"),
+            b"when family = chat: mode paid\n".to_vec(),
+        )];
+        let p = decide_with(&c, &req("auto", "hello there"), &facts("auto"), &forced).unwrap();
+        assert!(p.plan.candidates.iter().all(|x| tier(&c, x) == Tier::Paid));
+        assert_eq!(p.mode, "paid");
+        // A policy that no longer parses is ignored, not fatal.
+        let broken = vec![(policy::key("tabc"), b"prefer (\n".to_vec())];
+        assert!(decide_with(&c, &req("auto", "hello"), &facts("auto"), &broken).is_ok());
+    }
+
+    #[test]
+    fn learned_failures_move_a_model_down() {
+        let c = cfg();
+        let r = req("auto", "hello");
+        let before = decide_with(&c, &r, &facts("free"), &[]).unwrap();
+        let top = before.plan.candidates[0].clone();
+        let family = Family::parse(&before.family).unwrap();
+        let mut s = Stats::default();
+        for _ in 0..20 {
+            s = s.add(
+                Outcome {
+                    success: false,
+                    quality: 0.0,
+                    latency_ms: 0,
+                },
+                1.0,
+                1_800_000_000_000,
+            );
+        }
+        let set = vec![(learn::key(&top.provider, &top.model, family), s.encode())];
+        let after = decide_with(&c, &r, &facts("free"), &set).unwrap();
+        assert_ne!(after.plan.candidates[0], top);
+        let scored = after.audit["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["model"] == top.model.as_str())
+            .unwrap()
+            .clone();
+        assert!(scored["score"]["p_success"].as_f64().unwrap() < 0.3);
+        assert_eq!(
+            scored["score"]["learned_outcomes"]
+                .as_f64()
+                .unwrap()
+                .round(),
+            20.0
+        );
+    }
+
+    #[test]
+    fn a_conversation_sticks_to_its_model_in_the_same_tier_only() {
+        let c = cfg();
+        let mut f = facts("auto");
+        f.conversation = Some("chat-1".into());
+        let r = req("auto", "And what about Porto?");
+        let plain = decide_with(&c, &r, &f, &[]).unwrap();
+        let key = plain.sticky_key.clone().unwrap();
+        assert_eq!(key, sticky_key("tabc", "id:chat-1"));
+        let other = plain.plan.candidates.last().unwrap().clone();
+        let record = |tier| Sticky {
+            provider: other.provider.clone(),
+            model: other.model.clone(),
+            tier,
+        };
+        let stuck = decide_with(&c, &r, &f, &[(key.clone(), record(Tier::Free).encode())]).unwrap();
+        if tier(&c, &other) == Tier::Free {
+            assert_eq!(
+                stuck.plan.candidates[0],
+                Candidate {
+                    reason: "sticky conversation".into(),
+                    ..other.clone()
+                }
+            );
+        }
+        // Recorded in another tier than the profile calls for: not sticky.
+        let moved = decide_with(&c, &r, &f, &[(key, record(Tier::Paid).encode())]).unwrap();
+        assert_eq!(moved.plan.candidates[0], plain.plan.candidates[0]);
+        // A follow-up turn without a client id is a conversation by its first messages.
+        let body = json!({"model": "auto", "messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "more"}]});
+        let follow = ChatRequest::parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+        assert!(decide_with(&c, &follow, &facts("auto"), &[])
+            .unwrap()
+            .sticky_key
+            .is_some());
+        assert!(
+            plain.sticky_key.is_some()
+                && decide_with(&c, &r, &facts("auto"), &[])
+                    .unwrap()
+                    .sticky_key
+                    .is_none()
+        );
+    }
+
+    #[test]
+    fn an_open_breaker_goes_last_and_a_scarce_quota_grows_dear() {
+        let c = cfg();
+        let r = req("auto", "hello");
+        let d = decide_with(&c, &r, &facts("free"), &[]).unwrap();
+        let top = d.plan.candidates[0].clone();
+        let open = crate::breaker::State::Open {
+            since_ms: 1_800_000_000_000,
+            until_ms: 1_900_000_000_000,
+            level: 0,
+        };
+        let set = vec![(
+            crate::kv::keys::breaker_state(&top.provider, &top.model),
+            open.encode(),
+        )];
+        let after = decide_with(&c, &r, &facts("free"), &set).unwrap();
+        let last = after
+            .plan
+            .candidates
+            .iter()
+            .position(|x| x.model == top.model);
+        assert!(
+            last.is_none() || last == Some(after.plan.candidates.len() - 1),
+            "{after:?}"
+        );
+        // Rate-limit headroom: the same model with its daily quota nearly spent scores lower.
+        let q = route::quota_ref(&c, &top, &top.keys[0]).unwrap();
+        if let Some(limit) = q.limit(Kind::Rpd) {
+            let used = quota::encode(q.window(Kind::Rpd, 1_800_000_000_000), u64::from(limit) - 1);
+            let set = vec![(
+                q.key(Kind::Rpd),
+                crate::kv::CounterEncoding::LittleEndian.encode(used),
+            )];
+            let scarce = decide_with(&c, &r, &facts("free"), &set).unwrap();
+            let s = |d: &Decision| {
+                d.audit["candidates"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["model"] == top.model.as_str())
+                    .unwrap()["score"]["shadow_usd"]
+                    .as_f64()
+                    .unwrap()
+            };
+            assert!(s(&scarce) > s(&d) * 100.0, "{} vs {}", s(&scarce), s(&d));
+        }
+    }
+
+    #[test]
+    fn capabilities_filter_and_errors_are_the_clients() {
+        let c = cfg();
+        let body = json!({"model": "auto", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]});
+        let r = ChatRequest::parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+        let d = decide_with(&c, &r, &facts("auto"), &[]).unwrap();
+        for x in &d.plan.candidates {
+            let info = c.provider(&x.provider).unwrap().model_info(&x.model);
+            assert!(info.caps.vision, "{}/{}", x.provider, x.model);
+        }
+        assert!(Router::new(&c, &req("nope", "hi"), &facts("auto")).is_err());
+        let e = decide_with(
+            &c,
+            &req("groq/llama-3.1-8b-instant", "hi"),
+            &facts("paid"),
+            &[],
+        );
+        assert_eq!(e.unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn explain_reads_a_policy_text_and_settings_parse_strictly() {
+        let c = cfg();
+        let d = explain(
+            &c,
+            &req("auto", "hello"),
+            &facts("auto"),
+            Some("exclude gemini\n"),
+        )
+        .unwrap();
+        assert!(d.plan.candidates.iter().all(|x| x.provider != "gemini"));
+        let s = Settings::from_vars(|n| match n {
+            "router" => Some("local".into()),
+            "router_timeout_ms" => Some("250".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert!(!s.chained && s.timeout_ms == 250);
+        assert!(Settings::from_vars(|n| (n == "router").then(|| "remote".into())).is_err());
+        assert!(Settings::from_vars(|n| (n == "router_timeout_ms").then(|| "0".into())).is_err());
+    }
 }
