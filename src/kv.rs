@@ -107,6 +107,10 @@ pub mod keys {
         "breaker:v1:",
         "aimd:v1:",
         "cache:v1:",
+        "learn:v1:",
+        "sticky:v1:",
+        "route:v1:",
+        "policy:v1:",
     ];
 
     /// `stats:v1:<scope>:<field>` — i64 counter (increment). `<scope>` is a provider id or

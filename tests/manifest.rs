@@ -31,6 +31,7 @@ fn every_variable() -> Vec<String> {
         }))
         .chain(CUSTOM_VARIABLES.iter().map(|s| format!("{CUSTOM}_{s}")))
         .chain(freerelay::edge::Settings::variables().map(str::to_owned))
+        .chain(freerelay::router::VARIABLES.iter().map(|v| (*v).to_owned()))
         .collect()
 }
 
