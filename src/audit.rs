@@ -3,7 +3,7 @@
 
 use crate::budget::Tenant;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Slots in the ring (`route_audit_entries`): a route stays readable until about this many
 /// later requests have been routed.
@@ -54,29 +54,50 @@ pub struct Outcome {
     pub hedged: bool,
 }
 
-/// Builds the stored record: the decision's audit JSON (`profile`, `candidates`, `policy`,
-/// `sticky`, `mode`) with the id, its owner and the outcome.
+/// Builds the stored record: the decision's audit (a JSON object: `profile`, `candidates`,
+/// `policy`, `sticky`, `mode`) with the id, its owner and the outcome added — spliced as text,
+/// so the audit is never parsed again.
 pub fn record(
     id: &str,
     tenant: &Tenant,
     request_id: &str,
     model: &str,
     created_ms: u64,
-    decision: &Value,
+    decision: &str,
     outcome: &Outcome,
 ) -> Vec<u8> {
-    let mut r = match decision {
-        Value::Object(m) => Value::Object(m.clone()),
-        _ => json!({}),
-    };
-    r["id"] = json!(id);
-    r["object"] = json!("freerelay.route");
-    r["tenant"] = json!(tenant.id);
-    r["request_id"] = json!(request_id);
-    r["model_requested"] = json!(model);
-    r["created_ms"] = json!(created_ms);
-    r["outcome"] = serde_json::to_value(outcome).unwrap_or(Value::Null);
-    serde_json::to_vec(&r).unwrap_or_default()
+    #[derive(Serialize)]
+    struct Head<'a> {
+        id: &'a str,
+        object: &'static str,
+        tenant: &'a str,
+        request_id: &'a str,
+        model_requested: &'a str,
+        created_ms: u64,
+        outcome: &'a Outcome,
+    }
+    let head = serde_json::to_vec(&Head {
+        id,
+        object: "freerelay.route",
+        tenant: &tenant.id,
+        request_id,
+        model_requested: model,
+        created_ms,
+        outcome,
+    })
+    .unwrap_or_default();
+    // `{head…}` + `,` + `{audit…}` without its `{`: one object.
+    let audit = decision.trim();
+    let mut out = head;
+    match audit.strip_prefix('{').map(str::trim_start) {
+        Some(rest) if rest != "}" && rest.ends_with('}') => {
+            out.pop();
+            out.push(b',');
+            out.extend_from_slice(rest.as_bytes());
+        }
+        _ => {}
+    }
+    out
 }
 
 /// The record for `id` as the tenant may see it: `None` when the slot holds another route (or
@@ -122,7 +143,7 @@ mod tests {
             "fr-1",
             "auto",
             5,
-            &json!({"profile": {"family": {"value": "chat"}}, "candidates": []}),
+            r#"{"profile": {"family": {"value": "chat"}}, "candidates": []}"#,
             &o,
         );
         let v = read("rt_0000000000000001", &tenant("ta"), Some(&rec)).unwrap();
@@ -132,5 +153,19 @@ mod tests {
         assert!(read("rt_0000000000000001", &tenant("tb"), Some(&rec)).is_none());
         assert!(read("rt_0000000000000002", &tenant("ta"), Some(&rec)).is_none());
         assert!(read("rt_0000000000000001", &tenant("ta"), None).is_none());
+        // Without a decision (the router refused), the record is the head alone.
+        for empty in ["{}", "", "null"] {
+            let rec = record(
+                "rt_0000000000000003",
+                &tenant("ta"),
+                "fr-1",
+                "auto",
+                5,
+                empty,
+                &o,
+            );
+            let v = read("rt_0000000000000003", &tenant("ta"), Some(&rec)).unwrap();
+            assert_eq!(v["outcome"]["status"], 200);
+        }
     }
 }

@@ -187,7 +187,7 @@ pub fn sticky_key(tenant: &str, conversation: &str) -> String {
 }
 
 /// What the router decided: the plan, and everything the gateway does with it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Decision {
     pub plan: Plan,
     /// The mode in force (the client's, or the one a policy forced).
@@ -214,14 +214,44 @@ pub struct Decision {
     pub json_asked: bool,
     #[serde(default)]
     pub tool_forced: bool,
-    /// `profile`, `candidates` (each with its score), `policy` (rules fired), `sticky`, `mode`.
-    pub audit: Value,
+    /// The audit: a JSON object with `profile`, `mode`, `candidates` (each with its rank or why
+    /// it was left out, and its score), `policy` (the effects and the rules that fired) and
+    /// `sticky` — kept as JSON text, passed on and stored without being parsed again.
+    pub audit: Box<serde_json::value::RawValue>,
 }
 
 /// A candidate, its score, why it was left out (if it was), and why it goes last (a breaker
 /// open, a budget spent: state the gateway's admission judges again right before sending, after
 /// the cache — so it is ordered last here, not removed).
 type Judged = (Candidate, Option<Score>, Option<String>, Option<String>);
+
+/// The audit, as serialised (see [`Decision::audit`]).
+#[derive(Serialize)]
+struct Audit<'a> {
+    profile: &'a Profile,
+    mode: &'static str,
+    candidates: Vec<AuditCandidate<'a>>,
+    policy: &'a Effects,
+    sticky: Option<&'a Sticky>,
+}
+
+#[derive(Serialize)]
+struct AuditCandidate<'a> {
+    provider: &'a str,
+    model: &'a str,
+    tier: &'static str,
+    rank: Option<usize>,
+    excluded: Option<&'a str>,
+    held: Option<&'a str>,
+    score: Option<&'a Score>,
+}
+
+impl Decision {
+    /// The audit as a JSON value (for tools and tests; the gateway passes the text on).
+    pub fn audit_value(&self) -> Value {
+        serde_json::from_str(self.audit.get()).unwrap_or(Value::Null)
+    }
+}
 
 /// One candidate's score, as the audit shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -619,21 +649,19 @@ impl<'a> Router<'a> {
             .iter()
             .map(|c| (c.provider.clone(), c.model.clone()))
             .collect();
-        let audit_candidates: Vec<Value> = out
+        let audit_candidates: Vec<AuditCandidate> = out
             .iter()
-            .map(|(c, s, why, held)| {
-                let rank = chosen
+            .map(|(c, score, why, held)| AuditCandidate {
+                provider: &c.provider,
+                model: &c.model,
+                tier: tier_of(self.config, c).as_str(),
+                rank: chosen
                     .iter()
-                    .position(|(p, m)| *p == c.provider && *m == c.model);
-                json!({
-                    "provider": c.provider,
-                    "model": c.model,
-                    "tier": tier_of(self.config, c).as_str(),
-                    "rank": rank.map(|r| r + 1),
-                    "excluded": why,
-                    "held": held,
-                    "score": s,
-                })
+                    .position(|(p, m)| *p == c.provider && *m == c.model)
+                    .map(|r| r + 1),
+                excluded: why.as_deref(),
+                held: held.as_deref(),
+                score: score.as_ref(),
             })
             .collect();
         let sticky_key = (!self.profile.is_background())
@@ -647,16 +675,16 @@ impl<'a> Router<'a> {
             virtual_model: self.scored || candidates.len() > 1,
             candidates,
         };
-        let audit = json!({
-            "profile": self.profile,
-            "mode": mode_name(mode),
-            "candidates": audit_candidates,
-            "policy": {
-                "fired": fired,
-                "effects": effects_json(&effects),
-            },
-            "sticky": sticky,
-        });
+        // Serialised once, straight from typed values: the audit of ~40 candidates built as a
+        // `serde_json::Value` tree cost more than the rest of the decision.
+        let audit = serde_json::value::to_raw_value(&Audit {
+            profile: &self.profile,
+            mode: mode_name(mode),
+            candidates: audit_candidates,
+            policy: &effects,
+            sticky: sticky.as_ref(),
+        })
+        .map_err(|e| ApiError::internal(format!("the route's audit: {e}")))?;
         Ok(Decision {
             plan,
             mode: mode_name(mode).to_owned(),
@@ -918,18 +946,6 @@ fn conversation_id(request: &ChatRequest, facts: &Facts) -> Option<String> {
     Some(format!("h:{}\u{0}{}", first("system"), first("user")))
 }
 
-fn effects_json(e: &Effects) -> Value {
-    json!({
-        "prefer": e.prefer,
-        "exclude": e.exclude,
-        "max_temperature": e.max_temperature,
-        "require": e.require,
-        "mode": e.mode.map(mode_name),
-        "cache": e.cache,
-        "hedge": e.hedge,
-    })
-}
-
 /// The whole decision without a store: priors only, nothing spent, no policy unless given —
 /// what `freerelay explain` prints.
 pub fn explain(
@@ -1042,7 +1058,7 @@ mod tests {
             .candidates
             .iter()
             .any(|x| tier(&c, x) == Tier::Free));
-        assert_eq!(hard.audit["profile"]["tier"]["value"], "paid");
+        assert_eq!(hard.audit_value()["profile"]["tier"]["value"], "paid");
         // Modes restrict, whatever the profile says.
         let free = decide_with(&c, &req("auto", HARD), &facts("free"), &[]).unwrap();
         assert!(free
@@ -1066,6 +1082,7 @@ mod tests {
         assert!(!text.contains("gsk-secret") && !text.contains("sk-secret"));
         let back: Decision = serde_json::from_str(&text).unwrap();
         assert_eq!(back.plan, d.plan);
+        let audit = d.audit_value();
         for dim in [
             "family",
             "depth",
@@ -1078,9 +1095,9 @@ mod tests {
             "output",
             "economic",
         ] {
-            assert!(d.audit["profile"][dim]["reasons"].is_array(), "{dim}");
+            assert!(audit["profile"][dim]["reasons"].is_array(), "{dim}");
         }
-        let ranked: Vec<&Value> = d.audit["candidates"]
+        let ranked: Vec<&Value> = audit["candidates"]
             .as_array()
             .unwrap()
             .iter()
@@ -1151,7 +1168,7 @@ mod tests {
         assert_eq!(d.max_temperature, Some(0.2));
         assert!(d.hedge);
         assert_eq!(d.cache, Some(false));
-        let fired: Vec<u64> = d.audit["policy"]["fired"]
+        let fired: Vec<u64> = d.audit_value()["policy"]["fired"]
             .as_array()
             .unwrap()
             .iter()
@@ -1202,7 +1219,7 @@ mod tests {
         let set = vec![(learn::key(&top.provider, &top.model, family), s.encode())];
         let after = decide_with(&c, &r, &facts("free"), &set).unwrap();
         assert_ne!(after.plan.candidates[0], top);
-        let scored = after.audit["candidates"]
+        let scored = after.audit_value()["candidates"]
             .as_array()
             .unwrap()
             .iter()
@@ -1300,7 +1317,7 @@ mod tests {
             )];
             let scarce = decide_with(&c, &r, &facts("free"), &set).unwrap();
             let s = |d: &Decision| {
-                d.audit["candidates"]
+                d.audit_value()["candidates"]
                     .as_array()
                     .unwrap()
                     .iter()

@@ -59,7 +59,7 @@ pub fn decide(
 }
 
 fn as_json(d: &Decision) -> Value {
-    let mut v = d.audit.clone();
+    let mut v = d.audit_value();
     v["plan"] = json!(d
         .plan
         .candidates

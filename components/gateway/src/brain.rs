@@ -135,7 +135,7 @@ pub struct Route {
     request_id: String,
     model: String,
     created_ms: u64,
-    decision: RefCell<Option<serde_json::Value>>,
+    decision: RefCell<Option<Box<serde_json::value::RawValue>>>,
     pub outcome: RefCell<Outcome>,
     entries: u32,
 }
@@ -161,7 +161,7 @@ impl Route {
         }
     }
 
-    pub fn set_decision(&self, audit: serde_json::Value) {
+    pub fn set_decision(&self, audit: Box<serde_json::value::RawValue>) {
         *self.decision.borrow_mut() = Some(audit);
     }
 
@@ -182,18 +182,14 @@ impl Route {
         let mut o = self.outcome.borrow_mut();
         o.status = status;
         o.latency_ms = latency_ms;
-        let decision = self
-            .decision
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| serde_json::json!({}));
+        let decision = self.decision.borrow();
         let record = audit::record(
             &self.id,
             &self.tenant,
             &self.request_id,
             &self.model,
             self.created_ms,
-            &decision,
+            decision.as_ref().map_or("{}", |d| d.get()),
             &o,
         );
         store
