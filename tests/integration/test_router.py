@@ -21,8 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import MANIFEST, REPO, RUNNER_BIN, Gateway, gateway_env, new_client_key
+from conftest import MANIFEST, REPO, TARGET, Gateway, new_client_key
 from helpers import assert_openai_error, gateway_events, sse_events, upstream_model, wait_for_event
+
+# The `freerelay` CLI (explain), whichever runner serves the app.
+CLI = TARGET / "release" / "freerelay"
 
 DIMENSIONS = ("family", "depth", "precision", "latency", "context", "tools", "determinism",
               "security", "output", "economic")
@@ -398,19 +401,23 @@ def test_a_conversation_larger_than_a_window_is_cut_keeping_system_and_latest_tu
 # The router component and its fallback
 
 
-def test_the_router_component_decides_and_a_missing_router_falls_back_locally(make_mock, make_gateway, tmp_path):
+def test_the_router_component_decides_and_a_failing_router_falls_back_locally(make_mock, make_gateway, tmp_path):
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq})
     assert post(gw, chat(SIMPLE)).status_code == 200
     routed = wait_for_event(gw, "routed")
     assert routed and routed["via"] == "component", routed
 
-    # The same app without its router component: the gateway plans locally and says so.
-    app = tmp_path / "app-without-router"
+    # The same app with a router that cannot decide (its own configuration is broken, so it
+    # answers 500): the gateway plans locally and says so. (A manifest without the router
+    # component at all is a deployment error: real Spin fails the gateway's invocation.)
+    app = tmp_path / "app-with-broken-router"
     app.mkdir()
     text = MANIFEST.read_text()
-    cut = text.index("# The profiler and router: private")
-    (app / "spin.toml").write_text(text[:cut])
+    cut = text.index("[component.router.variables]")
+    broken = text[cut:].replace('max_attempts = "{{ max_attempts }}"', 'max_attempts = "lots"', 1)
+    assert broken != text[cut:]
+    (app / "spin.toml").write_text(text[:cut] + broken)
     os.symlink(REPO / "components", app / "components")
     alone = Gateway(state_dir=tmp_path / "alone", env=gw.env, client_key=gw.client_key,
                     log_dir=tmp_path, name="alone")
@@ -443,7 +450,7 @@ def test_freerelay_explain_prints_the_decision_offline(tmp_path):
     body.write_text(json.dumps(chat(HARD_CODE)))
     e = {**{k: v for k, v in os.environ.items() if not k.startswith("SPIN_VARIABLE_")},
          "SPIN_VARIABLE_GROQ_API_KEY": "gsk-offline", "SPIN_VARIABLE_OPENAI_API_KEY": "sk-offline"}
-    out = subprocess.run([str(RUNNER_BIN), "explain", str(body), "--json", "-f", str(MANIFEST)],
+    out = subprocess.run([str(CLI), "explain", str(body), "--json", "-f", str(MANIFEST)],
                          capture_output=True, text=True, env=e, timeout=60)
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
@@ -452,7 +459,7 @@ def test_freerelay_explain_prints_the_decision_offline(tmp_path):
     assert first["tier"] == "paid" and first["provider"] == "openai"
     assert d["plan"][0]["provider"] == "openai"
     assert "gsk-offline" not in out.stdout and "sk-offline" not in out.stdout
-    text = subprocess.run([str(RUNNER_BIN), "explain", "-f", str(MANIFEST)], input=json.dumps(chat(SIMPLE)),
+    text = subprocess.run([str(CLI), "explain", "-f", str(MANIFEST)], input=json.dumps(chat(SIMPLE)),
                           capture_output=True, text=True, env=e, timeout=60)
     assert text.returncode == 0, text.stderr
     assert "family" in text.stdout and "groq" in text.stdout
