@@ -31,6 +31,7 @@ from helpers import (assert_openai_error, gateway_events, next_midnight_ms, retr
 GROQ_8B = "groq/llama-3.1-8b-instant"          # 131,072-token window
 GROQ_70B = "groq/llama-3.3-70b-versatile"      # 131,072-token window, same key, own limits
 GEMINI_FLASH = "gemini/gemini-2.5-flash"       # 1,048,576-token window
+GEMINI_LITE = "gemini/gemini-3.1-flash-lite"   # free, no list price
 CEREBRAS_120B = "cerebras/gpt-oss-120b"        # 65,536-token window
 OPENAI_MINI = "openai/gpt-4o-mini"             # paid
 MISTRAL_SMALL = "mistral/mistral-small-latest"  # prefill (with `"prefix": true`)
@@ -937,6 +938,8 @@ def within_one_minute(scenario):
 
 @STREAM
 def test_rpm_is_never_exceeded_under_concurrency(make_mock, make_gateway, stream):
+    # Groq limits per model (`scope = "model"`), and `auto` may use each of its models: the test
+    # names one Groq model, then Gemini for the overflow, so groq_rpm = 5 bounds what Groq gets.
     def scenario():
         groq, gemini = make_mock("groq"), make_mock("gemini")
         gw = make_gateway({"groq": groq, "gemini": gemini},
@@ -944,7 +947,8 @@ def test_rpm_is_never_exceeded_under_concurrency(make_mock, make_gateway, stream
         client = gw.client(timeout=60)
 
         def one(i):
-            headers, text = complete(client, stream=stream, model="auto", messages=user(f"n{i}"))
+            headers, text = complete(client, stream=stream, model=GROQ_8B,
+                                     extra_body={"models": [GEMINI_LITE]}, messages=user(f"n{i}"))
             provider = headers["x-freerelay-provider"]
             assert text == f"mock({provider}): n{i}", text
             return provider
@@ -956,6 +960,7 @@ def test_rpm_is_never_exceeded_under_concurrency(make_mock, make_gateway, stream
     assert not errors, f"{len(errors)} of 32 clients failed: {errors[:3]}"
     to_groq = len(groq.requests())
     assert to_groq <= 5, f"groq_rpm = 5, but groq received {to_groq} requests"
+    assert set(sent_models(groq)) <= {"llama-3.1-8b-instant"}
     assert results.count("groq") == to_groq
     assert results.count("gemini") == 32 - to_groq == len(gemini.requests())
 
@@ -982,11 +987,12 @@ def test_rpm_applies_to_each_key_of_a_pool(make_mock, make_gateway):
 
 
 def test_rpm_spent_with_no_other_candidate_is_the_gateways_own_429(make_mock, make_gateway):
+    # One named model: under `auto`, Groq's other models (limited per model) are candidates.
     def scenario():
         groq = make_mock("groq")
         gw = make_gateway({"groq": groq}, extra_env={"SPIN_VARIABLE_GROQ_RPM": "2"})
-        statuses = [post(gw, body_of(model="auto")).status_code for _ in range(2)]
-        return groq, statuses, post(gw, body_of(model="auto"))
+        statuses = [post(gw, body_of(model=GROQ_8B)).status_code for _ in range(2)]
+        return groq, statuses, post(gw, body_of(model=GROQ_8B))
 
     groq, statuses, r = within_one_minute(scenario)
     assert statuses == [200, 200]
@@ -995,6 +1001,7 @@ def test_rpm_spent_with_no_other_candidate_is_the_gateways_own_429(make_mock, ma
     assert 0 < retry_after <= 60, r.headers
     assert_retry_after_text(err, retry_after)
     assert len(groq.requests()) == 2, "the request over the limit reached the provider"
+    assert sent_models(groq) == ["llama-3.1-8b-instant"] * 2
 
 
 @pytest.mark.parametrize("name, model, tz", [("groq", GROQ_8B, "UTC"),
@@ -1049,6 +1056,12 @@ def test_tpm_is_counted_per_key(make_mock, make_gateway):
 
 # ---------------------------------------------------------------------------------------------
 # When everything fails: one error listing each attempt
+#
+# Each test names its candidates (Groq's 8B, then Gemini's flash-lite, as a `models` fallback list):
+# under `auto` each provider's other models would be candidates too, and a FIFO script per mock
+# could not fail them all.
+
+BOTH = {"model": GROQ_8B, "models": [GEMINI_LITE]}
 
 
 def _assert_lists_attempts(err: dict, attempts: list[tuple[str, str, int]]) -> None:
@@ -1073,7 +1086,7 @@ def test_all_rate_limited_is_one_429_with_the_shortest_retry_after(make_mock, ma
     groq.script({"kind": "status", "status": 429, "retry_after": "30"})
     gemini.script({"kind": "status", "status": 429, "retry_delay": "7s"})
     t = time.monotonic()
-    r = post(gw, body_of(model="auto", stream=stream))
+    r = post(gw, body_of(stream=stream, **BOTH))
     assert time.monotonic() - t < 5, "a long Retry-After was waited on"
     err = assert_openai_error(r, 429)
     retry_after = int(r.headers["retry-after"])
@@ -1091,7 +1104,7 @@ def test_all_failed_is_one_error_listing_each_attempt(make_mock, make_gateway, s
     gw = make_gateway({"groq": groq, "gemini": gemini})
     groq.script(*fail(4))
     gemini.script(*fail(4, 500))
-    r = post(gw, body_of(model="auto", stream=stream))
+    r = post(gw, body_of(stream=stream, **BOTH))
     assert r.status_code in (502, 504), r.text
     err = assert_openai_error(r, r.status_code)
     _assert_lists_attempts(err, [("groq", "llama-3.1-8b-instant", 503),
@@ -1106,7 +1119,7 @@ def test_rate_limits_mixed_with_other_failures_are_not_a_429(make_mock, make_gat
     gw = make_gateway({"groq": groq, "gemini": gemini})
     groq.script({"kind": "status", "status": 429, "retry_after": "30"})
     gemini.script(*fail(4))
-    r = post(gw, body_of(model="auto"))
+    r = post(gw, body_of(**BOTH))
     assert r.status_code in (502, 504), f"not every attempt was rate limited: {r.status_code} {r.text}"
     err = assert_openai_error(r, r.status_code)
     _assert_lists_attempts(err, [("groq", "llama-3.1-8b-instant", 429),

@@ -175,7 +175,8 @@ def test_a_client_leaving_mid_stream_loses_nothing(make_mock, make_gateway):
     assert s["requests"] == 1
     events = [e for e in log_events(gw) if e.get("request_id") == rid]
     kinds = [e["event"] for e in events]
-    assert kinds[:2] == ["request_start", "attempt_start"], kinds
+    # The router's decision (`routed`) is logged before the first attempt.
+    assert kinds[:3] == ["request_start", "routed", "attempt_start"], kinds
     assert "client_gone" in kinds, kinds
 
 
@@ -183,9 +184,10 @@ def test_requests_refused_locally_are_counted_and_logged(make_mock, make_gateway
     groq = make_mock("groq")
     gw = make_gateway({"groq": groq})
     groq.script({"kind": "status", "status": 429, "retry_after": 300})
+    # One named model: under `auto`, Groq's other models (limited per model) would serve.
     with gw.http() as c:
-        first = c.post("/v1/chat/completions", json=chat_body("auto"))
-        second = c.post("/v1/chat/completions", json=chat_body("auto"))
+        first = c.post("/v1/chat/completions", json=chat_body("groq/llama-3.1-8b-instant"))
+        second = c.post("/v1/chat/completions", json=chat_body("groq/llama-3.1-8b-instant"))
     assert_openai_error(first, 429, code="rate_limit_exceeded")
     err = assert_openai_error(second, 429, code="rate_limit_exceeded")
     assert 0 < int(second.headers["retry-after"]) <= 300, err
@@ -299,10 +301,12 @@ def test_log_events_failures_keeps_only_failing_requests_with_their_whole_trail(
     gw = make_gateway({"groq": groq, "gemini": gemini},
                       extra_env={"SPIN_VARIABLE_LOG_EVENTS": "failures"})
     groq.script({"kind": "status", "status": 429, "retry_after": 60})
+    # Named candidates, Groq first: which model `auto` tries first is the router's choice.
+    both = chat_body("groq/llama-3.1-8b-instant", models=["gemini/gemini-3.1-flash-lite"])
     with gw.http() as c:
-        fell_back = c.post("/v1/chat/completions", json=chat_body("auto"),
+        fell_back = c.post("/v1/chat/completions", json=both,
                            headers={"x-request-id": "had-a-429"})
-        clean = c.post("/v1/chat/completions", json=chat_body("auto"),
+        clean = c.post("/v1/chat/completions", json=both,
                        headers={"x-request-id": "all-good"})
         bad = c.post("/v1/chat/completions", json={"model": "auto"},
                      headers={"x-request-id": "bad-body"})
@@ -311,7 +315,7 @@ def test_log_events_failures_keeps_only_failing_requests_with_their_whole_trail(
     assert wait_until(lambda: any(e.get("request_id") == "bad-body" for e in log_events(gw)))
     events = log_events(gw)
     kinds = [e["event"] for e in events if e.get("request_id") == "had-a-429"]
-    assert kinds[:2] == ["request_start", "attempt_start"], kinds
+    assert kinds[:3] == ["request_start", "routed", "attempt_start"], kinds
     assert "attempt_failed" in kinds and "fallback" in kinds and kinds[-1] == "response", kinds
     assert not [e for e in events if e.get("request_id") == "all-good"]
 

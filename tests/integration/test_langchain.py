@@ -3,13 +3,18 @@
 from langchain_openai import ChatOpenAI
 
 
-def _llm(gw, **kw) -> ChatOpenAI:
-    return ChatOpenAI(base_url=f"{gw.url}/v1", api_key=gw.client_key, model="auto",
+# The tests that check what reached the provider name its model: which one `auto` picks is the
+# router's choice (and it learns from the shared gateway's earlier tests).
+GROQ_8B = "groq/llama-3.1-8b-instant"
+
+
+def _llm(gw, model: str = "auto", **kw) -> ChatOpenAI:
+    return ChatOpenAI(base_url=f"{gw.url}/v1", api_key=gw.client_key, model=model,
                       max_retries=0, timeout=30, **kw)
 
 
 def test_langchain_invoke(gw, shared):
-    msg = _llm(gw).invoke("hello from langchain")
+    msg = _llm(gw, GROQ_8B).invoke("hello from langchain")
     assert msg.content == "mock(groq): hello from langchain"
     meta = msg.response_metadata
     assert meta.get("finish_reason") == "stop"
@@ -21,7 +26,7 @@ def test_langchain_invoke(gw, shared):
 
 
 def test_langchain_stream(gw, shared):
-    chunks = list(_llm(gw, stream_usage=True).stream("streaming from langchain"))
+    chunks = list(_llm(gw, GROQ_8B, stream_usage=True).stream("streaming from langchain"))
     assert len(chunks) > 2
     text = "".join(c.content for c in chunks)
     assert text == "mock(groq): streaming from langchain"

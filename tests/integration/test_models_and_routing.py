@@ -58,17 +58,80 @@ def _raw(client, **kw):
     return client.chat.completions.with_raw_response.create(**kw)
 
 
-def test_auto_routes_to_groq_default_model(shared, client):
-    raw = _raw(client, model="auto", messages=[{"role": "user", "content": "route me please"}])
-    assert raw.headers["x-freerelay-provider"] == "groq"
-    assert raw.headers["x-freerelay-model"].endswith("llama-3.1-8b-instant")
-    r = raw.parse()
-    assert r.choices[0].message.content == "mock(groq): route me please"
-    [req] = shared.groq.requests()
-    assert req["method"] == "POST"
-    assert req["path"] == API_PATHS["groq"] + "/chat/completions"
-    assert req["body"]["model"] == "llama-3.1-8b-instant"
-    assert shared.gemini.requests() == [] and shared.openrouter.requests() == []
+def _route(gw, route_id: str) -> dict:
+    """The router's decision for a response (`x-freerelay-route-id`)."""
+    with gw.http() as c:
+        r = c.get(f"/v1/freerelay/routes/{route_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _ranked(rec: dict) -> list[dict]:
+    """The candidates handed to the gateway, in the order they are tried."""
+    return sorted((c for c in rec["candidates"] if c["rank"]), key=lambda c: c["rank"])
+
+
+def _assert_each_providers_best_first(rec: dict) -> None:
+    """`auto`'s plan (README, Routing, "The plan"): the tier the profile calls for first; within
+    a tier, each provider's best model (by utility) before any provider's second, the providers'
+    best in order of utility; at most two models per provider, eight in all. (No policy, sticky
+    model, breaker or budget here.)"""
+    kept = [c for c in rec["candidates"] if not c["excluded"]]
+    assert not any(c["held"] for c in kept), kept
+    need = rec["profile"]["tier"]["value"]
+    ranked = _ranked(rec)
+    assert 0 < len(ranked) <= 8, ranked
+    tiers = [c["tier"] for c in ranked]
+    assert tiers == sorted(tiers, key=lambda t: t != need), f"the {need} tier first: {tiers}"
+    for tier in (need, "paid" if need == "free" else "free"):
+        group = [c for c in ranked if c["tier"] == tier]
+        providers = {c["provider"] for c in kept if c["tier"] == tier}
+        seen: list[str] = []
+        for c in group:
+            if c["provider"] in seen:
+                assert set(seen) == providers, (
+                    f"{c['provider']}/{c['model']} (rank {c['rank']}) comes before the best of "
+                    f"{sorted(providers - set(seen))}")
+            else:
+                best = max(x["score"]["utility"] for x in kept
+                           if x["provider"] == c["provider"] and x["tier"] == tier)
+                assert c["score"]["utility"] == best, (c, best)
+                seen.append(c["provider"])
+        firsts = [c["score"]["utility"] for c in group[:len(providers)]]
+        assert firsts == sorted(firsts, reverse=True), group
+    for p in {c["provider"] for c in ranked}:
+        assert sum(c["provider"] == p for c in ranked) <= 2, (p, ranked)
+
+
+def test_auto_routes_a_simple_request_to_a_free_model(make_mock, make_gateway):
+    """`auto` weighs every model of every configured provider: a simple request goes to a free
+    model while free providers are configured, to a paid one when only paid providers are. The
+    answer comes from the model the router ranked first, over that provider's own API."""
+    free = {p: make_mock(p) for p in ("groq", "gemini")}
+    paid = {p: make_mock(p) for p in ("openai", "anthropic")}
+    for mocks, tier in (({**free, **paid}, "free"), (paid, "paid")):
+        for m in mocks.values():
+            m.reset()
+        gw = make_gateway(mocks)
+        client = gw.client()
+        listed = {m.id: m for m in client.models.list()}
+        raw = _raw(client, model="auto", messages=[{"role": "user", "content": "route me please"}])
+        provider, model = raw.headers["x-freerelay-provider"], raw.headers["x-freerelay-model"]
+        assert provider in mocks, provider
+        assert (listed[f"{provider}/{model}"].model_extra or {})["tier"] == tier, (provider, model)
+        assert raw.parse().choices[0].message.content == f"mock({provider}): route me please"
+        rec = _route(gw, raw.headers["x-freerelay-route-id"])
+        top = _ranked(rec)[0]
+        assert (top["provider"], top["model"], top["tier"]) == (provider, model, tier), top
+        _assert_each_providers_best_first(rec)
+        [req] = mocks[provider].requests()
+        assert req["method"] == "POST"
+        assert req["path"] == upstream_path(provider, model, API_PATHS[provider])
+        assert upstream_model(req) == model
+        assert upstream_auth(provider, req) == mocks[provider].key
+        for other, m in mocks.items():
+            if other != provider:
+                assert m.requests() == [], other
 
 
 @pytest.mark.parametrize("provider,model", [
@@ -118,8 +181,9 @@ def test_unroutable_model_is_404_model_not_found(shared, gw, client, model):
 
 
 def test_upstream_body_is_client_body_with_only_model_replaced(gw, shared):
+    # A named OpenAI-format model: the body passes through (Gemini's, say, would be translated).
     sent = {
-        "model": "auto",
+        "model": "groq/llama-3.1-8b-instant",
         "messages": [
             {"role": "system", "content": "You are terse."},
             {"role": "user", "content": [{"type": "text", "text": "part one"},
@@ -186,10 +250,12 @@ def test_multi_turn_tool_result_is_forwarded(shared, client):
 
 
 def test_all_providers_paths_and_auto_order(make_mock, make_gateway):
-    """All nine configured: each is called on its own API path, and `auto` walks them in order.
+    """All nine configured: `auto` ranks each provider's best model before any provider's second,
+    and its fallbacks reach every provider, each on its own API path and wire format.
 
-    Request k makes the provider `auto` picks first answer 429 (long Retry-After), so the next one
-    in the order answers it, and the 429'd one stays cooled down for the rest of the test.
+    Once a provider has answered, it answers 429 (long Retry-After) to everything: the next
+    request that tries it cools that model and moves on, so each request is answered by a
+    provider that has not answered yet, until all nine have.
     """
     from conftest import PROVIDERS
     order = ["groq", "gemini", "openrouter", "cerebras", "mistral", "nvidia", "together", "openai",
@@ -203,16 +269,31 @@ def test_all_providers_paths_and_auto_order(make_mock, make_gateway):
     for p in order:
         assert any(mid.startswith(p + "/") for mid in models), f"no {p} models listed"
 
-    for first, second in zip(order, order[1:]):
-        mocks[first].script({"kind": "status", "status": 429, "retry_after": "600"})
-        raw = client.chat.completions.with_raw_response.create(
-            model="auto", messages=[{"role": "user", "content": f"after {first}"}])
-        assert raw.headers["x-freerelay-provider"] == second, f"after {first} cooled down"
-        assert raw.parse().choices[0].message.content == f"mock({second}): after {first}"
-        [req] = mocks[second].requests()[-1:]
-        assert req["path"] == upstream_path(second, upstream_model(req), API_PATHS[second])
-        assert upstream_auth(second, req) == mocks[second].key
+    answered: list[str] = []
+    http = gw.http()
+    for k in range(len(order)):
+        raw = http.post("/v1/chat/completions", json=chat_body(content=f"request {k}"))
+        rec = _route(gw, raw.headers["x-freerelay-route-id"])
+        plan = [f"{c['provider']}/{c['model']}" for c in _ranked(rec)]
+        if k == 0:
+            _assert_each_providers_best_first(rec)
+            assert _ranked(rec)[0]["tier"] == "free", plan
+        assert raw.status_code == 200, (
+            f"with {answered} answering 429, `auto` answered {raw.status_code}: "
+            f"{raw.text[:300]}; plan: {plan}")
+        p, model = raw.headers["x-freerelay-provider"], raw.headers["x-freerelay-model"]
+        assert p not in answered, f"{p} answers 429 to everything, yet served request {k}"
+        assert raw.json()["choices"][0]["message"]["content"] == f"mock({p}): request {k}"
+        req = mocks[p].requests()[-1]
+        assert req["path"] == upstream_path(p, model, API_PATHS[p])
+        assert upstream_model(req) == model
+        assert upstream_auth(p, req) == mocks[p].key
+        answered.append(p)
+        mocks[p].rules({"behaviour": {"kind": "status", "status": 429, "retry_after": "600"}})
+    assert sorted(answered) == sorted(order)
 
     for p in order:
-        # groq was only 429'd, anthropic only answered; each one between answered, then was 429'd.
-        assert len(mocks[p].requests()) == (1 if p in ("groq", "anthropic") else 2), p
+        # Its first request was the one it answered; after that, each 429 cooled the model it
+        # was asked for, and a cooled model is not asked again.
+        after = [upstream_model(r) for r in mocks[p].requests()[1:]]
+        assert len(after) == len(set(after)), (p, after)

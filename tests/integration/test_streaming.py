@@ -25,8 +25,11 @@ def test_sdk_stream_text(shared, client):
 
 
 def test_raw_sse_framing(gw):
+    # Groq named: its OpenAI-format stream is relayed as is (which model `auto` picks is the
+    # router's choice, and Gemini's native stream is translated).
     with gw.http() as c:
-        r = c.post("/v1/chat/completions", json=chat_body(content="a b c", stream=True))
+        r = c.post("/v1/chat/completions",
+                   json=chat_body("groq/llama-3.1-8b-instant", content="a b c", stream=True))
     assert r.status_code == 200
     assert "text/event-stream" in r.headers["content-type"]
     assert r.headers["x-freerelay-provider"] == "groq"

@@ -24,6 +24,7 @@ GROQ_8B = "groq/llama-3.1-8b-instant"
 GROQ_8B_ID = "llama-3.1-8b-instant"
 CEREBRAS = "cerebras/gpt-oss-120b"
 GEMINI_FLASH = "gemini/gemini-2.5-flash"
+GEMINI_LITE = "gemini/gemini-3.1-flash-lite"
 GPT_4O = "openai/gpt-4o"          # paid: 2.50 / 10.0 USD per million tokens
 CLAUDE_HAIKU = "anthropic/claude-haiku-4-5"  # paid: 1.0 / 5.0
 
@@ -86,7 +87,9 @@ def test_two_runners_share_one_redis_database(make_mock, two_runners, redis_serv
 
 def test_rpm_is_shared_between_runners(make_mock, two_runners):
     """groq_rpm = 3 across both instances: four requests alternating between A and B, groq
-    sees three, the fourth is served by gemini (no instance sends more than the shared limit)."""
+    sees three, the fourth is served by gemini (no instance sends more than the shared limit).
+    The candidates are named (Groq's 8B, then Gemini): Groq limits per model, so under `auto`
+    its other models would serve the overflow."""
     for _ in range(2):
         minute = int(time.time() // 60)
         groq, gemini = make_mock("groq"), make_mock("gemini")
@@ -95,12 +98,14 @@ def test_rpm_is_shared_between_runners(make_mock, two_runners):
         served = []
         for i in range(6):
             gw = (a, b)[i % 2]
-            headers, text, _ = complete(gw.client(), model="auto", messages=user(f"rpm {i}"))
+            headers, text, _ = complete(gw.client(), model=GROQ_8B, extra_body={"models": [GEMINI_LITE]},
+                                        messages=user(f"rpm {i}"))
             served.append(headers["x-freerelay-provider"])
         if int(time.time() // 60) == minute:
             break
     assert len(groq.requests()) == 3, f"groq_rpm = 3 shared, groq saw {len(groq.requests())}: {served}"
     assert served[:3] == ["groq"] * 3 and served[3:] == ["gemini"] * 3, served
+    assert {upstream_model(r) for r in groq.requests()} == {GROQ_8B_ID}
     # Either runner's state shows the one shared count.
     for gw in (a, b):
         [rpm] = [q for q in quota_entries(gw.state(), "groq", "rpm")
