@@ -648,7 +648,25 @@ async fn chat(
         .filter(|c| c.prefill)
         .cloned()
         .collect();
+    let walk = Walk {
+        config,
+        store: store.as_ref(),
+        snap: &snap,
+        tenant,
+        request: &request,
+        decision: &decision,
+        class,
+        cache_key: cache_key.as_ref(),
+        cache_header: &cache_header,
+        rescue_on,
+        rescue_candidates: &rescue_candidates,
+        prompt_tokens: estimated_tokens,
+    };
     let mut attempts = Attempts::with_policy(plan, policy).with_class(class);
+    // A policy's `hedge on`: the first attempt sent goes to two candidates at once.
+    let mut hedge = decision.hedge;
+    // Both hedged attempts failed (both models are avoided for the rest of the request).
+    let mut lost_hedge = false;
     loop {
         // `start_ops` (the attempt's counter) are written once the request is on its way.
         let (attempt, candidate, key_id, start_ops) = match attempts.next_step() {
@@ -669,7 +687,9 @@ async fn chat(
                 ops,
                 event,
             } => {
-                if delay_ms > 0 {
+                // After a lost hedge, a back-off is for retrying a model now avoided.
+                let after_hedge = std::mem::take(&mut lost_hedge);
+                if delay_ms > 0 && !after_hedge {
                     // Logged before the wait, so the trail shows why the request paused.
                     ctx.flush();
                     outbound::sleep(delay_ms).await;
@@ -678,394 +698,776 @@ async fn chat(
                 (attempt, candidate, key, ops)
             }
         };
-        let found = config
-            .provider(&candidate.provider)
-            .and_then(|c| Some((c, c.key(&key_id)?)));
-        let Some((configured, key)) = found else {
-            // Plans are made from this configuration; a mismatch is a bug, not the client's.
-            return ctx
-                .error(
-                    out,
-                    &ApiError::internal("The routing plan names an unknown provider or key."),
-                )
-                .await;
+        let (launch, held) = match prepare(
+            ctx,
+            &walk,
+            &mut attempts,
+            attempt,
+            candidate,
+            key_id,
+            start_ops,
+        ) {
+            Prepared::Ready(launch, held) => (launch, held),
+            Prepared::Skipped => continue,
+            Prepared::Broken(e) => return ctx.error(out, &e).await,
         };
-        let target = configured.target(&candidate.model);
-        let adapter = adapter::for_wire(target.provider.wire);
-        // The context optimizer: cut to this model's window, shaped for it.
-        let prepared = match brain::prepare(&request, &configured.model_info(&candidate.model)) {
-            Ok((prepared, notes)) => {
-                if !notes.is_empty() {
-                    ctx.log(&Event::Context {
-                        provider: candidate.provider.clone(),
-                        model: candidate.model.clone(),
-                        notes,
-                    });
-                }
-                prepared
-            }
-            Err(failure) => {
-                ctx.note(|o| {
-                    o.trail.push(format!(
-                        "{}/{}: {}",
-                        candidate.provider, candidate.model, failure.error.message
-                    ))
-                });
-                let decided = attempts.failed(&candidate, &key_id, failure, None, 0);
-                ctx.apply(store.as_ref(), &decided.ops);
-                decided.events.iter().for_each(|e| ctx.log(e));
-                continue;
-            }
-        };
-        let attempt_request = prepared.as_ref().unwrap_or(&request);
-        let reply_ctx = ReplyCtx {
-            id: format!("chatcmpl-{}", ctx.id.trim_start_matches("fr-")),
-            created: now_ms() / 1000,
-            model: candidate.model.clone(),
-            client_usage: request.include_usage,
-            price: configured.price(&candidate.model),
-            continuation: false,
-            // Kept when a broken stream could be continued with it, or cached.
-            collect_text: request.stream
-                && ((rescue_on && !rescue_candidates.is_empty()) || cache_key.is_some()),
-        };
-        // The quota is reserved right before sending: never more than a key's limit reaches
-        // the provider in a window, however many instances race for it.
-        let quota = route::quota_ref(config, &candidate, &key_id);
-        if let (Some(store), Some(q)) = (store.as_ref(), quota.as_ref()) {
-            match quota::admit_minute(store, q, config.share(class), now_ms()) {
-                Ok(quota::Verdict::Open) | Ok(quota::Verdict::TooLarge { .. }) => {}
-                Ok(
-                    verdict @ (quota::Verdict::Exhausted { kind, until_ms }
-                    | quota::Verdict::ShareSpent { kind, until_ms }),
-                ) => {
-                    let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
-                    let whose = match verdict {
-                        quota::Verdict::ShareSpent { .. } => "the background share of this key's",
-                        _ => "this key's",
-                    };
-                    let failure = Failure {
-                        error: ApiError::rate_limited(
-                            format!(
-                                "Provider `{}`: {whose} {} quota is spent until its window \
-                                 ends.",
-                                candidate.provider,
-                                kind.as_str()
-                            ),
-                            Some(secs),
-                        ),
-                        retryable: true,
-                        cooldown: verdict.cooldown(),
-                        cause: upstream::Cause::RateLimited,
-                    };
-                    let decided = attempts.failed(&candidate, &key_id, failure, None, 0);
-                    ctx.apply(Some(store), &decided.ops);
-                    decided.events.iter().for_each(|e| ctx.log(e));
-                    continue;
-                }
-                Err(e) => ctx.log(&Event::StateWriteFailed {
-                    key: q.key(quota::Kind::Rpm),
-                    error: e.to_string(),
-                }),
-            }
-        }
-        // The breaker's probe and the provider's AIMD admission, right before sending.
-        let held = match store.as_ref() {
-            Some(s) => match edge::gate(s, &snap, &candidate, attempts.others_left(), now_ms()) {
-                Ok(edge::Gate::Go { probe, lease }) => Held { probe, lease },
-                Ok(edge::Gate::Pass(passed)) => {
-                    let (event, why) = *passed;
-                    ctx.log(&event);
-                    attempts.pass(why);
-                    continue;
-                }
-                Err(e) => {
-                    ctx.log(&Event::StateWriteFailed {
-                        key: freerelay::kv::keys::aimd_window(&candidate.provider),
-                        error: e.to_string(),
-                    });
-                    Held::default()
-                }
-            },
-            None => Held::default(),
+        let partner = if std::mem::take(&mut hedge) {
+            hedge_partner(ctx, &walk, &mut attempts, &launch)
+        } else {
+            None
         };
         // What happened so far is on stderr before the upstream is waited for.
         ctx.flush();
-        // Bookkeeping that need not precede the request runs while it is in flight: the
-        // attempt's counter and the quota's per-day count.
-        let in_flight = || {
-            ctx.apply(store.as_ref(), &start_ops);
-            if let (Some(store), Some(q)) = (store.as_ref(), quota.as_ref()) {
-                if let Err(e) = quota::count_in_flight(store, q, now_ms()) {
-                    ctx.log(&Event::StateWriteFailed {
-                        key: q.key(quota::Kind::Rpd),
-                        error: e.to_string(),
-                    });
+        let Some(partner) = partner else {
+            let ran = run(ctx, &walk, &launch).await;
+            match ran.result {
+                Ok(good) => {
+                    return deliver(ctx, &walk, out, &attempts, &launch, held, good, ran.ms, 0)
+                        .await
+                }
+                Err((failure, status)) => {
+                    let (sent, ms) = (ran.sent, ran.ms);
+                    let a = &mut attempts;
+                    record_failure(ctx, &walk, a, &launch, held, failure, status, sent, ms);
+                    continue;
                 }
             }
         };
-        let sent = Instant::now();
-        let mut not_sent = false;
-        let outcome = match adapter.request(&target, attempt_request) {
-            // This wire format cannot carry what the client asked; another candidate may.
-            Err(error) => {
-                not_sent = true;
-                Err((
-                    Failure {
-                        error,
-                        retryable: true,
-                        cooldown: None,
-                        cause: upstream::Cause::Unsupported,
-                    },
-                    None,
-                ))
-            }
-            // The first-token deadline covers the head too.
-            Ok(up) if request.stream => {
-                let head_ms = config
-                    .timeouts
-                    .first_byte_ms
-                    .min(config.first_token_timeout_ms);
-                send(adapter, &target, key, up, config, Some(head_ms), in_flight)
-                    .await
-                    .map(Answered::Stream)
-            }
-            Ok(up) => {
-                let deadline = config.timeouts.total_ms;
-                let attempt_answer =
-                    answer(adapter, &target, key, up, config, &reply_ctx, in_flight);
-                match outbound::within(deadline, attempt_answer).await {
-                    Some(r) => r,
-                    None => Err((
-                        upstream::broken_answer(
-                            target.provider.id,
-                            &format!("no complete answer within {deadline} ms"),
-                            true,
-                        ),
-                        None,
-                    )),
-                }
-            }
-        };
-        let ttfb_ms = sent.elapsed().as_millis() as u64;
-        match outcome {
-            Ok(Answered::Stream(response)) => {
-                ctx.log(&Event::AttemptAnswered {
-                    attempt,
+        match race(ctx, &walk, &mut attempts, (launch, held), partner).await {
+            Raced::Won {
+                launch,
+                held,
+                good,
+                ms,
+                extra,
+            } => return deliver(ctx, &walk, out, &attempts, &launch, held, good, ms, extra).await,
+            Raced::Lost => lost_hedge = true,
+        }
+    }
+}
+
+/// What every attempt of one chat request shares.
+struct Walk<'a> {
+    config: &'a Config,
+    store: Option<&'a kv::SpinKv>,
+    snap: &'a Snapshot,
+    tenant: &'a Tenant,
+    /// The client's request, the policy's temperature cap applied.
+    request: &'a ChatRequest,
+    decision: &'a freerelay::router::Decision,
+    class: quota::Class,
+    /// Set when the answer is to be cached.
+    cache_key: Option<&'a cache::Key<'a>>,
+    /// Headers every answer adds (`x-freerelay-cache: miss`).
+    cache_header: &'a [(&'static str, String)],
+    /// `x-freerelay-rescue` is not `off`.
+    rescue_on: bool,
+    /// The plan's models that accept a prefill (a broken stream may be continued on them).
+    rescue_candidates: &'a [Candidate],
+    /// The prompt's tokens, estimated from the body's size: what a cancelled attempt is charged.
+    prompt_tokens: u64,
+}
+
+/// An attempt ready to send: its candidate and key, the request as fitted to its model, and how
+/// its answer is translated. What it holds (a breaker probe, an AIMD lease) is kept beside it, in
+/// a [`Held`], so that it can be settled while the attempt's future still borrows this.
+struct Launch<'a> {
+    attempt: u32,
+    candidate: Candidate,
+    key_id: String,
+    configured: &'a config::Configured,
+    key: &'a ApiKey,
+    /// The request cut or shaped for this model (`None`: the client's, unchanged).
+    prepared: Option<ChatRequest>,
+    reply: ReplyCtx,
+    /// The attempt's counter, written once the request is on its way.
+    start_ops: Vec<KvOp>,
+    /// The request was handed to the host: the provider may bill it even if it is cancelled.
+    launched: std::cell::Cell<bool>,
+}
+
+impl Launch<'_> {
+    fn target(&self) -> Target<'_> {
+        self.configured.target(&self.candidate.model)
+    }
+
+    fn name(&self) -> String {
+        format!("{}/{}", self.candidate.provider, self.candidate.model)
+    }
+}
+
+/// What preparing an attempt came to.
+enum Prepared<'a> {
+    Ready(Box<Launch<'a>>, Held),
+    /// It is not sent (recorded in the walk, which goes on).
+    Skipped,
+    /// The plan names a provider or key the configuration does not have.
+    Broken(ApiError),
+}
+
+/// Everything before an attempt is sent, in order: its provider and key, the request fitted to
+/// its model's window, its key's quota for this minute (reserved right before sending: never
+/// more than a key's limit reaches the provider in a window, however many instances race for
+/// it), then its breaker's probe and its provider's AIMD admission.
+fn prepare<'a>(
+    ctx: &Ctx,
+    walk: &Walk<'a>,
+    attempts: &mut Attempts,
+    attempt: u32,
+    candidate: Candidate,
+    key_id: String,
+    start_ops: Vec<KvOp>,
+) -> Prepared<'a> {
+    let (config, store, request) = (walk.config, walk.store, walk.request);
+    let found = config
+        .provider(&candidate.provider)
+        .and_then(|c| Some((c, c.key(&key_id)?)));
+    let Some((configured, key)) = found else {
+        // Plans are made from this configuration; a mismatch is a bug, not the client's.
+        return Prepared::Broken(ApiError::internal(
+            "The routing plan names an unknown provider or key.",
+        ));
+    };
+    // The context optimizer: cut to this model's window, shaped for it.
+    let prepared = match brain::prepare(request, &configured.model_info(&candidate.model)) {
+        Ok((prepared, notes)) => {
+            if !notes.is_empty() {
+                ctx.log(&Event::Context {
                     provider: candidate.provider.clone(),
                     model: candidate.model.clone(),
-                    upstream_status: response.status(),
-                    ttfb_ms,
-                    stream: true,
+                    notes,
                 });
+            }
+            prepared
+        }
+        Err(failure) => {
+            ctx.note(|o| {
+                o.trail.push(format!(
+                    "{}/{}: {}",
+                    candidate.provider, candidate.model, failure.error.message
+                ))
+            });
+            let decided = attempts.failed(&candidate, &key_id, failure, None, 0);
+            ctx.apply(store, &decided.ops);
+            decided.events.iter().for_each(|e| ctx.log(e));
+            return Prepared::Skipped;
+        }
+    };
+    let reply = ReplyCtx {
+        id: format!("chatcmpl-{}", ctx.id.trim_start_matches("fr-")),
+        created: now_ms() / 1000,
+        model: candidate.model.clone(),
+        client_usage: request.include_usage,
+        price: configured.price(&candidate.model),
+        continuation: false,
+        // Kept when a broken stream could be continued with it, or cached.
+        collect_text: request.stream
+            && ((walk.rescue_on && !walk.rescue_candidates.is_empty()) || walk.cache_key.is_some()),
+    };
+    let quota = route::quota_ref(config, &candidate, &key_id);
+    if let (Some(store), Some(q)) = (store, quota.as_ref()) {
+        match quota::admit_minute(store, q, config.share(walk.class), now_ms()) {
+            Ok(quota::Verdict::Open) | Ok(quota::Verdict::TooLarge { .. }) => {}
+            Ok(
+                verdict @ (quota::Verdict::Exhausted { kind, until_ms }
+                | quota::Verdict::ShareSpent { kind, until_ms }),
+            ) => {
+                let secs = until_ms.saturating_sub(now_ms()).div_ceil(1000).max(1);
+                let whose = match verdict {
+                    quota::Verdict::ShareSpent { .. } => "the background share of this key's",
+                    _ => "this key's",
+                };
+                let failure = Failure {
+                    error: ApiError::rate_limited(
+                        format!(
+                            "Provider `{}`: {whose} {} quota is spent until its window ends.",
+                            candidate.provider,
+                            kind.as_str()
+                        ),
+                        Some(secs),
+                    ),
+                    retryable: true,
+                    cooldown: verdict.cooldown(),
+                    cause: upstream::Cause::RateLimited,
+                };
+                let decided = attempts.failed(&candidate, &key_id, failure, None, 0);
+                ctx.apply(Some(store), &decided.ops);
+                decided.events.iter().for_each(|e| ctx.log(e));
+                return Prepared::Skipped;
+            }
+            Err(e) => ctx.log(&Event::StateWriteFailed {
+                key: q.key(quota::Kind::Rpm),
+                error: e.to_string(),
+            }),
+        }
+    }
+    // The breaker's probe and the provider's AIMD admission, right before sending.
+    let held = match store {
+        Some(s) => match edge::gate(s, walk.snap, &candidate, attempts.others_left(), now_ms()) {
+            Ok(edge::Gate::Go { probe, lease }) => Held { probe, lease },
+            Ok(edge::Gate::Pass(passed)) => {
+                let (event, why) = *passed;
+                ctx.log(&event);
+                attempts.pass(why);
+                return Prepared::Skipped;
+            }
+            Err(e) => {
+                ctx.log(&Event::StateWriteFailed {
+                    key: freerelay::kv::keys::aimd_window(&candidate.provider),
+                    error: e.to_string(),
+                });
+                Held::default()
+            }
+        },
+        None => Held::default(),
+    };
+    let launch = Launch {
+        attempt,
+        candidate,
+        key_id,
+        configured,
+        key,
+        prepared,
+        reply,
+        start_ops,
+        launched: Default::default(),
+    };
+    Prepared::Ready(Box::new(launch), held)
+}
+
+/// A good answer: a stream whose first event arrived healthy, or a whole JSON answer that
+/// parsed.
+enum Good {
+    Stream(Primed),
+    Json(adapter::Answer),
+}
+
+/// How an attempt went, `ms` after it was sent; `sent`: it reached the provider.
+struct Ran {
+    result: Result<Good, Failed>,
+    sent: bool,
+    ms: u64,
+}
+
+/// Sends a prepared attempt and waits for its good answer or its failure. Dropping this future
+/// cancels the attempt: wasi:http drops the request with its future-incoming-response, or the
+/// connection with its incoming body (every pollable is dropped before its parent resource:
+/// see [`outbound::post`] and [`prime`]).
+async fn run(ctx: &Ctx, walk: &Walk<'_>, l: &Launch<'_>) -> Ran {
+    let config = walk.config;
+    let target = l.target();
+    let adapter = adapter::for_wire(target.provider.wire);
+    let quota = route::quota_ref(config, &l.candidate, &l.key_id);
+    // Bookkeeping that need not precede the request runs while it is in flight: the attempt's
+    // counter and the quota's per-day count.
+    let in_flight = || {
+        l.launched.set(true);
+        ctx.apply(walk.store, &l.start_ops);
+        if let (Some(store), Some(q)) = (walk.store, quota.as_ref()) {
+            if let Err(e) = quota::count_in_flight(store, q, now_ms()) {
+                ctx.log(&Event::StateWriteFailed {
+                    key: q.key(quota::Kind::Rpd),
+                    error: e.to_string(),
+                });
+            }
+        }
+    };
+    let sent = Instant::now();
+    let elapsed = || sent.elapsed().as_millis() as u64;
+    let log_answered = |status: u16, stream: bool| {
+        ctx.log(&Event::AttemptAnswered {
+            attempt: l.attempt,
+            provider: l.candidate.provider.clone(),
+            model: l.candidate.model.clone(),
+            upstream_status: status,
+            ttfb_ms: elapsed(),
+            stream,
+        })
+    };
+    let up = match adapter.request(&target, l.prepared.as_ref().unwrap_or(walk.request)) {
+        Ok(up) => up,
+        // This wire format cannot carry what the client asked; another candidate may.
+        Err(error) => {
+            let failure = Failure {
+                error,
+                retryable: true,
+                cooldown: None,
+                cause: upstream::Cause::Unsupported,
+            };
+            return Ran {
+                result: Err((failure, None)),
+                sent: false,
+                ms: elapsed(),
+            };
+        }
+    };
+    let result = if walk.request.stream {
+        // The first-token deadline covers the head too.
+        let head_ms = config
+            .timeouts
+            .first_byte_ms
+            .min(config.first_token_timeout_ms);
+        match send(
+            adapter,
+            &target,
+            l.key,
+            up,
+            config,
+            Some(head_ms),
+            in_flight,
+        )
+        .await
+        {
+            Ok(response) => {
                 let status = response.status();
-                let translator = adapter.stream(reply_ctx.clone());
+                log_answered(status, true);
                 // Nothing is committed to the client until the first event arrives: a silent
                 // upstream, or one that fails or errors before its answer, is another attempt.
                 // What is left of the first-token deadline after the head:
                 let left = config
                     .first_token_timeout_ms
-                    .saturating_sub(sent.elapsed().as_millis() as u64)
+                    .saturating_sub(elapsed())
                     .max(1);
-                match prime(response, translator, left, &candidate).await {
-                    Ok(primed) => {
-                        // The lease lasts the stream; its end tells the breaker.
-                        let probe = held.probe;
-                        let lease =
-                            answered(ctx, store.as_ref(), config, &snap, &candidate, held, true);
-                        // Rescue candidates: the models that accept a prefill, this one first.
-                        let mut candidates: Vec<Candidate> = rescue_candidates
-                            .iter()
-                            .filter(|c| {
-                                c.provider == candidate.provider && c.model == candidate.model
-                            })
-                            .cloned()
-                            .collect();
-                        candidates.extend(
-                            rescue_candidates
-                                .iter()
-                                .filter(|c| {
-                                    !(c.provider == candidate.provider
-                                        && c.model == candidate.model)
-                                })
-                                .cloned(),
-                        );
-                        let rescue = Rescue {
-                            config,
-                            request: &request,
-                            attempts_left: config.max_attempts.saturating_sub(attempts.count()),
-                            next_attempt: attempts.count() + 1,
-                            enabled: rescue_on && !candidates.is_empty(),
-                            candidates,
-                            class,
-                        };
-                        let first = Segment {
-                            primed,
-                            candidate: candidate.clone(),
-                            key: key_id.clone(),
-                            reply: reply_ctx.clone(),
-                            lease,
-                            probe,
-                        };
-                        let edge = Edge {
-                            config,
-                            snap: &snap,
-                            tenant,
-                            cache: cache_key.as_ref(),
-                            head: &cache_header,
-                            decision: &decision,
-                        };
-                        return relay_stream(
-                            ctx,
-                            first,
-                            out,
-                            attempts.count(),
-                            store.as_ref(),
-                            rescue,
-                            edge,
-                        )
-                        .await;
-                    }
-                    Err(failure) => {
-                        failed(
-                            ctx,
-                            store.as_ref(),
-                            config,
-                            &snap,
-                            &mut attempts,
-                            &candidate,
-                            held,
-                            &failure,
-                            true,
-                        );
-                        let ms = sent.elapsed().as_millis() as u64;
-                        if breaker::is_failure(&failure.cause) {
-                            learned(ctx, store.as_ref(), &decision, &candidate, false, 0.0, ms);
-                        }
-                        ctx.note(|o| {
-                            o.trail.push(format!(
-                                "{}/{}: {}",
-                                candidate.provider, candidate.model, failure.error.message
-                            ))
-                        });
-                        let decided =
-                            attempts.failed(&candidate, &key_id, failure, Some(status), ms);
-                        ctx.apply(store.as_ref(), &decided.ops);
-                        decided.events.iter().for_each(|e| ctx.log(e));
-                    }
+                let translator = adapter.stream(l.reply.clone());
+                match prime(response, translator, left, &l.candidate).await {
+                    Ok(primed) => Ok(Good::Stream(primed)),
+                    Err(failure) => Err((failure, Some(status))),
                 }
             }
-            Ok(Answered::Json(status, answer)) => {
-                ctx.log(&Event::AttemptAnswered {
-                    attempt,
-                    provider: candidate.provider.clone(),
-                    model: candidate.model.clone(),
-                    upstream_status: status,
-                    ttfb_ms,
-                    stream: false,
-                });
-                let micro = answer.usage.and_then(|u| {
-                    budget::micro_usd(reply_ctx.price, u.prompt_tokens, u.completion_tokens)
-                });
-                let cost = micro.map(|m| m as f64 / 1e6);
-                ctx.log(&Event::Answer {
-                    provider: candidate.provider.clone(),
-                    model: candidate.model.clone(),
-                    finish_reason: answer.finish_reason.clone(),
-                    prompt_tokens: answer.usage.map(|u| u.prompt_tokens),
-                    completion_tokens: answer.usage.map(|u| u.completion_tokens),
-                    cost_usd: cost,
-                });
-                let usage = answer.usage;
-                let cached = cache_key.as_ref().and_then(|_| {
-                    cache::Answer::from_completion(&answer.body, &candidate.provider)
-                });
-                let quality = brain::quality_of_json(&answer.body, &decision);
-                ctx.note(|o| {
-                    o.provider = Some(candidate.provider.clone());
-                    o.model = Some(candidate.model.clone());
-                    o.attempts = attempts.count();
-                    o.cost_usd = micro.map(budget::format_usd);
-                });
-                let mut reply =
-                    Reply::json(200, answer.body).answered_by(&candidate, attempts.count(), micro);
-                for (k, v) in &cache_header {
-                    reply = reply.with_header(k, v.clone());
-                }
-                ctx.reply(out, reply).await;
-                // The answer has left: its bookkeeping no longer delays it.
-                answered(ctx, store.as_ref(), config, &snap, &candidate, held, false);
-                learned(
-                    ctx,
-                    store.as_ref(),
-                    &decision,
-                    &candidate,
+            Err(failed) => Err(failed),
+        }
+    } else {
+        let deadline = config.timeouts.total_ms;
+        let attempt_answer = answer(adapter, &target, l.key, up, config, &l.reply, in_flight);
+        match outbound::within(deadline, attempt_answer).await {
+            Some(Ok((status, a))) => {
+                log_answered(status, false);
+                Ok(Good::Json(a))
+            }
+            Some(Err(failed)) => Err(failed),
+            None => Err((
+                upstream::broken_answer(
+                    target.provider.id,
+                    &format!("no complete answer within {deadline} ms"),
                     true,
-                    quality,
-                    ttfb_ms,
-                );
-                stick(ctx, store.as_ref(), config, &decision, &candidate);
-                if let (Some(key), Some(a)) = (&cache_key, cached) {
-                    cache_store(ctx, store.as_ref(), key, &a, &cache_policy);
-                }
-                // Counted right after the answer left: the component runs on after its response
-                // is finished (under Spin as under the runner), so the client does not wait for
-                // these writes and leaving cannot cancel them.
-                if let Some(u) = usage {
-                    ctx.apply(store.as_ref(), &Attempts::usage(&candidate, u));
-                    count_tokens(ctx, store.as_ref(), quota.as_ref(), u);
-                }
-                record_spend(ctx, store.as_ref(), config, &snap, tenant, micro);
-                return;
-            }
-            Err((failure, upstream_status)) => {
-                let sent = !not_sent;
-                failed(
-                    ctx,
-                    store.as_ref(),
-                    config,
-                    &snap,
-                    &mut attempts,
-                    &candidate,
-                    held,
-                    &failure,
-                    sent,
-                );
-                if sent && breaker::is_failure(&failure.cause) {
-                    learned(
-                        ctx,
-                        store.as_ref(),
-                        &decision,
-                        &candidate,
-                        false,
-                        0.0,
-                        ttfb_ms,
-                    );
-                }
-                ctx.note(|o| {
-                    o.trail.push(format!(
-                        "{}/{}: {}",
-                        candidate.provider, candidate.model, failure.error.message
-                    ))
-                });
-                let decided =
-                    attempts.failed(&candidate, &key_id, failure, upstream_status, ttfb_ms);
-                ctx.apply(store.as_ref(), &decided.ops);
-                decided.events.iter().for_each(|e| ctx.log(e));
-            }
+                ),
+                None,
+            )),
+        }
+    };
+    Ran {
+        result,
+        sent: true,
+        ms: elapsed(),
+    }
+}
+
+/// An attempt failed before any byte reached the client: its breaker and AIMD window
+/// ([`failed`]), what the router learns, the audit's trail, and where the walk goes next.
+#[allow(clippy::too_many_arguments)]
+fn record_failure(
+    ctx: &Ctx,
+    walk: &Walk<'_>,
+    attempts: &mut Attempts,
+    l: &Launch<'_>,
+    held: Held,
+    failure: Failure,
+    upstream_status: Option<u16>,
+    sent: bool,
+    ms: u64,
+) {
+    let (store, c) = (walk.store, &l.candidate);
+    failed(
+        ctx,
+        store,
+        walk.config,
+        walk.snap,
+        attempts,
+        c,
+        held,
+        &failure,
+        sent,
+    );
+    if sent && breaker::is_failure(&failure.cause) {
+        learned(ctx, store, walk.decision, c, false, 0.0, ms);
+    }
+    ctx.note(|o| {
+        o.trail.push(format!(
+            "{}/{}: {}",
+            c.provider, c.model, failure.error.message
+        ))
+    });
+    let mut decided = attempts.failed(c, &l.key_id, failure, upstream_status, ms);
+    ctx.apply(store, &decided.ops);
+    for e in &mut decided.events {
+        // The walk numbers a failure as its latest attempt; a hedge's other one has its own.
+        if let Event::AttemptFailed { attempt, .. } = e {
+            *attempt = l.attempt;
+        }
+        ctx.log(e);
+    }
+}
+
+/// Serves a good answer: a whole JSON answer at once, or the primed stream relayed. `extra`:
+/// what a cancelled hedge cost (already recorded), shown in the answer's cost with its own.
+#[allow(clippy::too_many_arguments)]
+async fn deliver(
+    ctx: &Ctx,
+    walk: &Walk<'_>,
+    out: ResponseOutparam,
+    attempts: &Attempts,
+    l: &Launch<'_>,
+    held: Held,
+    good: Good,
+    ms: u64,
+    extra: u64,
+) {
+    let (config, store, decision, candidate) =
+        (walk.config, walk.store, walk.decision, &l.candidate);
+    let answer = match good {
+        Good::Json(answer) => answer,
+        Good::Stream(primed) => {
+            // The lease lasts the stream; its end tells the breaker.
+            let probe = held.probe;
+            let lease = answered(ctx, store, config, walk.snap, candidate, held, true);
+            // Rescue candidates: the models that accept a prefill, this one first.
+            let same =
+                |c: &&Candidate| c.provider == candidate.provider && c.model == candidate.model;
+            let candidates: Vec<Candidate> = walk
+                .rescue_candidates
+                .iter()
+                .filter(same)
+                .chain(walk.rescue_candidates.iter().filter(|c| !same(c)))
+                .cloned()
+                .collect();
+            let rescue = Rescue {
+                config,
+                request: walk.request,
+                attempts_left: config.max_attempts.saturating_sub(attempts.count()),
+                next_attempt: attempts.count() + 1,
+                enabled: walk.rescue_on && !candidates.is_empty(),
+                candidates,
+                class: walk.class,
+            };
+            let first = Segment {
+                primed,
+                candidate: candidate.clone(),
+                key: l.key_id.clone(),
+                reply: l.reply.clone(),
+                lease,
+                probe,
+            };
+            let edge = Edge {
+                config,
+                snap: walk.snap,
+                tenant: walk.tenant,
+                cache: walk.cache_key,
+                head: walk.cache_header,
+                decision,
+                extra,
+            };
+            return relay_stream(ctx, first, out, attempts.count(), store, rescue, edge).await;
+        }
+    };
+    let micro = answer
+        .usage
+        .and_then(|u| budget::micro_usd(l.reply.price, u.prompt_tokens, u.completion_tokens));
+    ctx.log(&Event::Answer {
+        provider: candidate.provider.clone(),
+        model: candidate.model.clone(),
+        finish_reason: answer.finish_reason.clone(),
+        prompt_tokens: answer.usage.map(|u| u.prompt_tokens),
+        completion_tokens: answer.usage.map(|u| u.completion_tokens),
+        cost_usd: micro.map(|m| m as f64 / 1e6),
+    });
+    let shown = with_extra(micro, extra);
+    let usage = answer.usage;
+    let cached = walk
+        .cache_key
+        .and_then(|_| cache::Answer::from_completion(&answer.body, &candidate.provider));
+    let quality = brain::quality_of_json(&answer.body, decision);
+    ctx.note(|o| {
+        o.provider = Some(candidate.provider.clone());
+        o.model = Some(candidate.model.clone());
+        o.attempts = attempts.count();
+        o.cost_usd = shown.map(budget::format_usd);
+    });
+    let body = add_cost_to_json(answer.body, extra);
+    let mut reply = Reply::json(200, body).answered_by(candidate, attempts.count(), shown);
+    for (k, v) in walk.cache_header {
+        reply = reply.with_header(k, v.clone());
+    }
+    ctx.reply(out, reply).await;
+    // The answer has left: its bookkeeping no longer delays it.
+    answered(ctx, store, config, walk.snap, candidate, held, false);
+    learned(ctx, store, decision, candidate, true, quality, ms);
+    stick(ctx, store, config, decision, candidate);
+    if let (Some(key), Some(a)) = (walk.cache_key, cached) {
+        cache_store(ctx, store, key, &a, &config.edge.cache);
+    }
+    // Counted right after the answer left: the component runs on after its response is
+    // finished (under Spin as under the runner), so the client does not wait for these writes
+    // and leaving cannot cancel them.
+    if let Some(u) = usage {
+        ctx.apply(store, &Attempts::usage(candidate, u));
+        let quota = route::quota_ref(config, candidate, &l.key_id);
+        count_tokens(ctx, store, quota.as_ref(), u);
+    }
+    record_spend(ctx, store, config, walk.snap, walk.tenant, micro);
+}
+
+/// The hedge's second attempt, alongside `first`: the next candidate in the plan (another
+/// provider-model: `first`'s model is avoided for the rest of the request, raced rather than
+/// retried), prepared like any attempt. `None` when there is none or the attempt budget has no
+/// room (the walk is then as it was), or when it cannot be sent now (its skip is recorded like
+/// any).
+fn hedge_partner<'a>(
+    ctx: &Ctx,
+    walk: &Walk<'a>,
+    attempts: &mut Attempts,
+    first: &Launch<'_>,
+) -> Option<(Box<Launch<'a>>, Held)> {
+    let before = attempts.clone();
+    attempts.avoid(&first.candidate.provider, &first.candidate.model);
+    let step = attempts.others_left().then(|| attempts.next_step());
+    let Some(Next::Try {
+        attempt,
+        candidate,
+        key,
+        ops,
+        event,
+        ..
+    }) = step
+    else {
+        *attempts = before;
+        return None;
+    };
+    ctx.log(&event);
+    match prepare(ctx, walk, attempts, attempt, candidate, key, ops) {
+        Prepared::Ready(launch, held) => Some((launch, held)),
+        Prepared::Skipped => None,
+        Prepared::Broken(_) => {
+            *attempts = before;
+            None
         }
     }
 }
 
-/// A 2xx upstream answer: a stream's head (its body still to relay) or a whole JSON answer.
-enum Answered {
-    Stream(IncomingResponse),
-    Json(u16, adapter::Answer),
+/// How a hedged attempt ended.
+enum Raced<'a> {
+    /// One answered well; `extra` is what the other cost (recorded already) when it was
+    /// cancelled rather than failed.
+    Won {
+        launch: Box<Launch<'a>>,
+        held: Held,
+        good: Good,
+        ms: u64,
+        extra: u64,
+    },
+    /// Both failed: each failure is recorded, and both models are avoided from now on.
+    Lost,
+}
+
+/// Sends two attempts at once and keeps the first good answer ([`Good`]: for a stream, the first
+/// whose first event arrived healthy; for JSON, the first whole answer that parsed). The other is
+/// cancelled by dropping its future. When the first to finish failed, the other is waited for.
+async fn race<'a>(
+    ctx: &Ctx,
+    walk: &Walk<'a>,
+    attempts: &mut Attempts,
+    a: (Box<Launch<'a>>, Held),
+    b: (Box<Launch<'a>>, Held),
+) -> Raced<'a> {
+    use futures::future::{select, Either};
+    use futures::FutureExt;
+    ctx.note(|o| o.hedged = true);
+    let launches = [a.0, b.0];
+    let mut held = [Some(a.1), Some(b.1)];
+    type Run<'r> = std::pin::Pin<Box<dyn std::future::Future<Output = Ran> + 'r>>;
+    let run_a: Run = Box::pin(run(ctx, walk, &launches[0]));
+    let run_b: Run = Box::pin(run(ctx, walk, &launches[1]));
+    let (first, ran, other) = match select(run_a, run_b).await {
+        Either::Left((ran, other)) => (0, ran, other),
+        Either::Right((ran, other)) => (1, ran, other),
+    };
+    // `late`: `None` when the other failed first, else what one last poll of it found before
+    // it is dropped (an answer complete by then is kept for its usage: what its provider bills).
+    let (winner, good, ms, late) = match ran.result {
+        Ok(good) => (first, good, ran.ms, Some(other.now_or_never())),
+        Err(failed) => {
+            let l = &launches[first];
+            let h = held[first].take().unwrap_or_default();
+            hedge_failed(ctx, walk, attempts, l, h, failed, ran.sent, ran.ms);
+            let ran = other.await;
+            match ran.result {
+                Ok(good) => (1 - first, good, ran.ms, None),
+                Err(failed) => {
+                    let l = &launches[1 - first];
+                    let h = held[1 - first].take().unwrap_or_default();
+                    hedge_failed(ctx, walk, attempts, l, h, failed, ran.sent, ran.ms);
+                    return Raced::Lost;
+                }
+            }
+        }
+    };
+    let loser = 1 - winner;
+    let (l, h) = (&launches[loser], held[loser].take().unwrap_or_default());
+    let extra = match late {
+        None => 0,
+        Some(Some(Ran {
+            result: Err(failed),
+            sent,
+            ms,
+        })) => {
+            hedge_failed(ctx, walk, attempts, l, h, failed, sent, ms);
+            0
+        }
+        Some(late) => {
+            let late = late.and_then(|r| r.result.ok());
+            cancelled(ctx, walk, l, h, late, &launches[winner].name())
+        }
+    };
+    ctx.log(&Event::Hedged {
+        winner: launches[winner].name(),
+        loser: launches[loser].name(),
+    });
+    let [a, b] = launches;
+    Raced::Won {
+        launch: if winner == 0 { a } else { b },
+        held: held[winner].take().unwrap_or_default(),
+        good,
+        ms,
+        extra,
+    }
+}
+
+/// A hedged attempt failed: recorded like any failure, and its model avoided from now on (both
+/// hedged models had their turn).
+#[allow(clippy::too_many_arguments)]
+fn hedge_failed(
+    ctx: &Ctx,
+    walk: &Walk<'_>,
+    attempts: &mut Attempts,
+    l: &Launch<'_>,
+    held: Held,
+    (failure, status): Failed,
+    sent: bool,
+    ms: u64,
+) {
+    attempts.avoid(&l.candidate.provider, &l.candidate.model);
+    record_failure(ctx, walk, attempts, l, held, failure, status, sent, ms);
+}
+
+/// Settles a hedged attempt cancelled because `winner` answered first (`late`: its own good
+/// answer, when the last poll found one). Being cancelled is no congestion and no failure of its
+/// provider: its AIMD lease is released, its breaker and the router are told nothing. What it
+/// cost is recorded and returned: its usage when its JSON answer was complete, else its prompt
+/// at the estimate (the provider bills the prompt it read) once the request had left.
+fn cancelled(
+    ctx: &Ctx,
+    walk: &Walk<'_>,
+    l: &Launch<'_>,
+    held: Held,
+    late: Option<Good>,
+    winner: &str,
+) -> u64 {
+    let (store, c) = (walk.store, &l.candidate);
+    end_lease(ctx, store, walk.config, held.lease, false, false);
+    let usage = match late {
+        Some(Good::Json(answer)) => answer.usage,
+        _ => None,
+    };
+    let micro = match usage {
+        Some(u) => {
+            ctx.apply(store, &Attempts::usage(c, u));
+            let quota = route::quota_ref(walk.config, c, &l.key_id);
+            count_tokens(ctx, store, quota.as_ref(), u);
+            budget::micro_usd(l.reply.price, u.prompt_tokens, u.completion_tokens)
+        }
+        None if l.launched.get() => budget::micro_usd(l.reply.price, walk.prompt_tokens, 0),
+        None => None,
+    }
+    .unwrap_or(0);
+    ctx.note(|o| {
+        o.trail.push(format!(
+            "{}/{}: cancelled, {winner} answered first",
+            c.provider, c.model
+        ))
+    });
+    record_spend(ctx, store, walk.config, walk.snap, walk.tenant, Some(micro));
+    micro
+}
+
+/// An answer's cost with a cancelled hedge's added (`None` when neither is known).
+fn with_extra(micro: Option<u64>, extra: u64) -> Option<u64> {
+    match (micro, extra) {
+        (m, 0) => m,
+        (m, e) => Some(m.unwrap_or(0).saturating_add(e)),
+    }
+}
+
+/// Adds `extra` micro-dollars to the `usage.cost` (USD) of `v`, if it has one.
+fn add_cost(v: &mut serde_json::Value, extra: u64) -> bool {
+    let Some(cost) = v.pointer_mut("/usage/cost") else {
+        return false;
+    };
+    let Some(usd) = cost.as_f64() else {
+        return false;
+    };
+    let micro = ((usd * 1e6).round() as u64).saturating_add(extra);
+    *cost = serde_json::json!(micro as f64 / 1e6);
+    true
+}
+
+/// A JSON answer's body with `extra` added to its `usage.cost` (unchanged when it has none).
+fn add_cost_to_json(body: Vec<u8>, extra: u64) -> Vec<u8> {
+    if extra == 0 {
+        return body;
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return body;
+    };
+    if !add_cost(&mut v, extra) {
+        return body;
+    }
+    serde_json::to_vec(&v).unwrap_or(body)
+}
+
+/// Adds `*extra` to the `usage.cost` of the usage chunk among `events` (client SSE bytes), once:
+/// `*extra` is zero once it is shown.
+fn add_cost_to_events(events: &mut Vec<u8>, extra: &mut u64) {
+    if *extra == 0 || !events.windows(6).any(|w| w == b"\"cost\"") {
+        return;
+    }
+    let Ok(text) = std::str::from_utf8(events) else {
+        return;
+    };
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches(['\r', '\n']);
+        let parsed = body
+            .strip_prefix("data: ")
+            .filter(|_| *extra > 0)
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok());
+        match parsed {
+            Some(mut v)
+                if v.pointer("/usage/cost")
+                    .is_some_and(serde_json::Value::is_number) =>
+            {
+                add_cost(&mut v, *extra);
+                *extra = 0;
+                out.push_str("data: ");
+                out.push_str(&v.to_string());
+                out.push_str(&line[body.len()..]);
+            }
+            _ => out.push_str(line),
+        }
+    }
+    *events = out.into_bytes();
 }
 
 /// A failed attempt: the judgement, and the upstream's status when it answered.
 type Failed = (Failure, Option<u16>);
-type Attempted = Result<Answered, Failed>;
 
 /// One upstream request up to its 2xx head; non-2xx answers become a [`Failure`].
 #[allow(clippy::too_many_arguments)]
@@ -1121,7 +1523,7 @@ async fn answer(
     config: &Config,
     reply: &ReplyCtx,
     in_flight: impl FnOnce(),
-) -> Attempted {
+) -> Result<(u16, adapter::Answer), Failed> {
     let provider = target.provider.id;
     // The head of a JSON answer comes when the answer is ready: only the total deadline
     // (enforced around this whole attempt) bounds it.
@@ -1152,7 +1554,7 @@ async fn answer(
         }
     }
     match adapter.answer(&body, reply) {
-        Ok(a) => Ok(Answered::Json(status, a)),
+        Ok(a) => Ok((status, a)),
         Err(why) => Err((upstream::broken_answer(provider, &why, false), Some(status))),
     }
 }
@@ -1294,6 +1696,8 @@ async fn relay_stream(
     let mut segment = first;
     // The answer's text before the current segment (rescues continue from it).
     let mut answered = String::new();
+    // A cancelled hedge's cost, until the answer's usage chunk shows it.
+    let mut extra = edge.extra;
     loop {
         let Segment {
             primed,
@@ -1319,6 +1723,7 @@ async fn relay_stream(
             count_tokens(ctx, store, quota, u);
         }
         let finished = translator.state().done || translator.state().broken.is_some();
+        add_cost_to_events(&mut pending, &mut extra);
         if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
             client_gone = true;
         }
@@ -1347,6 +1752,7 @@ async fn relay_stream(
                 let _ = aimd::renew(s, &mut l.lease, now_ms(), &edge.config.edge.aimd);
             }
             let done = translator.state().done || translator.state().broken.is_some();
+            add_cost_to_events(&mut pending, &mut extra);
             if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
                 client_gone = true;
                 break;
@@ -1370,7 +1776,7 @@ async fn relay_stream(
                 o.provider = Some(candidate.provider.clone());
                 o.model = Some(candidate.model.clone());
                 o.attempts = attempts.max(rescue.next_attempt.saturating_sub(1));
-                o.cost_usd = micro_now.map(budget::format_usd);
+                o.cost_usd = with_extra(micro_now, edge.extra).map(budget::format_usd);
                 o.error = match &end {
                     StreamEnd::Complete => None,
                     StreamEnd::UpstreamError => Some("the upstream sent an error event".into()),
@@ -1378,6 +1784,7 @@ async fn relay_stream(
                 };
             });
             ctx.write_route(200);
+            add_cost_to_events(&mut pending, &mut extra);
             if !pending.is_empty() && sink.send(std::mem::take(&mut pending)).await.is_err() {
                 client_gone = true;
             }
@@ -1635,6 +2042,8 @@ struct Edge<'a> {
     head: &'a [(&'static str, String)],
     /// The routing decision (what to learn, the conversation to keep on its model).
     decision: &'a freerelay::router::Decision,
+    /// What a cancelled hedge cost (recorded already): shown in the answer's cost with its own.
+    extra: u64,
 }
 
 /// Answers from the cache: the stored answer as JSON or replayed as SSE, at no cost.
