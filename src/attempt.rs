@@ -99,6 +99,10 @@ pub struct Attempts {
     min_window: u32,
     /// Models a content filter refused: never asked again in this request.
     banned: Vec<(String, String)>,
+    /// Keys benched for every model of their provider in this request: refused by the provider
+    /// (401/403), or rate limited where the provider limits per key — their cool-down covers the
+    /// provider's other models too, so the plan's later candidates must not try them again.
+    benched: Vec<(String, String)>,
     failures: Vec<Failed>,
     /// Why the first candidate passed over ([`Self::pass`]) was.
     passed: Option<ApiError>,
@@ -123,6 +127,7 @@ impl Attempts {
             waited: false,
             min_window: 0,
             banned: Vec::new(),
+            benched: Vec::new(),
             failures: Vec::new(),
             passed: None,
         }
@@ -214,7 +219,11 @@ impl Attempts {
         loop {
             let c = self.plan.candidates.get(ci)?;
             if self.eligible(c) {
-                if let Some(k) = c.keys.get(ki) {
+                while let Some(k) = c.keys.get(ki) {
+                    if self.benched.iter().any(|(p, b)| *p == c.provider && b == k) {
+                        ki += 1;
+                        continue;
+                    }
                     self.pos = (ci, ki);
                     return Some((c.clone(), k.clone()));
                 }
@@ -249,6 +258,13 @@ impl Attempts {
             cooldown_until_ms: failure.cooldown.map(|c| c.until_ms),
             ms,
         });
+        let whole_key = failure.key_refused()
+            || (matches!(failure.cause, Cause::RateLimited | Cause::DailyCap)
+                && candidate.ledger.is_none());
+        if whole_key {
+            self.benched
+                .push((candidate.provider.clone(), key.to_owned()));
+        }
         if failure.key_refused() {
             events.push(Event::KeySetAside {
                 provider: candidate.provider.clone(),
@@ -578,6 +594,47 @@ mod tests {
         prompt_tokens: 7,
         completion_tokens: 3,
     };
+
+    #[test]
+    fn a_key_benched_for_its_whole_provider_is_not_tried_again_on_its_other_models() {
+        // A group of two Groq models on one key pool of two keys: the provider refuses both keys
+        // (401). Each key is tried once, not once per model.
+        let config = config_of(&[
+            ("groq_api_key", "dead-1,dead-2"),
+            (
+                "model_groups",
+                "g=groq/llama-3.1-8b-instant,groq/llama-3.3-70b-versatile",
+            ),
+        ])
+        .unwrap();
+        let plan = route::plan(&config, "g", 0).unwrap();
+        assert_eq!(plan.candidates.len(), 2);
+        let mut attempts = Attempts::new(plan);
+        let mut tried = Vec::new();
+        loop {
+            match attempts.next_step() {
+                Next::Try { candidate, key, .. } => {
+                    tried.push((candidate.model.clone(), key.clone()));
+                    let failure = upstream::judge_status(
+                        "groq",
+                        &key,
+                        401,
+                        Hints::default(),
+                        Some("Invalid API Key"),
+                        0,
+                    );
+                    attempts.failed(&candidate, &key, failure, Some(401), 1);
+                }
+                Next::GiveUp(e) => {
+                    assert_eq!(e.status, 502, "{e:?}");
+                    break;
+                }
+            }
+        }
+        let keys: Vec<&str> = tried.iter().map(|(_, k)| k.as_str()).collect();
+        assert_eq!(tried.len(), 2, "{tried:?}");
+        assert_ne!(keys[0], keys[1]);
+    }
 
     #[test]
     fn a_429_cools_the_provider_at_once_and_the_next_one_answers() {

@@ -293,6 +293,8 @@ struct Layout {
     sticky: Option<usize>,
     /// Per candidate: learned stats, breaker state, daily request counter (if limited).
     candidates: Vec<(usize, usize, Option<usize>)>,
+    /// Per candidate, per key: where its cool-down keys start, and how many.
+    cooldowns: Vec<Vec<(usize, usize)>>,
     /// Budget keys start here (if any paid candidate).
     budgets: Option<usize>,
 }
@@ -386,6 +388,18 @@ impl<'a> Router<'a> {
                 keys.len() - 1
             });
             layout.candidates.push((learned, state, rpd));
+            let class = if self.profile.is_background() {
+                quota::Class::Background
+            } else {
+                quota::Class::Foreground
+            };
+            let mut per_key = Vec::with_capacity(c.keys.len());
+            for k in &c.keys {
+                let cd = c.cooldown_keys(k, class);
+                per_key.push((keys.len(), cd.len()));
+                keys.extend(cd);
+            }
+            layout.cooldowns.push(per_key);
         }
         if self.all().any(|c| tier_of(self.config, c) == Tier::Paid) {
             layout.budgets = Some(keys.len());
@@ -495,10 +509,26 @@ impl<'a> Router<'a> {
             } else {
                 None
             };
+            // Every key of the candidate cooling down (rate limited, refused): the gateway would
+            // skip it without an attempt, so it must not take a place before usable ones.
+            let cooling = !self.layout.cooldowns[i].is_empty()
+                && self.layout.cooldowns[i].iter().all(|&(at, n)| {
+                    (at..at + n).any(|j| {
+                        get(j)
+                            .and_then(crate::cooldown::Cooldown::decode)
+                            .is_some_and(|cd| cd.is_active(now))
+                    })
+                });
+            let day_spent = tier == Tier::Free
+                && rpd_left(self.config, c, rpd_at.and_then(get), now) == Some(0);
             let held = if spent && tier == Tier::Paid {
                 Some("a budget is spent".to_owned())
             } else if matches!(view.admits(now), breaker::Admission::Open { .. }) {
                 Some("circuit breaker open".to_owned())
+            } else if cooling {
+                Some("cooling down (rate limited or key refused)".to_owned())
+            } else if day_spent {
+                Some("its daily requests are spent".to_owned())
             } else {
                 None
             };
@@ -1328,6 +1358,42 @@ mod tests {
             };
             assert!(s(&scarce) > s(&d) * 100.0, "{} vs {}", s(&scarce), s(&d));
         }
+    }
+
+    #[test]
+    fn a_cooling_candidate_goes_last_so_the_plan_keeps_usable_ones() {
+        let c = cfg();
+        let r = req("auto", "hello");
+        let d = decide_with(&c, &r, &facts("auto"), &[]).unwrap();
+        // Cool every free candidate's keys: the paid ones must lead the plan now.
+        let until = crate::cooldown::Cooldown::until(1_800_000_000_000, 1_900_000_000_000, 429);
+        let mut set = Vec::new();
+        for x in d
+            .plan
+            .candidates
+            .iter()
+            .filter(|x| tier(&c, x) == Tier::Free)
+        {
+            for k in &x.keys {
+                for key in x.cooldown_keys(k, quota::Class::Foreground) {
+                    set.push((key, until.encode()));
+                }
+            }
+        }
+        let after = decide_with(&c, &r, &facts("auto"), &set).unwrap();
+        assert_eq!(
+            tier(&c, &after.plan.candidates[0]),
+            Tier::Paid,
+            "{}",
+            first(&after)
+        );
+        assert!(after.plan.candidates[0].reason.contains("expected utility"));
+        let audit = after.audit_value();
+        assert!(audit["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["held"].as_str().is_some_and(|h| h.starts_with("cooling"))));
     }
 
     #[test]
