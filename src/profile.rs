@@ -1,5 +1,11 @@
 //! The task profiler: ten dimensions read from a chat request without calling any model, each
 //! with the features that set it, so the router can choose a tier and the audit can say why.
+//!
+//! Nothing is built at run time. Under Spin every request runs in a fresh wasm instance, so a
+//! table built lazily (a `OnceLock`, an automaton) would be rebuilt on every request; the
+//! lexicon's index (`PATTERNS`, `INDEX`) is instead computed by the compiler (`const`
+//! evaluation of `LEXICON`) and lands in the binary's read-only data, ready on the first call.
+//! Keep it so: no `OnceLock`, `LazyLock` or `thread_local!` tables in this module.
 
 use crate::catalog::Tier;
 use crate::wire::openai::ChatRequest;
@@ -228,10 +234,11 @@ pub struct Profile {
 impl Profile {
     /// Profiles `request`; `economic` comes from the gateway (mode, budgets, policy).
     ///
-    /// One pass over each message's text: the lexicons (one Aho-Corasick automaton, ASCII case
-    /// insensitive) over the part of it the caps allow ([`INSTRUCTION`], [`MATERIAL_HEAD`]…),
-    /// and a line scan over all of it (code fences, code-like lines, stack frames, lists,
-    /// questions, CJK script). Cost is linear in the body and bounded per message for lexicons.
+    /// One pass over each message's text: the lexicons (ASCII case insensitive, looked up at
+    /// word starts in a table the compiler built) over the part of it the caps allow
+    /// ([`INSTRUCTION`], [`MATERIAL_HEAD`]…), and a line scan over all of it (code fences,
+    /// code-like lines, stack frames, lists, questions, CJK script). Cost is linear in the body
+    /// and bounded per message for lexicons; nothing is initialised on the first call.
     pub fn of(request: &ChatRequest, economic: Economic) -> Profile {
         Features::read(request.body(), request.stream).profile(economic)
     }
@@ -243,7 +250,6 @@ impl Profile {
 }
 
 use serde_json::{Map, Value};
-use std::sync::OnceLock;
 
 /// The first and last bytes of the current turn read as its instruction: all of them go
 /// through the lexicons.
@@ -556,36 +562,212 @@ const LEXICON: &[(&str, Cue)] = {
     ]
 };
 
-struct Lexicon {
-    automaton: aho_corasick::AhoCorasick,
-    /// Per pattern: its cue, and whether it needs a word boundary before / after it.
-    meta: Vec<(Cue, bool, bool)>,
+/// One lexicon pattern as the scan uses it: its bytes (a stem's `*` cut off), its cue, and
+/// whether it needs a word boundary before / after it.
+#[derive(Clone, Copy)]
+struct Pattern {
+    bytes: &'static [u8],
+    cue: Cue,
+    left: bool,
+    right: bool,
 }
 
-fn lexicon() -> &'static Lexicon {
-    static L: OnceLock<Lexicon> = OnceLock::new();
-    L.get_or_init(|| {
-        let mut patterns = Vec::with_capacity(LEXICON.len());
-        let mut meta = Vec::with_capacity(LEXICON.len());
-        for &(p, cue) in LEXICON {
-            let (p, stem) = match p.strip_suffix('*') {
-                Some(s) => (s, true),
-                None => (p, false),
-            };
-            let b = p.as_bytes();
-            let left = b[0].is_ascii_alphanumeric();
-            let right = !stem && b[b.len() - 1].is_ascii_alphanumeric();
-            patterns.push(p);
-            meta.push((cue, left, right));
+const PATTERNS_N: usize = LEXICON.len();
+
+/// The lexicon's patterns, computed by the compiler.
+static PATTERNS: [Pattern; PATTERNS_N] = {
+    let mut out = [Pattern {
+        bytes: b"",
+        cue: Cue::Fence,
+        left: false,
+        right: false,
+    }; PATTERNS_N];
+    let mut i = 0;
+    while i < PATTERNS_N {
+        let (text, cue) = LEXICON[i];
+        let b = text.as_bytes();
+        let stem = b[b.len() - 1] == b'*';
+        let b = if stem { b.split_at(b.len() - 1).0 } else { b };
+        assert!(b.len() >= 2, "a lexicon pattern has two bytes at least");
+        out[i] = Pattern {
+            bytes: b,
+            cue,
+            left: b[0].is_ascii_alphanumeric(),
+            right: !stem && b[b.len() - 1].is_ascii_alphanumeric(),
+        };
+        i += 1;
+    }
+    out
+};
+
+/// ASCII capitals to lower case in eight bytes at once (other bytes unchanged).
+#[inline(always)]
+const fn fold8(x: u64) -> u64 {
+    const LSB: u64 = 0x0101_0101_0101_0101;
+    let low7 = x & (0x7F * LSB);
+    let above_z = low7.wrapping_add((0x7F - b'Z') as u64 * LSB);
+    let from_a = low7.wrapping_add((0x80 - b'A') as u64 * LSB);
+    let upper = from_a & !above_z & !x & (0x80 * LSB);
+    x | (upper >> 2)
+}
+
+/// The first eight bytes of `b` (zeros past its end), little-endian.
+#[inline(always)]
+const fn word8(b: &[u8]) -> u64 {
+    match b.first_chunk::<8>() {
+        Some(c) => u64::from_le_bytes(*c),
+        None => {
+            let mut x = 0;
+            let mut k = 0;
+            while k < b.len() {
+                x |= (b[k] as u64) << (8 * k);
+                k += 1;
+            }
+            x
         }
-        let automaton = aho_corasick::AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
-            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
-            .build(&patterns)
-            .expect("the profiler's lexicon builds");
-        Lexicon { automaton, meta }
-    })
+    }
+}
+
+/// The first eight bytes of `b` (zeros past its end), little-endian and case folded.
+#[inline(always)]
+const fn head_of(b: &[u8]) -> u64 {
+    fold8(word8(b))
+}
+
+/// Buckets of the index (a power of two, about four times the patterns: most are empty).
+const BUCKETS: usize = 2048;
+
+/// The bucket of a folded head: a multiplicative hash of its first three bytes.
+#[inline(always)]
+const fn bucket(head: u64) -> usize {
+    ((head as u32 & 0x00FF_FFFF).wrapping_mul(0x9E37_79B1) >> (32 - BUCKETS.trailing_zeros()))
+        as usize
+}
+
+/// A pattern as the index holds it: its first eight bytes (case folded, little-endian, zeros
+/// past its end), so most tries are one compare, its length and its number.
+#[derive(Clone, Copy)]
+struct Entry {
+    head: u64,
+    len: u16,
+    pattern: u16,
+}
+
+impl Entry {
+    /// The mask of the bytes of `head` that are the pattern's.
+    #[inline(always)]
+    const fn mask(self) -> u64 {
+        if self.len >= 8 {
+            u64::MAX
+        } else {
+            (1 << (8 * self.len)) - 1
+        }
+    }
+}
+
+/// The lexicon's index, computed by the compiler: the patterns of three bytes or more by the
+/// bucket of their first three, the two-byte ones after them, and the bytes that start a
+/// pattern with no word boundary before it.
+struct Index {
+    /// Bucket `k` is `entries[start[k]..start[k + 1]]`.
+    start: [u16; BUCKETS + 1],
+    /// By bucket, in lexicon order within one; the two-byte patterns last.
+    entries: [Entry; PATTERNS_N],
+    /// First bytes (either case) of the two-byte patterns.
+    short_first: [bool; 256],
+    /// First bytes of the patterns that do not start with an ASCII letter or digit: they may
+    /// match anywhere, not only at a word start.
+    anywhere: [bool; 256],
+}
+
+static INDEX: Index = {
+    let mut ix = Index {
+        start: [0; BUCKETS + 1],
+        entries: [Entry {
+            head: 0,
+            len: 0,
+            pattern: 0,
+        }; PATTERNS_N],
+        short_first: [false; 256],
+        anywhere: [false; 256],
+    };
+    // A counting sort: the size of each bucket, where each starts, then the entries in order.
+    let mut size = [0u16; BUCKETS + 1];
+    let mut i = 0;
+    while i < PATTERNS_N {
+        let b = PATTERNS[i].bytes;
+        if !PATTERNS[i].left {
+            ix.anywhere[b[0] as usize] = true;
+        }
+        if b.len() >= 3 {
+            size[bucket(head_of(b))] += 1;
+        } else {
+            size[BUCKETS] += 1;
+            ix.short_first[b[0].to_ascii_lowercase() as usize] = true;
+            ix.short_first[b[0].to_ascii_uppercase() as usize] = true;
+        }
+        i += 1;
+    }
+    let mut k = 0;
+    while k < BUCKETS {
+        ix.start[k + 1] = ix.start[k] + size[k];
+        k += 1;
+    }
+    let mut next = ix.start;
+    let mut i = 0;
+    while i < PATTERNS_N {
+        let b = PATTERNS[i].bytes;
+        let head = head_of(b);
+        let k = if b.len() >= 3 { bucket(head) } else { BUCKETS };
+        ix.entries[next[k] as usize] = Entry {
+            head,
+            len: b.len() as u16,
+            pattern: i as u16,
+        };
+        next[k] += 1;
+        i += 1;
+    }
+    ix
+};
+
+/// The longest pattern that matches at `b[i..]` (the first in the lexicon among equals), and
+/// where it ends.
+#[inline(always)]
+fn longest_at(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    /// The longest of `entries` that matches `rest`, if longer than `best`.
+    #[inline(always)]
+    fn longest(rest: &[u8], head: u64, entries: &[Entry], best: &mut (usize, usize)) {
+        for e in entries {
+            let n = usize::from(e.len);
+            if head & e.mask() == e.head
+                && n > best.1
+                && rest.len() >= n
+                && (n <= 8
+                    || rest[8..n]
+                        .eq_ignore_ascii_case(&PATTERNS[usize::from(e.pattern)].bytes[8..]))
+            {
+                *best = (usize::from(e.pattern), n);
+            }
+        }
+    }
+    let rest = &b[i..];
+    let head = head_of(rest);
+    let mut best = (usize::MAX, 0);
+    if rest.len() >= 3 {
+        let k = bucket(head);
+        let (from, to) = (INDEX.start[k], INDEX.start[k + 1]);
+        longest(
+            rest,
+            head,
+            &INDEX.entries[usize::from(from)..usize::from(to)],
+            &mut best,
+        );
+    }
+    if INDEX.short_first[usize::from(rest[0])] {
+        let from = usize::from(INDEX.start[BUCKETS]);
+        longest(rest, head, &INDEX.entries[from..], &mut best);
+    }
+    (best.0 != usize::MAX).then_some((best.0, i + best.1))
 }
 
 /// Lexicon hits of one group of messages (the current user turn, the system prompt, the rest).
@@ -1168,20 +1350,47 @@ fn schema_enums(v: &Value, depth: u32) -> u32 {
     }
 }
 
-/// One pass of the lexicon automaton over `b`, plus the checks its security hits call for.
+/// One pass of the lexicons over `b`, plus the checks its security hits call for.
+///
+/// Leftmost-longest and non-overlapping, as one automaton would: a pattern that starts with an
+/// ASCII letter or digit is tried at word starts only (inside a word its boundary would reject
+/// it), the others (`` ``` ``, `"title"`, `\frac`, `∑`, `翻译`…) at every byte they can start
+/// with; where several match, the longest wins (the first in the lexicon among equals), and the
+/// scan goes on after it. Each try is one look-up in [`INDEX`] by the next three bytes and a
+/// compare of eight bytes per pattern there.
 fn scan(b: &[u8], offset: usize, hits: &mut Hits, sensitive: &mut Sensitive) {
-    let lex = lexicon();
     let mut fenced = false;
-    for m in lex.automaton.find_iter(b) {
-        let pattern = m.pattern().as_usize();
-        let (cue, left, right) = lex.meta[pattern];
+    let n = b.len();
+    let mut i = 0;
+    while i < n {
+        let c = b[i];
+        let candidate = if c.is_ascii_alphanumeric() {
+            i == 0 || !is_word_byte(b[i - 1])
+        } else {
+            INDEX.anywhere[usize::from(c)]
+        };
+        let Some((pattern, end)) = candidate.then(|| longest_at(b, i)).flatten() else {
+            i += 1;
+            // The rest of a word: no pattern starts there.
+            if c.is_ascii_alphanumeric() {
+                while i < n && b[i].is_ascii_alphanumeric() {
+                    i += 1;
+                }
+            }
+            continue;
+        };
+        let start = i;
+        i = end;
+        let Pattern {
+            cue, left, right, ..
+        } = PATTERNS[pattern];
         if cue == Cue::Fence {
-            let line_start = b[..m.start()]
+            let line_start = b[..start]
                 .iter()
                 .rev()
                 .take_while(|&&c| c == b' ' || c == b'\t')
                 .count();
-            let at = m.start() - line_start;
+            let at = start - line_start;
             if at == 0 || b[at - 1] == b'\n' {
                 fenced = !fenced;
             }
@@ -1190,19 +1399,19 @@ fn scan(b: &[u8], offset: usize, hits: &mut Hits, sensitive: &mut Sensitive) {
         if fenced && cue.is_prose() {
             continue;
         }
-        if left && m.start() > 0 && is_word_byte(b[m.start() - 1]) {
+        if left && start > 0 && is_word_byte(b[start - 1]) {
             continue;
         }
-        if right && m.end() < b.len() && is_word_byte(b[m.end()]) {
+        if right && end < n && is_word_byte(b[end]) {
             continue;
         }
         match cue {
-            Cue::Secret => match secret_at(b, m.start(), m.end()) {
+            Cue::Secret => match secret_at(b, start, end) {
                 Some(kind) => sensitive.secrets |= 1 << kind,
                 None => continue,
             },
             Cue::SecretKv => {
-                if assigned_value(b, m.end()) {
+                if assigned_value(b, end) {
                     sensitive.secrets |= 1 << 6;
                 } else {
                     continue;
@@ -1211,7 +1420,7 @@ fn scan(b: &[u8], offset: usize, hits: &mut Hits, sensitive: &mut Sensitive) {
             Cue::PiiWord => sensitive.pii_word += 1,
             _ => {}
         }
-        hits.add(cue, pattern, offset + m.start(), offset + m.end());
+        hits.add(cue, pattern, offset + start, offset + end);
     }
     personal_data(b, sensitive);
 }
@@ -1308,7 +1517,14 @@ fn personal_data(b: &[u8], s: &mut Sensitive) {
     let mut i = 0;
     let mut ats = 0;
     while i < b.len() {
-        let c = b[i];
+        // Eight bytes at a time to the next one that can start something.
+        while let Some(x) = b.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+            if digit_or_at(u64::from_le_bytes(*x)) {
+                break;
+            }
+            i += 8;
+        }
+        let Some(&c) = b.get(i) else { break };
         if c == b'@' && ats < 64 {
             ats += 1;
             let local = b[..i]
@@ -1376,6 +1592,25 @@ fn personal_data(b: &[u8], s: &mut Sensitive) {
     }
 }
 
+/// Whether one of eight bytes is in `0x30..=0x40` (a digit, `:;<=>?` or `@`): the
+/// "has between" test of Bit Twiddling Hacks, exact as no byte carries into the next.
+#[inline(always)]
+fn digit_or_at(x: u64) -> bool {
+    const L: u64 = 0x0101_0101_0101_0101;
+    let low7 = x & (0x7F * L);
+    let below = ((0x7F + 0x41) * L).wrapping_sub(low7);
+    let above = low7.wrapping_add((0x7F - 0x2F) * L);
+    below & !x & above & (0x80 * L) != 0
+}
+
+/// How many bytes of `b` satisfy `f` (counted in bytes per 255-byte chunk, which vectorises).
+#[inline(always)]
+fn count(b: &[u8], f: impl Fn(u8) -> bool) -> u32 {
+    b.chunks(255)
+        .map(|c| u32::from(c.iter().fold(0u8, |n, &x| n + u8::from(f(x)))))
+        .sum()
+}
+
 fn iban_tail(b: &[u8], from: usize) -> usize {
     b[from..]
         .iter()
@@ -1407,17 +1642,43 @@ fn luhn(digits: &[u8]) -> bool {
     sum % 10 == 0
 }
 
+/// A prefix of up to eight bytes as a little-endian word, and the mask of its bytes.
+const fn prefix(p: &[u8]) -> (u64, u64) {
+    assert!(!p.is_empty() && p.len() <= 8);
+    let mask = if p.len() == 8 {
+        u64::MAX
+    } else {
+        (1 << (8 * p.len())) - 1
+    };
+    (word8(p), mask)
+}
+
+/// Whether the text whose first eight bytes are `head` ([`word8`]) starts with `prefix`.
+#[inline(always)]
+fn starts(head: u64, (p, mask): (u64, u64)) -> bool {
+    head & mask == p
+}
+
 /// The line scan: fences, code-looking lines, stack frames, lists, questions, CJK script.
 fn lines(s: &str, shape: &mut Shape) {
+    const FENCE: (u64, u64) = prefix(b"```");
+    const TILDES: (u64, u64) = prefix(b"~~~");
     let b = s.as_bytes();
     shape.bytes += b.len();
-    shape.cjk += b.iter().filter(|&&c| (0xE3..=0xED).contains(&c)).count() as u32;
+    shape.cjk += count(b, |c| (0xE3..=0xED).contains(&c));
     let mut in_fence = false;
     let mut newlines = 0;
     for line in s.split('\n') {
         newlines += 1;
-        let t = line.trim_start().as_bytes();
-        if t.starts_with(b"```") || t.starts_with(b"~~~") {
+        // `trim_start`, without its Unicode look-ups for the usual ASCII indent.
+        let l = line.as_bytes();
+        let indent = l.iter().take_while(|&&c| c == b' ' || c == b'\t').count();
+        let t = match l.get(indent) {
+            Some(c) if !c.is_ascii_graphic() => line.trim_start().as_bytes(),
+            _ => &l[indent..],
+        };
+        let head = word8(t);
+        if starts(head, FENCE) || starts(head, TILDES) {
             shape.fences += 1;
             in_fence = !in_fence;
             continue;
@@ -1429,16 +1690,16 @@ fn lines(s: &str, shape: &mut Shape) {
         if t.is_empty() {
             continue;
         }
-        if is_frame(t) {
+        if is_frame(t, head) {
             shape.frames += 1;
             continue;
         }
-        if looks_like_code(line.as_bytes(), t) {
+        if looks_like_code(line.as_bytes(), t, head) {
             shape.loose_code += 1;
             continue;
         }
         shape.prose += line.len();
-        shape.questions += t.iter().filter(|&&c| c == b'?').count() as u32;
+        shape.questions += count(t, |c| c == b'?');
         let digits = t.iter().take_while(|c| c.is_ascii_digit()).count();
         if digits > 0 && digits <= 2 && matches!(t.get(digits), Some(b'.' | b')')) {
             shape.numbered += 1;
@@ -1449,17 +1710,20 @@ fn lines(s: &str, shape: &mut Shape) {
     shape.newlines += newlines - 1;
 }
 
-fn is_frame(t: &[u8]) -> bool {
-    (t.starts_with(b"at ") && t.len() < 400 && (t.contains(&b'(') || t.contains(&b':')))
-        || t.starts_with(b"File \"")
+/// `t` is a trimmed line, `head` its first eight bytes.
+fn is_frame(t: &[u8], head: u64) -> bool {
+    const AT: (u64, u64) = prefix(b"at ");
+    const FILE: (u64, u64) = prefix(b"File \"");
+    (starts(head, AT) && t.len() < 400 && (t.contains(&b'(') || t.contains(&b':')))
+        || starts(head, FILE)
         || (t.first() == Some(&b'#')
             && t.get(1).is_some_and(u8::is_ascii_digit)
             && t.windows(3).any(|w| w == b" 0x"))
 }
 
 /// Line starts that mark code, by their first byte (so most lines compare nothing).
-fn code_start(t: &[u8]) -> bool {
-    const STARTS: &[&[u8]] = &[
+fn code_start(t: &[u8], head: u64) -> bool {
+    const STARTS: [&[u8]; 34] = [
         b"def ",
         b"fn ",
         b"pub ",
@@ -1495,18 +1759,32 @@ fn code_start(t: &[u8]) -> bool {
         b"this.",
         b"<div",
     ];
+    const DIV: (u64, u64) = prefix(b"<div");
+    const PREFIXES: [(u64, u64); STARTS.len()] = {
+        let mut out = [(0, 0); STARTS.len()];
+        let mut i = 0;
+        while i < STARTS.len() {
+            out[i] = prefix(STARTS[i]);
+            i += 1;
+        }
+        out
+    };
     match t.first() {
         Some(b'}' | b'@') => true,
-        Some(b'<') => t.get(1) == Some(&b'/') || t.starts_with(b"<div"),
+        Some(b'<') => t.get(1) == Some(&b'/') || starts(head, DIV),
         Some(
             b'd' | b'f' | b'p' | b'c' | b'i' | b'#' | b'r' | b'l' | b'v' | b'w' | b'/' | b'u'
             | b's' | b'S' | b'I' | b'C' | b'a' | b'e' | b't',
-        ) => STARTS.iter().any(|p| t.starts_with(p)),
+        ) => PREFIXES.iter().any(|&p| starts(head, p)),
         _ => false,
     }
 }
 
-fn looks_like_code(line: &[u8], t: &[u8]) -> bool {
+/// `line` as it is, `t` trimmed, `head` the first eight bytes of `t`.
+fn looks_like_code(line: &[u8], t: &[u8], head: u64) -> bool {
+    const DEF: (u64, u64) = prefix(b"def ");
+    const IF: (u64, u64) = prefix(b"if ");
+    const FOR: (u64, u64) = prefix(b"for ");
     let end = t
         .iter()
         .rposition(|c| !c.is_ascii_whitespace())
@@ -1514,8 +1792,8 @@ fn looks_like_code(line: &[u8], t: &[u8]) -> bool {
     let t_end = &t[..end];
     matches!(t_end.last(), Some(b';' | b'{' | b'}'))
         || (t_end.last() == Some(&b':')
-            && (t.starts_with(b"def ") || t.starts_with(b"if ") || t.starts_with(b"for ")))
-        || code_start(t)
+            && (starts(head, DEF) || starts(head, IF) || starts(head, FOR)))
+        || code_start(t, head)
         || (line.starts_with(b"    ") && t_end.last() == Some(&b')') && !t_end.contains(&b' '))
 }
 
@@ -2478,6 +2756,114 @@ mod tests {
             u64::from(p.context.value.tokens),
             crate::quota::estimate_prompt_tokens(bytes.len())
         );
+    }
+
+    /// The cues a scan of `text` finds, with the lexicon word that first set each.
+    fn cues(text: &str) -> Vec<(Cue, &'static str)> {
+        let (mut hits, mut sensitive) = (Hits::default(), Sensitive::default());
+        scan(text.as_bytes(), 0, &mut hits, &mut sensitive);
+        (0..CUES)
+            .filter(|&c| hits.n[c] > 0)
+            .map(|c| {
+                let cue = PATTERNS[usize::from(hits.first[c]) - 1].cue;
+                (cue, hits.word(cue))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_index_finds_every_pattern() {
+        for (i, p) in PATTERNS.iter().enumerate() {
+            let text = String::from_utf8(p.bytes.to_vec()).unwrap();
+            for t in [
+                text.clone(),
+                text.to_ascii_uppercase(),
+                format!("{text} tail"),
+            ] {
+                let (found, end) = longest_at(t.as_bytes(), 0).unwrap_or_else(|| panic!("{t:?}"));
+                assert_eq!(end, p.bytes.len(), "{t:?}");
+                // Itself, or an earlier pattern with the same bytes (`react`).
+                assert!(found <= i, "{t:?}");
+                assert!(PATTERNS[found].bytes.eq_ignore_ascii_case(p.bytes), "{t:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn lexicon_matching() {
+        use Cue::*;
+        // Word boundaries, stems, the longest match and no overlap.
+        assert_eq!(cues("please classify these"), vec![(Classify, "classify")]);
+        assert_eq!(cues("reclassify these"), vec![]);
+        assert_eq!(cues("Summarising it"), vec![(Summarise, "summaris")]);
+        assert_eq!(cues("the classes"), vec![]);
+        assert_eq!(
+            cues("Write a function"),
+            vec![(CodeWrite, "write a function")]
+        );
+        assert_eq!(cues("in React"), vec![(Code, "react")]);
+        assert_eq!(cues("in_depth"), vec![]);
+        // Patterns that need no boundary before them: symbols, notation, other scripts.
+        assert_eq!(cues("∀x∈S"), vec![(Latex, "∀")]);
+        assert_eq!(cues("f(x)=3x^2"), vec![(Math, "^2")]);
+        assert_eq!(cues("请翻译这句话"), vec![(Translate, "翻译")]);
+        assert_eq!(cues("Übersetze das"), vec![(Translate, "Übersetz")]);
+        assert_eq!(
+            cues("#### Output: {\"text\": 1}"),
+            vec![(KeyText, "{\"text\"")]
+        );
+        // Prose cues inside a fence do not count; a fence is a line's first non-blank bytes.
+        assert_eq!(cues("```\nsolve(x)\n```"), vec![]);
+        assert_eq!(cues("a ```solve``` b"), vec![(Math, "solve")]);
+        assert_eq!(cues("tail"), vec![]);
+        assert_eq!(cues("x"), vec![]);
+        assert_eq!(cues(""), vec![]);
+    }
+
+    #[test]
+    fn eight_bytes_at_once() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for v in 0..=255u8 {
+            for at in 0..8 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let mut bytes = x.to_le_bytes();
+                bytes[at] = v;
+                let folded = fold8(u64::from_le_bytes(bytes)).to_le_bytes();
+                assert_eq!(folded, bytes.map(|c| c.to_ascii_lowercase()), "{bytes:?}");
+                let mut one = [b'a'; 8];
+                one[at] = v;
+                assert_eq!(
+                    digit_or_at(u64::from_le_bytes(one)),
+                    (0x30..=0x40).contains(&v),
+                    "{v:#x} at {at}"
+                );
+            }
+        }
+        let text: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 256) as u8).collect();
+        for n in 0..text.len() {
+            let b = &text[..n];
+            assert_eq!(
+                count(b, |c| c > 200),
+                b.iter().filter(|&&c| c > 200).count() as u32
+            );
+        }
+        for (line, code) in [
+            ("#include <stdio.h>", true),
+            ("private fn", true),
+            ("privat", false),
+            ("def", false),
+            ("def f(x):", true),
+            ("<div>", true),
+            ("de", false),
+        ] {
+            assert_eq!(
+                code_start(line.as_bytes(), word8(line.as_bytes())),
+                code,
+                "{line}"
+            );
+        }
     }
 
     #[test]
