@@ -26,7 +26,10 @@ fn conversation(bytes: usize) -> ChatRequest {
     let mut size = 0;
     let mut i = 0;
     while size < bytes {
-        let user = format!("Question {i}: {prose}{}", if i % 3 == 0 { code } else { "" });
+        let user = format!(
+            "Question {i}: {prose}{}",
+            if i % 3 == 0 { code } else { "" }
+        );
         let answer = format!("Answer {i}: {prose}");
         size += user.len() + answer.len();
         messages.push(json!({"role": "user", "content": user}));
@@ -52,13 +55,17 @@ fn bench(c: &mut Criterion) {
     for kb in [1usize, 32, 256] {
         let request = conversation(kb * 1024);
         g.throughput(Throughput::Bytes((kb * 1024) as u64));
-        g.bench_with_input(BenchmarkId::new("decide", format!("{kb}KB")), &request, |b, r| {
-            b.iter(|| {
-                let router = Router::new(&config, black_box(r), &facts).unwrap();
-                let values = vec![None; router.keys().len()];
-                black_box(router.decide(&values).unwrap())
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("decide", format!("{kb}KB")),
+            &request,
+            |b, r| {
+                b.iter(|| {
+                    let router = Router::new(&config, black_box(r), &facts).unwrap();
+                    let values = vec![None; router.keys().len()];
+                    black_box(router.decide(&values).unwrap())
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -51,7 +51,7 @@ use crate::quota::{self, Kind, QuotaRef};
 use crate::route::{self, Candidate, Mode, Plan};
 use crate::wire::openai::ChatRequest;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub const VALUE_BACKGROUND: f64 = 0.0001;
@@ -504,10 +504,8 @@ impl<'a> Router<'a> {
                 .any(|t| t.matches(&c.provider, &c.model))
             {
                 Some("excluded by policy".into())
-            } else if let Some(cap) = needs.missing(&info) {
-                Some(format!("lacks {cap}"))
             } else {
-                None
+                needs.missing(&info).map(|cap| format!("lacks {cap}"))
             };
             // Every key of the candidate cooling down (rate limited, refused): the gateway would
             // skip it without an attempt, so it must not take a place before usable ones.
@@ -537,7 +535,6 @@ impl<'a> Router<'a> {
             let score = self.score(c, &info, tier, &est[i].0, learned_total, rpd, lean, probing);
             out.push((c.clone(), Some(score), why_not, held));
         }
-        let fired = effects.fired.clone();
         let pool_len = self.pool.len();
         // Order: policy preference, then the sticky model, then utility (scored pools only).
         let pref = |c: &Candidate| {
@@ -996,6 +993,7 @@ mod tests {
     use crate::config::tests::config_of;
     use crate::learn::Outcome;
     use crate::profile::Family;
+    use serde_json::json;
 
     const HARD: &str = "The service deadlocks under load.\n\n```python\nimport threading\n\nclass Ledger:\n    def __init__(self):\n        self.a = threading.Lock()\n        self.b = threading.Lock()\n\n    def transfer(self, src, dst, amount):\n        with self.a:\n            with self.b:\n                self.move(src, dst, amount)\n\n    def audit(self):\n        with self.b:\n            with self.a:\n                return self.total()\n```\n\nTraceback (most recent call last):\n  File \"/srv/app/worker.py\", line 88, in run\n    ledger.audit()\n  File \"/srv/app/ledger.py\", line 17, in audit\n    with self.a:\nRuntimeError: watchdog: thread blocked for 30.0s\n\nFind the root cause of this race condition, refactor the class so transfers stay atomic without deadlocks, prove your lock ordering cannot deadlock, and analyse the trade-offs step by step.";
 
