@@ -974,12 +974,16 @@ def test_rpm_applies_to_each_key_of_a_pool(make_mock, make_gateway):
             "SPIN_VARIABLE_GROQ_API_KEY": ",".join(groq.keys), "SPIN_VARIABLE_GROQ_RPM": "3",
             **ROOMY_GEMINI})
         client = gw.client(timeout=60)
+        # Named models: under `auto`, Groq's other models (each with its own per-model RPM) serve
+        # too; this is about one model's limit on each key of a pool.
         return groq, gemini, _concurrently(20, lambda i: client.chat.completions.create(
-            model="auto", messages=user(f"n{i}")).choices[0].message.content)
+            model=GROQ_8B, extra_body={"models": [GEMINI_FLASH]},
+            messages=user(f"n{i}")).choices[0].message.content)
 
     groq, gemini, results = within_one_minute(scenario)
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, f"{len(errors)} of 20 clients failed: {errors[:3]}"
+    assert set(sent_models(groq)) == {"llama-3.1-8b-instant"}
     per_key = {k: 0 for k in groq.keys}
     for req in groq.requests():
         per_key[bearer(req)] += 1
