@@ -215,6 +215,7 @@ impl Reads {
         };
         let extra = take(self.extra);
         Snapshot {
+            plan_keys: self.keys[..self.plan.min(self.keys.len())].to_vec(),
             plan,
             breakers,
             aimd,
@@ -227,8 +228,11 @@ impl Reads {
 /// The state one request read before its first attempt.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// For [`Plan::usable`].
+    /// For [`Plan::usable`], in the order of the plan as read: after [`shape`] reorders it, use
+    /// [`Snapshot::plan_values`].
     pub plan: Vec<Option<Vec<u8>>>,
+    /// The keys of `plan`'s values.
+    plan_keys: Vec<String>,
     pub breakers: Vec<breaker::View>,
     pub aimd: Vec<aimd::View>,
     pub health: Health,
@@ -237,6 +241,25 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The values [`Plan::usable`] takes for `plan` (its keys' values as read, by key): a plan
+    /// that [`shape`] reordered does not match the order the values were read in.
+    pub fn plan_values(
+        &self,
+        plan: &Plan,
+        config: &Config,
+        class: quota::Class,
+    ) -> Vec<Option<Vec<u8>>> {
+        plan.state_keys(config, class)
+            .iter()
+            .map(|k| {
+                self.plan_keys
+                    .iter()
+                    .position(|have| have == k)
+                    .and_then(|i| self.plan.get(i).cloned().flatten())
+            })
+            .collect()
+    }
+
     pub fn breaker(&self, provider: &str, model: &str) -> Option<&breaker::View> {
         self.breakers
             .iter()
@@ -858,6 +881,47 @@ mod tests {
             gate(&kv, &stale, &first, false, now).unwrap(),
             Gate::Go { lease: None, .. }
         ));
+    }
+
+    #[test]
+    fn a_plan_reordered_by_shaping_is_judged_with_its_own_state() {
+        // The first provider is at its AIMD window (it goes last) and the second's quota is
+        // spent: usable must see the spent quota on the second, not on the first.
+        let c = config(&[
+            ("aimd_initial_limit", "1"),
+            ("groq_rpm", "1"),
+            ("gemini_api_key", "g"),
+        ]);
+        let kv = MemKv::default();
+        let now = 1_000_000;
+        let plan = plan_request(
+            &c,
+            "gemini/gemini-2.5-flash",
+            &["groq/llama-3.1-8b-instant".to_owned()],
+            Mode::Auto,
+            0,
+        )
+        .unwrap();
+        let (gemini, groq) = (plan.candidates[0].clone(), plan.candidates[1].clone());
+        let snap = snapshot(&c, &plan, &kv, now);
+        let Gate::Go { lease: Some(_), .. } = gate(&kv, &snap, &gemini, true, now).unwrap() else {
+            panic!("gemini admitted")
+        };
+        let q = crate::route::quota_ref(&c, &groq, &groq.keys[0]).unwrap();
+        quota::admit_minute(&kv, &q, quota::Share::FOREGROUND, now).unwrap();
+        let snap = snapshot(&c, &plan, &kv, now);
+        let shaped = shape(plan, &c, &snap, Mode::Auto, now, &mut Vec::new()).unwrap();
+        assert_eq!(shaped.candidates[0].provider, "groq");
+        let values = snap.plan_values(&shaped, &c, quota::Class::Foreground);
+        let (usable, _) = shaped
+            .usable(&c, &values, 10, now, quota::Class::Foreground)
+            .unwrap();
+        let left: Vec<&str> = usable
+            .candidates
+            .iter()
+            .map(|x| x.provider.as_str())
+            .collect();
+        assert_eq!(left, vec!["gemini"]);
     }
 
     #[test]

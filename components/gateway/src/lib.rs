@@ -618,7 +618,8 @@ async fn chat(
         }
     };
     let estimated_tokens = quota::estimate_prompt_tokens(body.len());
-    let plan = match plan.usable(config, &snap.plan, estimated_tokens, now, class) {
+    let values = snap.plan_values(&plan, config, class);
+    let plan = match plan.usable(config, &values, estimated_tokens, now, class) {
         Ok((p, ops)) => {
             ctx.apply(store.as_ref(), &ops);
             p
